@@ -1,0 +1,187 @@
+"""The one place that touches Ultralytics internals: YAML registration of our modules and ``fuse()`` support.
+
+Ultralytics has no registration API. Its ``parse_model`` resolves a YAML name with ``globals()`` of
+``ultralytics.nn.tasks`` and scales channels (c1 from the previous layer, c2 by width and max channels)
+only for modules in two frozensets that are local to the function. So we wrap ``parse_model``: each of our
+layers is first stood in for by a 1x1 ``Conv``, a built-in base module, which makes Ultralytics resolve
+c1 and the scaled c2 exactly as for its own layers; we then build our module with those channels and the
+depth-scaled repeat count, and put it in the stand-in's place. Everything else (Detect, Concat, the
+save list, the scale logic) stays Ultralytics' own. ``BaseModel.fuse`` and ``is_fused`` are wrapped so
+that Ultralytics' val and export fuse our blocks too. ``self_test()`` guards all of this.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import ultralytics
+from torch import nn
+from ultralytics.nn import tasks
+from ultralytics.utils import LOGGER
+
+import qarep_det.nn as qnn
+
+# YAML name -> (class, takes a repeat count). Repeat modules get ``n`` as their third argument, like C2f.
+MODULES: dict[str, tuple[type[nn.Module], bool]] = {
+    "QARepBlock": (qnn.QARepBlock, False),
+    "RepVGGBlock": (qnn.RepVGGBlock, False),
+    "ConvBNReLU": (qnn.ConvBNReLU, False),
+    "SimSPPF": (qnn.SimSPPF, False),
+    "QARepStage": (qnn.QARepStage, True),
+    "RepVGGStage": (qnn.RepVGGStage, True),
+    "QARepCSPStage": (qnn.QARepCSPStage, True),
+    "RepVGGCSPStage": (qnn.RepVGGCSPStage, True),
+}
+
+
+class RegistrationError(RuntimeError):
+    """Ultralytics' internals no longer behave as this integration expects."""
+
+
+def _scaled_depth(d: dict[str, Any]) -> float:
+    """The depth multiple ``parse_model`` uses: ``depth_multiple``, or the chosen row of ``scales``."""
+    scales = d.get("scales")
+    if scales:
+        return scales[d.get("scale") or next(iter(scales))][0]
+    return d.get("depth_multiple", 1.0)
+
+
+def _check_names(d: dict[str, Any]) -> None:
+    """Fail early, naming the layer, for a module name neither Ultralytics nor qarep_det knows."""
+    for i, (_, _, name, _) in enumerate(d["backbone"] + d["head"]):
+        if not isinstance(name, str) or name.startswith(("nn.", "torchvision.ops.")):
+            continue
+        if name not in MODULES and name not in vars(tasks):
+            raise KeyError(
+                f"layer {i}: unknown module '{name}' (not an Ultralytics module; qarep_det provides: "
+                f"{', '.join(MODULES)})"
+            )
+
+
+def _build(i: int, name: str, f: Any, n: int, args: list, stand_in: nn.Module) -> nn.Module:
+    """Build our module ``name`` for layer ``i`` with the channels Ultralytics resolved for its stand-in."""
+    cls, repeats = MODULES[name]
+    c1, c2 = stand_in.conv.in_channels, stand_in.conv.out_channels
+    full_args = [c1, c2, n, *args[1:]] if repeats else [c1, c2, *args[1:]]
+    try:
+        if repeats or n == 1:
+            module = cls(*full_args)
+        else:  # a base module with n > 1 becomes n copies, as Ultralytics does for its own
+            module = nn.Sequential(*(cls(*full_args) for _ in range(n)))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"layer {i} ({name}, args {args}): {e}") from e
+    module.np = sum(p.numel() for p in module.parameters())
+    module.i, module.f, module.type = i, f, f"{cls.__module__}.{cls.__name__}"
+    module.args = full_args  # shown in the model table, like the arguments Ultralytics prints for its own layers
+    return module
+
+
+def parse_model_with_qarep(parse_model: Callable, d: dict, ch: int, verbose: bool = True):
+    """``parse_model`` that also understands our module names (see the module docstring)."""
+    _check_names(d)
+    layers_spec = d["backbone"] + d["head"]
+    ours = {i: spec for i, spec in enumerate(layers_spec) if spec[2] in MODULES}
+    if not ours:
+        return parse_model(d, ch, verbose)
+    d = copy.deepcopy(d)
+    n_backbone = len(d["backbone"])
+    for i, (f, _, name, args) in ours.items():
+        if not isinstance(args, list) or not args or not isinstance(args[0], int):
+            raise ValueError(f"layer {i} ({name}): first argument must be the output channels, got args {args!r}")
+        section, j = ("backbone", i) if i < n_backbone else ("head", i - n_backbone)
+        d[section][j] = [f, 1, "Conv", [args[0], 1]]
+    model, save = parse_model(d, ch, False)
+    depth = _scaled_depth(d)
+    repeats = [max(round(n * depth), 1) if n > 1 else n for _, n, _, _ in layers_spec]  # checked by self_test()
+    layers = list(model)
+    for i, (f, _, name, args) in ours.items():
+        layers[i] = _build(i, name, f, repeats[i], args, layers[i])
+    if verbose:  # the same table parse_model prints; built-in layers show their YAML arguments
+        LOGGER.info(f"\n{'':>3}{'from':>20}{'n':>3}{'params':>10}  {'module':<45}{'arguments':<30}")
+        for (f, _, _, args), n, m in zip(layers_spec, repeats, layers, strict=True):
+            LOGGER.info(f"{m.i:>3}{f!s:>20}{n:>3}{m.np:10.0f}  {m.type:<45}{getattr(m, 'args', args)!s:<30}")
+    return nn.Sequential(*layers), save
+
+
+def _fuse_with_qarep(fuse: Callable) -> Callable:
+    @functools.wraps(fuse)
+    def wrapper(self, *args, **kwargs):
+        qnn.reparameterize_modules(self)
+        return fuse(self, *args, **kwargs)
+
+    wrapper.__qarep_wrapped__ = fuse
+    return wrapper
+
+
+def _is_fused_with_qarep(is_fused: Callable) -> Callable:
+    @functools.wraps(is_fused)
+    def wrapper(self) -> bool:
+        return is_fused(self) and not any(isinstance(m, qnn.FUSIBLE) and not m.fused for m in self.modules())
+
+    wrapper.__qarep_wrapped__ = is_fused
+    return wrapper
+
+
+def register() -> None:
+    """Install the wrappers (idempotent) and run ``self_test()``."""
+    if not hasattr(tasks.parse_model, "__qarep_wrapped__"):
+        original = tasks.parse_model
+        wrapped = functools.wraps(original)(functools.partial(parse_model_with_qarep, original))
+        wrapped.__qarep_wrapped__ = original
+        tasks.parse_model = wrapped
+    if not hasattr(tasks.BaseModel.fuse, "__qarep_wrapped__"):
+        tasks.BaseModel.fuse = _fuse_with_qarep(tasks.BaseModel.fuse)
+    if not hasattr(tasks.BaseModel.is_fused, "__qarep_wrapped__"):
+        tasks.BaseModel.is_fused = _is_fused_with_qarep(tasks.BaseModel.is_fused)
+    self_test()
+
+
+def self_test() -> None:
+    """Check on a tiny YAML that our layers get the same c1/c2/repeat scaling as Ultralytics' Conv and C2f.
+
+    Raises ``RegistrationError`` naming the Ultralytics version when its internals changed under us.
+    """
+    d = {
+        "nc": 2,
+        "depth_multiple": 0.33,
+        "width_multiple": 0.25,
+        "backbone": [
+            [-1, 1, "Conv", [64, 3, 2]],
+            [-1, 1, "QARepBlock", [128, 2]],
+            [-2, 1, "Conv", [128, 3, 2]],
+            [-1, 6, "QARepStage", [128]],
+            [-2, 6, "C2f", [128]],
+        ],
+        "head": [],
+    }
+    try:
+        model, _ = tasks.parse_model(copy.deepcopy(d), ch=3, verbose=False)
+        conv, block, conv2, stage, c2f = model
+        ok = (
+            isinstance(block, qnn.QARepBlock)
+            and (block.c1, block.c2, block.s) == (conv.conv.out_channels, conv2.conv.out_channels, 2)
+            and isinstance(stage, qnn.QARepStage)
+            and len(stage) == len(c2f.m)
+            and stage[0].c1 == conv2.conv.out_channels
+            and stage[-1].c2 == c2f.cv2.conv.out_channels
+        )
+        if ok:
+            stand_alone = tasks.DetectionModel.__new__(tasks.DetectionModel)
+            nn.Module.__init__(stand_alone)
+            stand_alone.model = model
+            ok = not stand_alone.is_fused()
+            stand_alone.fuse(verbose=False)
+            ok = ok and block.fused and all(b.fused for b in stage) and stand_alone.is_fused()
+    except Exception as e:  # any failure here means the internals moved
+        raise RegistrationError(
+            f"qarep_det cannot register its modules with ultralytics {ultralytics.__version__}: {e!r}. "
+            "Tested with ultralytics 8.4.190; pin that version or report this."
+        ) from e
+    if not ok:
+        raise RegistrationError(
+            f"qarep_det cannot register its modules with ultralytics {ultralytics.__version__}: channel or "
+            "repeat scaling of our layers differs from Ultralytics' own. Tested with ultralytics 8.4.190."
+        )

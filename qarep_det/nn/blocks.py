@@ -1,0 +1,171 @@
+"""Re-parameterizable blocks: RepVGG (the baseline) and QARepVGG (its quantization-friendly redesign).
+
+Both train as parallel 3x3 / 1x1 / identity branches and ``reparameterize()`` in place into one 3x3 conv with
+bias followed by ReLU. Fusion reads BatchNorm running statistics, as Ultralytics' own ``fuse()`` does, whatever
+the module's train/eval flag: a fused block has no BatchNorm left, so the flag no longer changes its output.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from qarep_det.nn.fusion import fold_bn, fused_conv, identity_kernel, pad_to_3x3
+
+
+def check_conv_args(name: str, c1: int, c2: int, s: int, g: int, strides: tuple[int, ...] = (1, 2)) -> None:
+    """Raise one readable ``ValueError`` for channel/stride/group arguments no conv of ours can take."""
+    for label, value in (("c1", c1), ("c2", c2), ("g", g)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}: {label} must be a positive int, got {value!r}")
+    if s not in strides:
+        raise ValueError(f"{name}: stride s must be one of {strides}, got {s!r}")
+    if c1 % g or c2 % g:
+        raise ValueError(f"{name}: channels c1={c1} and c2={c2} must both be divisible by groups g={g}")
+
+
+def conv_bn(c1: int, c2: int, k: int, s: int, g: int) -> nn.Sequential:
+    """A bias-free conv followed by BatchNorm, the unit every branch is built from."""
+    return nn.Sequential(
+        nn.Conv2d(c1, c2, k, s, k // 2, groups=g, bias=False),
+        nn.BatchNorm2d(c2),
+    )
+
+
+def fold_conv_bn(branch: nn.Sequential) -> tuple[Tensor, Tensor]:
+    """Kernel and bias of a ``conv_bn`` branch."""
+    conv, bn = branch
+    return fold_bn(conv.weight, bn)
+
+
+class RepBlock(nn.Module):
+    """Shared shape of both block flavours: argument checks, the fused path and in-place fusion.
+
+    Subclasses build their branches, define ``forward_branches`` (the pre-ReLU sum in training form) and
+    ``fused_kernel_bias`` (that sum as one 3x3 kernel and bias).
+    """
+
+    branch_names: tuple[str, ...] = ()
+
+    def __init__(self, c1: int, c2: int, s: int = 1, g: int = 1) -> None:
+        super().__init__()
+        check_conv_args(type(self).__name__, c1, c2, s, g)
+        self.c1, self.c2, self.s, self.g = c1, c2, s, g
+        self.has_identity = c1 == c2 and s == 1
+        self.act = nn.ReLU()
+
+    @property
+    def fused(self) -> bool:
+        """True once ``reparameterize()`` has replaced the branches with a single conv."""
+        return hasattr(self, "conv")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.conv(x) if self.fused else self.forward_branches(x))
+
+    def forward_branches(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def fused_kernel_bias(self) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def identity(self, like: Tensor) -> Tensor:
+        """The identity branch as a 3x3 kernel (only meaningful when ``has_identity``)."""
+        return identity_kernel(self.c1, self.g, like)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Replace the branches by one 3x3 conv with bias, in place. Calling it again does nothing."""
+        if self.fused:
+            return
+        kernel, bias = self.fused_kernel_bias()
+        self.conv = fused_conv(self.branch_3x3[0], kernel, bias)
+        for name in self.branch_names:
+            delattr(self, name)
+
+    def extra_repr(self) -> str:
+        return f"c1={self.c1}, c2={self.c2}, s={self.s}, g={self.g}, identity={self.has_identity}, fused={self.fused}"
+
+
+class RepVGGBlock(RepBlock):
+    """RepVGG (Ding et al., CVPR 2021): ``relu(bn(conv3x3) + bn(conv1x1) + bn(x))``, identity only if c1 == c2, s == 1.
+
+    The identity BN sees post-ReLU input; a dead channel drives its ``gamma / sigma`` up by orders of magnitude,
+    which is what ruins INT8 after fusion. Kept as the baseline for A/B comparisons.
+    """
+
+    branch_names = ("branch_3x3", "branch_1x1", "branch_identity")
+
+    def __init__(self, c1: int, c2: int, s: int = 1, g: int = 1) -> None:
+        super().__init__(c1, c2, s, g)
+        self.branch_3x3 = conv_bn(c1, c2, 3, s, g)
+        self.branch_1x1 = conv_bn(c1, c2, 1, s, g)
+        self.branch_identity = nn.BatchNorm2d(c2) if self.has_identity else None
+
+    def forward_branches(self, x: Tensor) -> Tensor:
+        y = self.branch_3x3(x) + self.branch_1x1(x)
+        return y + self.branch_identity(x) if self.branch_identity is not None else y
+
+    def fused_kernel_bias(self) -> tuple[Tensor, Tensor]:
+        k3, b3 = fold_conv_bn(self.branch_3x3)
+        k1, b1 = fold_conv_bn(self.branch_1x1)
+        kernel, bias = k3 + pad_to_3x3(k1), b3 + b1
+        if self.branch_identity is not None:
+            k_id, b_id = fold_bn(self.identity(k3), self.branch_identity)
+            kernel, bias = kernel + k_id, bias + b_id
+        return kernel, bias
+
+
+class QARepBlock(RepBlock):
+    """QARepVGG (Chu et al., AAAI 2024): ``relu(bn_post(bn(conv3x3) + conv1x1 + x))``.
+
+    BN only on the 3x3 branch, a plain bias-free 1x1 conv, an identity without BN (same presence rule as
+    RepVGG) and one BN after the sum. The post-BN folds into the fused kernel too, so the deployed block is a
+    single conv + ReLU exactly like RepVGG's.
+    """
+
+    branch_names = ("branch_3x3", "branch_1x1", "bn")
+
+    def __init__(self, c1: int, c2: int, s: int = 1, g: int = 1) -> None:
+        super().__init__(c1, c2, s, g)
+        self.branch_3x3 = conv_bn(c1, c2, 3, s, g)
+        self.branch_1x1 = nn.Conv2d(c1, c2, 1, s, 0, groups=g, bias=False)
+        self.bn = nn.BatchNorm2d(c2)
+
+    def forward_branches(self, x: Tensor) -> Tensor:
+        y = self.branch_3x3(x) + self.branch_1x1(x)
+        return self.bn(y + x if self.has_identity else y)
+
+    def fused_kernel_bias(self) -> tuple[Tensor, Tensor]:
+        kernel, bias = fold_conv_bn(self.branch_3x3)
+        kernel = kernel + pad_to_3x3(self.branch_1x1.weight)
+        if self.has_identity:
+            kernel = kernel + self.identity(kernel)
+        return fold_bn(kernel, self.bn, bias)
+
+
+class ConvBNReLU(nn.Module):
+    """Plain conv + BN + ReLU (YOLOv6's SimConv): the 1x1 mixers of CSP stages, SPPF and the neck's downsamplers."""
+
+    def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1, g: int = 1) -> None:
+        super().__init__()
+        check_conv_args(type(self).__name__, c1, c2, s, g)
+        if not isinstance(k, int) or k < 1 or k % 2 == 0:
+            raise ValueError(f"ConvBNReLU: kernel size k must be a positive odd int, got {k!r}")
+        self.branch = conv_bn(c1, c2, k, s, g)
+        self.act = nn.ReLU()
+
+    @property
+    def fused(self) -> bool:
+        return hasattr(self, "conv")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.conv(x) if self.fused else self.branch(x))
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold the BN into the conv, in place; idempotent."""
+        if self.fused:
+            return
+        kernel, bias = fold_conv_bn(self.branch)
+        self.conv = fused_conv(self.branch[0], kernel, bias)
+        del self.branch

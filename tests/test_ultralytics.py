@@ -1,0 +1,140 @@
+"""Integration with Ultralytics: YAML registration, width/depth scaling, fuse(), ONNX export, checkpoints."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import randomize_bn
+from torch import nn
+from ultralytics import YOLO
+from ultralytics.nn.tasks import DetectionModel
+
+from qarep_det import output_difference, reparameterize_model
+from qarep_det.integrations import ultralytics as integration
+from qarep_det.nn import CSPRepStage, RepBlock, RepStage
+
+YAMLS = Path(__file__).resolve().parents[1] / "model_yamls"
+
+# Hand-computed from the YAMLs: (layer index, output channels, blocks in the stage or None for a single layer).
+# width: n 0.25, s 0.50, m 0.75; depth: n/s 0.33, m 0.60 (6 -> 2/2/4, 12 -> 4/4/7, 18 -> 6/6/11).
+EXPECTED = {
+    "n": [(0, 16, None), (1, 32, None), (2, 32, 2), (3, 64, None), (4, 64, 4), (5, 128, None), (6, 128, 6),
+          (7, 256, None), (8, 256, 2), (9, 256, None), (10, 64, None), (13, 64, 4), (14, 32, None), (17, 32, 4),
+          (18, 32, None), (20, 64, 4), (21, 64, None), (23, 128, 4)],
+    "s": [(0, 32, None), (1, 64, None), (2, 64, 2), (3, 128, None), (4, 128, 4), (5, 256, None), (6, 256, 6),
+          (7, 512, None), (8, 512, 2), (9, 512, None), (10, 128, None), (13, 128, 4), (14, 64, None), (17, 64, 4),
+          (18, 64, None), (20, 128, 4), (21, 128, None), (23, 256, 4)],
+    "m": [(0, 48, None), (1, 96, None), (2, 96, 4), (3, 192, None), (4, 192, 7), (5, 384, None), (6, 384, 11),
+          (7, 768, None), (8, 768, 4), (9, 768, None), (10, 192, None), (13, 192, 7), (14, 96, None), (17, 96, 7),
+          (18, 96, None), (20, 192, 7), (21, 192, None), (23, 384, 7)],
+}  # fmt: skip
+
+
+def out_channels(layer: nn.Module) -> int:
+    return [m for m in layer.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+
+
+def blocks_in(layer: nn.Module) -> int:
+    if isinstance(layer, CSPRepStage):
+        return 2 * len(layer.m)  # n blocks as n // 2 bottlenecks of two
+    assert isinstance(layer, RepStage)
+    return len(layer)
+
+
+@pytest.mark.parametrize("family", ["qarep", "repvgg"])
+@pytest.mark.parametrize("size", ["n", "s", "m"])
+def test_channels_and_repeats_follow_width_and_depth(family: str, size: str) -> None:
+    model = DetectionModel(str(YAMLS / f"yolo_{family}_{size}.yaml"), nc=80, verbose=False)
+    block = {"qarep": "QARepBlock", "repvgg": "RepVGGBlock"}[family]
+    for i, channels, blocks in EXPECTED[size]:
+        layer = model.model[i]
+        assert out_channels(layer) == channels, f"layer {i}"
+        if blocks is not None:
+            assert blocks_in(layer) == (blocks if size != "m" else 2 * (blocks // 2)), f"layer {i}"
+        reps = [m for m in layer.modules() if isinstance(m, RepBlock)]
+        assert all(type(m).__name__ == block for m in reps)
+    first = model.model[0]
+    assert (first.c1, first.s) == (3, 2)
+    assert model.model[-1].nl == 3
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in YAMLS.glob("*.yaml")))
+def test_whole_detector_fuses_exactly(name: str) -> None:
+    model = randomize_bn(DetectionModel(str(YAMLS / name), nc=4, verbose=False))
+    fused = reparameterize_model(model)
+    diff = output_difference(model, fused, torch.rand(1, 3, 64, 64))
+    assert diff.max_rel < 1e-4, diff
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    blocks = [m for m in fused.modules() if isinstance(m, RepBlock)]
+    assert blocks and all(len([c for c in b.modules() if isinstance(c, nn.Conv2d)]) == 1 for b in blocks)
+    assert not any(b.fused for b in model.modules() if isinstance(b, RepBlock))  # argument untouched
+
+
+def test_ultralytics_fuse_fuses_our_blocks() -> None:
+    model = YOLO(str(YAMLS / "yolo_qarep_n.yaml"))
+    assert not model.model.is_fused()
+    model.fuse()
+    assert model.model.is_fused()
+    assert all(b.fused for b in model.model.modules() if isinstance(b, RepBlock))
+
+
+def test_fused_detector_exports_to_onnx_without_batchnorm(tmp_path: Path) -> None:
+    onnx = pytest.importorskip("onnx")
+    yaml = shutil.copy(YAMLS / "yolo_qarep_n.yaml", tmp_path)
+    model = YOLO(yaml)
+    model.model.nc = 2
+    path = model.export(format="onnx", imgsz=64, simplify=False, verbose=False)
+    graph = onnx.load(path).graph
+    ops = [node.op_type for node in graph.node]
+    assert ops.count("BatchNormalization") == 0
+    fused = reparameterize_model(DetectionModel(str(yaml), verbose=False))
+    assert ops.count("Conv") == sum(isinstance(m, nn.Conv2d) for m in fused.modules())
+
+
+def test_unknown_module_is_named_with_our_list() -> None:
+    cfg = {"nc": 2, "backbone": [[-1, 1, "QARepBlok", [64, 2]]], "head": [[[-1], 1, "Detect", ["nc"]]]}
+    with pytest.raises(KeyError, match=r"layer 0: unknown module 'QARepBlok'.*QARepBlock, RepVGGBlock"):
+        DetectionModel(cfg, verbose=False)
+
+
+def test_wrong_block_arguments_name_layer_and_module() -> None:
+    cfg = {"nc": 2, "backbone": [[-1, 1, "Conv", [16, 3, 2]], [-1, 1, "RepVGGBlock", [32, 3]]], "head": []}
+    with pytest.raises(ValueError, match=r"layer 1 \(RepVGGBlock, args \[32, 3\]\): .*stride s must be one of"):
+        DetectionModel(cfg, verbose=False)
+    cfg["backbone"][1] = [-1, 1, "QARepStage", ["wide"]]
+    with pytest.raises(ValueError, match=r"layer 1 \(QARepStage\): first argument must be the output channels"):
+        DetectionModel(cfg, verbose=False)
+
+
+def test_self_test_fails_loudly_when_ultralytics_scaling_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    integration.self_test()
+    monkeypatch.setattr(integration, "_scaled_depth", lambda d: 1.0)  # as if Ultralytics changed its depth rule
+    with pytest.raises(integration.RegistrationError, match=r"ultralytics 8\.\d+\.\d+"):
+        integration.self_test()
+
+
+def test_checkpoint_loads_in_fresh_process_without_importing_qarep_det(tmp_path: Path) -> None:
+    model = YOLO(str(YAMLS / "yolo_qarep_n.yaml"))
+    model.save(tmp_path / "qarep_n.pt")
+    code = (
+        "import sys, torch\n"
+        "from ultralytics import YOLO\n"
+        "m = YOLO(sys.argv[1]).model.eval()\n"
+        "assert 'qarep_det' in sys.modules\n"
+        "m.fuse(verbose=False)\n"
+        "from qarep_det.nn import RepBlock\n"
+        "blocks = [b for b in m.modules() if isinstance(b, RepBlock)]\n"
+        "assert blocks and all(b.fused for b in blocks)\n"
+        "print('ok', m(torch.rand(1, 3, 64, 64))[0].shape)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "qarep_n.pt")], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ok torch.Size([1, 84, 84])" in result.stdout
