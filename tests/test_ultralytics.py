@@ -84,8 +84,9 @@ def test_ultralytics_fuse_fuses_our_blocks() -> None:
     assert all(b.fused for b in model.model.modules() if isinstance(b, RepBlock))
 
 
-def test_fused_detector_exports_to_onnx_without_batchnorm(tmp_path: Path) -> None:
+def test_fused_detector_exports_to_onnx_without_batchnorm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     onnx = pytest.importorskip("onnx")
+    monkeypatch.chdir(tmp_path)  # Ultralytics writes a YAML-built model's export into the working directory
     yaml = shutil.copy(YAMLS / "yolo_qarep_n.yaml", tmp_path)
     model = YOLO(yaml)
     model.model.nc = 2

@@ -1,0 +1,29 @@
+"""Load a trained detector checkpoint with one clear error for each way it can be wrong."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ultralytics.nn.modules import Detect
+from ultralytics.nn.tasks import DetectionModel, load_checkpoint
+
+
+def load_detector(weights: str | os.PathLike) -> DetectionModel:
+    """Load an Ultralytics detection checkpoint (``.pt``) as an FP32 model in eval mode.
+
+    Raises ``FileNotFoundError`` for a missing file (before Ultralytics could try to download a file of that
+    name) and ``ValueError`` for a corrupt file or a checkpoint that does not hold a detector.
+    """
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights '{path}' not found")
+    if path.suffix != ".pt":
+        raise ValueError(f"weights '{path}' must be an Ultralytics .pt checkpoint")
+    try:
+        model, _ = load_checkpoint(path)
+    except Exception as e:  # torch.load fails in many ways on a corrupt file; all mean "unreadable"
+        raise ValueError(f"cannot read weights '{path}': {type(e).__name__}: {e}") from e
+    if not isinstance(model, DetectionModel) or type(model.model[-1]) is not Detect:
+        raise ValueError(f"weights '{path}' hold a {type(model).__name__}, not an Ultralytics Detect detector")
+    return model.eval()

@@ -1,0 +1,73 @@
+"""tools/export.py and qarep_det.export: fused check on real images, ONNX/OpenVINO export, failure paths."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from ultralytics import YOLO
+
+import qarep_det.export as export_module
+from qarep_det.checkpoint import load_detector
+from qarep_det.export import FusionMismatchError, export
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "qarep_n.pt"
+    YOLO(str(ROOT / "model_yamls/yolo_qarep_n.yaml")).save(path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_export_writes_checked_fused_model_and_never_overwrites(weights: Path, fmt: str) -> None:
+    pytest.importorskip(fmt)
+    path, diff = export(weights, fmt, imgsz=64)
+    assert path.exists() and diff.max_rel < 1e-4
+    stamp = path.stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export(weights, fmt, imgsz=64)
+    assert path.stat().st_mtime_ns == stamp
+    path2, _ = export(weights, fmt, imgsz=64, overwrite=True)
+    assert path2 == path
+
+
+def test_export_refuses_a_fused_model_that_differs(weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = export_module.reparameterize_model
+
+    def broken(model: torch.nn.Module) -> torch.nn.Module:
+        fused = real(model)
+        with torch.no_grad():
+            next(m for m in fused.modules() if isinstance(m, torch.nn.Conv2d)).bias.add_(1.0)
+        return fused
+
+    monkeypatch.setattr(export_module, "reparameterize_model", broken)
+    with pytest.raises(FusionMismatchError, match="differs"):
+        export(weights, "onnx", imgsz=64, overwrite=True)
+
+
+def test_bad_weights_get_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_detector(tmp_path / "missing.pt")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read weights"):
+        load_detector(corrupt)
+    classifier = tmp_path / "cls.pt"
+    YOLO("yolov8n-cls.yaml").save(classifier)
+    with pytest.raises(ValueError, match="not an Ultralytics Detect detector"):
+        load_detector(classifier)
+
+
+def test_cli_reports_errors_in_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools/export.py"), "--weights", str(tmp_path / "none.pt")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: weights") and "Traceback" not in result.stderr
