@@ -40,7 +40,7 @@ def check_images(data: str | os.PathLike | None, n: int = 8) -> list[Path]:
 
 
 def check_fusion(model: torch.nn.Module, fused: torch.nn.Module, images: list[Path], imgsz: int) -> OutputDifference:
-    """Worst output difference of ``fused`` vs ``model`` over ``images``; raises ``FusionMismatchError`` above tolerance."""
+    """Worst difference of ``fused`` vs ``model`` on ``images``; raises ``FusionMismatchError`` above tolerance."""
     batch = torch.from_numpy(np.stack([load_letterboxed(p, imgsz)[0] for p in images]))
     diff = output_difference(model, fused, batch)
     if diff.max_rel > FUSION_TOLERANCE:
