@@ -1,0 +1,122 @@
+"""Train a QARep (or RepVGG) detector with Ultralytics' trainer, offline: on CPU, one GPU, or DDP over several GPUs.
+
+python tools/train.py --cfg model_yamls/yolo_qarep_s.yaml --data coco.yaml --device 0,1,2,3
+python tools/train.py --resume runs/train/exp/weights/last.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+
+# Importing the trainer imports qarep_det first, which sets YOLO_OFFLINE, YOLO_AUTOINSTALL and YOLO_CONFIG_DIR (unless
+# already set) before Ultralytics is imported.
+from qarep_det.integrations.trainer import RECIPE, TRAINERS, TrainInputError, TrainOptions, make_trainer
+
+RESUME_FLAGS = {"resume", "device", "workers", "data", "project"}  # what --resume may be given with
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each flag; the description's usage examples keep their lines."""
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """Report bad arguments as a single ``error: ...`` line, like every other bad input."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags, one per ``TrainOptions`` field."""
+    recipe = ", ".join(f"{k}={v}" for k, v in RECIPE.items())
+    parser = _OneLineErrorParser(
+        description=__doc__,
+        formatter_class=_HelpFormatter,
+        allow_abbrev=False,  # so that the flags given with --resume can be told from defaults
+        epilog=textwrap.fill(
+            f"Training recipe, after YOLOv6-S (override with --hyp): {recipe}. SGD is pinned because Ultralytics' "
+            "'auto' picks MuSGD for long runs and ignores lr0; weight decay is scaled by batch * accumulate / 64 as in "
+            "YOLOv6. AMP stays on (Ultralytics' default) on CUDA: its check, which would download YOLO26n, is "
+            "replaced by an FP16-vs-FP32 comparison on the model being trained. Runs go to PROJECT/NAME, or "
+            "PROJECT/NAME-2, NAME-3, ... when that exists; an existing run is overwritten only with --exist-ok.",
+            width=100,
+        ),
+    )
+    parser.add_argument("--cfg", type=Path, help="model YAML, e.g. model_yamls/yolo_qarep_s.yaml (required)")
+    parser.add_argument(
+        "--data", type=Path, help="dataset YAML in Ultralytics format (required; with --resume only if it moved)"
+    )
+    parser.add_argument("--epochs", type=int, default=300, help="training epochs")
+    parser.add_argument("--imgsz", type=int, default=640, help="square train/val image size, a multiple of 32")
+    parser.add_argument("--batch", type=int, default=32, help="total batch size, split evenly over DDP devices")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="'cpu', a CUDA index '0', or indices '0,1,2,3' for DDP; auto: '0' if CUDA is available else 'cpu', "
+        "on --resume the run's own device",
+    )
+    parser.add_argument("--workers", type=int, default=8, help="dataloader workers per process (0 on CPU)")
+    parser.add_argument(
+        "--project",
+        type=Path,
+        default=Path("runs/train"),
+        help="folder that holds the runs (relative to the current directory)",
+    )
+    parser.add_argument("--name", default="exp", help="run name: the run directory is PROJECT/NAME")
+    parser.add_argument("--exist-ok", action="store_true", help="reuse PROJECT/NAME, overwriting its results")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="LAST_PT",
+        help="continue an interrupted run from its weights/last.pt (the newest under --project if no path), with "
+        "the run's own settings; only --device, --workers and --data may be given again",
+    )
+    parser.add_argument("--weights", type=Path, help="fine-tune: start from this checkpoint's matching weights")
+    parser.add_argument("--hyp", type=Path, help="YAML of extra Ultralytics train settings, e.g. 'mixup: 0.1'")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument(
+        "--rep-l2",
+        choices=list(TRAINERS),
+        default="plain",
+        help="plain: weight decay (QARepVGG's recipe); custom: RepVGG's L2 on the equivalent kernel "
+        "(RepVGGBlock models only)",
+    )
+    return parser
+
+
+def explicit_flags(argv: list[str]) -> set[str]:
+    """The destinations of the flags present in ``argv`` (exact long flags only: abbreviations are disabled)."""
+    return {token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, check them, train; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    try:
+        if args.resume:
+            ignored = sorted(explicit_flags(argv) - RESUME_FLAGS)
+            if ignored:
+                flags = ", ".join(f"--{d.replace('_', '-')}" for d in ignored)
+                raise TrainInputError(f"--resume continues a run with its own settings; drop {flags}")
+        trainer = make_trainer(TrainOptions(**vars(args)))
+    except TrainInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        trainer.train()
+    except KeyboardInterrupt:
+        if trainer.last.exists():
+            print(f"interrupted: continue with --resume {trainer.last}", file=sys.stderr)
+        return 130
+    print(f"done: {trainer.save_dir} (weights/best.pt, weights/last.pt, results.csv)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
