@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from ultralytics.cfg import get_cfg
 from ultralytics.nn.tasks import DetectionModel
 
 from qarep_det.reparam import reparameterize_model
@@ -57,3 +58,112 @@ def fusion_latency(cfg: str, imgsz: int = 640, runs: int = 20, nc: int = 80) -> 
         unfused_times.append(median_ms(lambda: model(x), 1, warmup=0))
         fused_times.append(median_ms(lambda: fused(x), 1, warmup=0))
     return FusionTiming(cfg, imgsz, statistics.median(unfused_times), statistics.median(fused_times))
+
+
+def _training_batch(batch: int, imgsz: int, nc: int, boxes_per_image: int = 4) -> dict[str, torch.Tensor]:
+    """A fixed random batch in the layout Ultralytics' detection loss expects (normalized xywh boxes)."""
+    g = torch.Generator().manual_seed(0)
+    n = batch * boxes_per_image
+    centre = torch.rand(n, 2, generator=g) * 0.6 + 0.2
+    size = torch.rand(n, 2, generator=g) * 0.3 + 0.05
+    return {
+        "img": torch.rand(batch, 3, imgsz, imgsz, generator=g),
+        "batch_idx": torch.arange(batch).repeat_interleave(boxes_per_image).float(),
+        "cls": torch.randint(0, nc, (n, 1), generator=g).float(),
+        "bboxes": torch.cat((centre, size), 1),
+    }
+
+
+@dataclass(frozen=True)
+class TrainThroughput:
+    """Median training step time (forward, loss, backward, SGD step) of one model; images per second."""
+
+    cfg: str
+    step_ms: float
+    batch: int
+
+    @property
+    def images_per_s(self) -> float:
+        return self.batch * 1e3 / self.step_ms
+
+
+def train_throughput(
+    cfgs: list[str], imgsz: int = 320, batch: int = 8, steps: int = 10, nc: int = 80
+) -> list[TrainThroughput]:
+    """Training throughput of each model on the same fixed batch, steps interleaved model by model.
+
+    Data loading is left out on purpose: it is the same for every model, and on 2 cores it would blur the
+    difference the models themselves make.
+    """
+    models, optimizers = [], []
+    for cfg in cfgs:
+        model = DetectionModel(cfg, nc=nc, verbose=False).train()
+        model.args = get_cfg()  # loss gains (box, cls, dfl) as the trainer sets them
+        models.append(model)
+        optimizers.append(torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9))
+    data = _training_batch(batch, imgsz, nc)
+
+    def step(i: int) -> None:
+        loss, _ = models[i].loss(data)
+        optimizers[i].zero_grad()
+        loss.sum().backward()
+        optimizers[i].step()
+
+    for i in range(len(models)):
+        step(i)  # warm-up (and builds the loss criterion)
+    times: list[list[float]] = [[] for _ in models]
+    for _ in range(steps):
+        for i in range(len(models)):
+            times[i].append(median_ms(lambda i=i: step(i), 1, warmup=0))
+    return [TrainThroughput(cfg, statistics.median(t), batch) for cfg, t in zip(cfgs, times, strict=True)]
+
+
+@dataclass(frozen=True)
+class OpenVINOInt8:
+    """OpenVINO FP32 vs NNCF INT8 of one detector: latency at batch 1, IR sizes, calibration time."""
+
+    cfg: str
+    imgsz: int
+    calib_images: int
+    calib_s: float
+    fp32_ms: float
+    int8_ms: float
+    fp32_mb: float
+    int8_mb: float
+
+
+def openvino_int8(cfg: str, data: str, imgsz: int = 640, calib_images: int = 512, runs: int = 20) -> OpenVINOInt8:
+    """Quantize the fused model built from ``cfg`` with the reference recipe and time both IRs on the CPU.
+
+    Weights are the YAML's initialisation: latency, size and calibration time do not depend on training.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from qarep_det.quant.calibration import calibration_set
+    from qarep_det.quant.openvino import convert_openvino, openvino_runner, quantize_openvino, save_openvino
+    from qarep_det.quant.recipe import QuantRecipe
+
+    fused = reparameterize_model(DetectionModel(cfg, verbose=False))
+    recipe = QuantRecipe(calib_images=calib_images)
+    calib = calibration_set(data, imgsz, calib_images, recipe.seed, batch_size=8)
+    start = time.perf_counter()
+    int8 = quantize_openvino(fused, calib, imgsz, recipe)
+    calib_s = time.perf_counter() - start
+    fp32 = convert_openvino(fused, imgsz)
+    with tempfile.TemporaryDirectory() as tmp:
+        sizes = []
+        for name, model in (("fp32", fp32), ("int8", int8)):
+            xml = save_openvino(model, Path(tmp) / f"{name}.xml")
+            sizes.append((xml.stat().st_size + xml.with_suffix(".bin").stat().st_size) / 1e6)
+    runners = [openvino_runner(fp32), openvino_runner(int8)]
+    x = torch.rand(1, 3, imgsz, imgsz)
+    for run in runners:
+        median_ms(lambda run=run: run(x), 1, warmup=2)
+    times: list[list[float]] = [[], []]
+    for _ in range(runs):
+        for i, run in enumerate(runners):
+            times[i].append(median_ms(lambda run=run: run(x), 1, warmup=0))
+    return OpenVINOInt8(
+        cfg, imgsz, len(calib.paths), calib_s, statistics.median(times[0]), statistics.median(times[1]), *sizes
+    )

@@ -23,7 +23,8 @@ def load_detector(weights: str | os.PathLike) -> DetectionModel:
     try:
         model, _ = load_checkpoint(path)
     except Exception as e:  # torch.load fails in many ways on a corrupt file; all mean "unreadable"
-        raise ValueError(f"cannot read weights '{path}': {type(e).__name__}: {e}") from e
+        first_line = next((line for line in str(e).splitlines() if line.strip()), "")
+        raise ValueError(f"cannot read weights '{path}': {type(e).__name__}: {first_line.strip()}") from e
     if not isinstance(model, DetectionModel) or type(model.model[-1]) is not Detect:
         raise ValueError(f"weights '{path}' hold a {type(model).__name__}, not an Ultralytics Detect detector")
     return model.eval()
