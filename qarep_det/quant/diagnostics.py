@@ -1,0 +1,89 @@
+"""Why a model quantizes well or badly, in numbers: weight SQNR, weight outliers, output SQNR. Pure torch.
+
+RepVGG-style fusion can leave one huge tap per output channel (the identity's centre tap, FACTS.md section 7); per
+channel INT8 then spends its whole range on that tap and rounds the rest coarsely. ``max_to_median`` exposes the
+outlier and ``weight_sqnr_db`` its cost, layer by layer; ``sqnr_db`` on outputs measures what reaches the detector.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio, 10 log10(sum ref^2 / sum (ref - test)^2), in dB; inf when identical."""
+    reference, test = reference.detach().double().cpu(), test.detach().double().cpu()
+    noise = (reference - test).pow(2).sum().item()
+    signal = reference.pow(2).sum().item()
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def fake_quant_per_channel(weight: torch.Tensor, num_bits: int = 8) -> torch.Tensor:
+    """Symmetric per-output-channel fake quantization with max calibration (step = max|w_c| / 127 for int8).
+
+    Computed as ``round(w * (127 / amax)) / (127 / amax)`` with a tensor 127, the operations of ModelOpt /
+    pytorch-quantization, so values near a rounding tie land on the same INT8 code as in the torch backend (a
+    Python-int numerator or dividing by the step moved about one weight in 37k by a whole step in a test).
+    """
+    qmax = 2 ** (num_bits - 1) - 1
+    amax = weight.detach().float().abs().flatten(1).amax(1).clamp(min=torch.finfo(torch.float32).tiny)
+    inv_step = (amax.new_tensor(float(qmax)) / amax).view(-1, *([1] * (weight.dim() - 1)))
+    return (torch.clamp((weight.float() * inv_step).round(), -qmax - 1, qmax) / inv_step).to(weight.dtype)
+
+
+def weight_sqnr_db(weight: torch.Tensor, num_bits: int = 8) -> float:
+    """SQNR of a weight tensor under symmetric per-channel INT8 (a proxy for the conv's output SQNR on iid inputs).
+
+    Gaussian-like weights give ~41 dB; a channel dominated by one tap falls towards 10 log10(12 * 127^2 / fan_in),
+    about 25 dB for a 3x3 conv over 64 channels, because every other weight rounds on that tap's coarse grid.
+    """
+    return sqnr_db(weight, fake_quant_per_channel(weight, num_bits))
+
+
+def max_to_median(weight: torch.Tensor) -> tuple[float, int]:
+    """The largest |weight| over its output channel's median |weight|, and that channel's index."""
+    magnitudes = weight.detach().abs().flatten(1)
+    channel = int(magnitudes.amax(1).argmax())
+    median = float(magnitudes[channel].median())
+    return (float(magnitudes[channel].max()) / median if median > 0 else math.inf), channel
+
+
+@dataclass(frozen=True)
+class ConvWeightStats:
+    """Quantization-relevant facts about one conv's weights."""
+
+    name: str
+    shape: tuple[int, ...]
+    weight_sqnr_db: float
+    max_to_median: float
+    outlier_channel: int
+
+
+def weight_report(model: nn.Module, exclude: Iterable[str] = ("dfl.conv",)) -> list[ConvWeightStats]:
+    """Stats for every ``Conv2d`` of a (fused) model, skipping names that end with an ``exclude`` entry (the DFL)."""
+    exclude = tuple(exclude)
+    rows = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and not name.endswith(exclude):
+            ratio, channel = max_to_median(m.weight)
+            rows.append(ConvWeightStats(name, tuple(m.weight.shape), weight_sqnr_db(m.weight), ratio, channel))
+    return rows
+
+
+def detection_sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> dict[str, float]:
+    """Output SQNR of ``(B, 4 + nc, A)`` detector outputs, overall and split into boxes and scores.
+
+    The split matters: pixel-scale boxes dominate the overall energy, so a crushed score channel hides in the total.
+    """
+    return {
+        "all": sqnr_db(reference, test),
+        "boxes": sqnr_db(reference[:, :4], test[:, :4]),
+        "scores": sqnr_db(reference[:, 4:], test[:, 4:]),
+    }

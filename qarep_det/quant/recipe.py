@@ -1,0 +1,50 @@
+"""The post-training INT8 recipe: one frozen description shared by every backend.
+
+The reference scheme is TensorRT's, the one YOLOv6 used for its published QARepVGG numbers: INT8 symmetric (zero
+point 0), per-output-channel weight scales, one per-tensor scale for the input of every ``Conv2d``. What stays
+float is fixed, not configurable: the box decode, the DFL (its constant 1x1 conv is part of decode), the sigmoid and
+the box/score concat, because pixel-scale boxes and 0-1 scores cannot share one INT8 grid. Whether the ``Detect``
+head's own convs are quantized is an explicit option, since papers differ and the result table must say.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+CalibMethod = Literal["max", "percentile", "mse", "entropy"]
+CALIB_METHODS: tuple[str, ...] = ("max", "percentile", "mse", "entropy")
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    """How to calibrate and what to quantize; validated on construction so a typo fails before calibration.
+
+    ``calib_method`` picks the activation range estimator (weights always use their per-channel max, as TensorRT
+    does): ``max`` = global abs-max, ``percentile`` = that percentile of |x| over the calibration histogram,
+    ``mse`` / ``entropy`` = the histogram range that minimises quantization MSE / KL divergence.
+    """
+
+    calib_method: CalibMethod = "max"
+    percentile: float = 99.99
+    quantize_head: bool = True
+    calib_images: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.calib_method not in CALIB_METHODS:
+            raise ValueError(f"calib_method must be one of {CALIB_METHODS}, got {self.calib_method!r}")
+        if not 0.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
+        if self.calib_images < 1:
+            raise ValueError(f"calib_images must be >= 1, got {self.calib_images}")
+
+    def describe(self) -> str:
+        """One line for result tables, e.g. ``int8 w:per-channel a:per-tensor max, head int8, 512 imgs, seed 0``."""
+        method = f"percentile {self.percentile:g}" if self.calib_method == "percentile" else self.calib_method
+        head = "head int8" if self.quantize_head else "head float"
+        return f"int8 sym w:per-channel a:per-tensor {method}, {head}, {self.calib_images} imgs, seed {self.seed}"
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain dict for JSON result files."""
+        return asdict(self)

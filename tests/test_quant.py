@@ -1,0 +1,405 @@
+"""qarep_det.quant: calibration data, the INT8 recipe, the torch / OpenVINO / QDQ-ONNX backends, diagnostics.
+
+Offline and small: a yolov8n-topology DetectionModel (nc=2) at 64 px, calibrated on a handful of generated images.
+Its BatchNorms take their statistics from those images before fusion, so activations keep unit scale through the
+depth instead of vanishing as they do at random init (where the head biases alone would decide the output).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import qarep_det  # noqa: F401  (offline settings before ultralytics)
+from qarep_det.data.images import load_letterboxed
+from qarep_det.quant import (
+    CalibrationSet,
+    QuantRecipe,
+    calibration_set,
+    conv_quant_states,
+    draw_calibration_images,
+    quantize_torch,
+    torch_runner,
+)
+from qarep_det.quant.calibrators import AbsHistogram, entropy_amax, mse_amax, percentile_amax
+from qarep_det.quant.diagnostics import (
+    detection_sqnr_db,
+    fake_quant_per_channel,
+    max_to_median,
+    sqnr_db,
+    weight_report,
+    weight_sqnr_db,
+)
+from qarep_det.quant.scope import detect_heads
+
+IMGSZ = 64
+NC = 2
+
+
+def _write_image(path: Path, rng: random.Random) -> None:
+    """A noisy background with a few filled shapes, at a random size (so letterboxing pads)."""
+    h, w = rng.randint(48, 96), rng.randint(48, 96)
+    image = np.full((h, w, 3), rng.randint(40, 200), np.uint8)
+    image = cv2.add(image, np.random.default_rng(rng.randint(0, 1000)).integers(0, 40, (h, w, 3), dtype=np.uint8))
+    for _ in range(3):
+        colour = tuple(rng.randint(0, 255) for _ in range(3))
+        x, y = rng.randint(0, w - 10), rng.randint(0, h - 10)
+        if rng.random() < 0.5:
+            cv2.rectangle(image, (x, y), (x + rng.randint(5, 30), y + rng.randint(5, 30)), colour, -1)
+        else:
+            cv2.circle(image, (x, y), rng.randint(3, 15), colour, -1)
+    assert cv2.imwrite(str(path), image)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """64 px tensors gain nothing from threads; on a busy 2-core host OpenMP spin-waits made this file ~3x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """A YOLO-style dataset: 8 train and 2 val images, data.yaml with an absolute ``path:``."""
+    root = tmp_path_factory.mktemp("shapes")
+    rng = random.Random(0)
+    for split, n in (("train", 8), ("val", 2)):
+        (root / "images" / split).mkdir(parents=True)
+        for i in range(n):
+            _write_image(root / "images" / split / f"{split}_{i}.jpg", rng)
+    (root / "data.yaml").write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: a\n  1: b\n")
+    return root / "data.yaml"
+
+
+@pytest.fixture(scope="module")
+def calib(dataset) -> CalibrationSet:
+    return calibration_set(dataset, IMGSZ, n=8, seed=0, batch_size=4, progress=False)
+
+
+@pytest.fixture(scope="module")
+def images(calib) -> torch.Tensor:
+    return torch.cat(list(calib))
+
+
+@pytest.fixture(scope="module")
+def model(images) -> nn.Module:
+    """Fused yolov8n-topology detector whose BatchNorms were fitted to the images (see module docstring)."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(0)
+    m = DetectionModel("yolov8n.yaml", nc=NC, verbose=False)
+    for bn in (b for b in m.modules() if isinstance(b, nn.BatchNorm2d)):
+        bn.momentum = 1.0
+    for seq in (*m.model[-1].cv2, *m.model[-1].cv3):
+        nn.init.zeros_(seq[-1].bias)
+    with torch.no_grad():
+        m.train()(images)
+    return m.eval().fuse()
+
+
+@pytest.fixture(scope="module")
+def qmodel(model, calib) -> nn.Module:
+    return quantize_torch(model, calib, QuantRecipe(calib_images=8))
+
+
+def _conv_inputs(model: nn.Module, images: torch.Tensor) -> dict[str, float]:
+    """Max |input| of every Conv2d over ``images``: what the max calibrator must find."""
+    seen: dict[str, float] = {}
+
+    def hook(name):
+        return lambda _, args: seen.__setitem__(name, max(seen.get(name, 0.0), float(args[0].abs().max())))
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model(images)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+def _input_amax(qmodel: nn.Module) -> dict[str, float]:
+    """Calibrated input range of every quantized conv."""
+    return {
+        n: float(m.input_quantizer.amax)
+        for n, m in qmodel.named_modules()
+        if isinstance(m, nn.Conv2d) and m.input_quantizer.is_enabled
+    }
+
+
+# --- recipe and calibration data -------------------------------------------------------------------------------
+
+
+def test_recipe_validates_and_describes():
+    with pytest.raises(ValueError, match="calib_method"):
+        QuantRecipe(calib_method="kl")
+    with pytest.raises(ValueError, match="percentile"):
+        QuantRecipe(percentile=0)
+    assert "head float" in QuantRecipe(quantize_head=False).describe()
+    assert QuantRecipe().to_dict()["calib_method"] == "max"
+
+
+def test_calibration_draw_is_seeded_and_warns_when_short(tmp_path):
+    pool = [tmp_path / f"{i}.jpg" for i in range(20)]
+    first = draw_calibration_images(pool, 5, seed=3)
+    assert first == draw_calibration_images(list(reversed(pool)), 5, seed=3)  # order of listing does not matter
+    assert first != draw_calibration_images(pool, 5, seed=4)
+    with pytest.warns(UserWarning, match="only 20 are available"):
+        everything = draw_calibration_images(pool, 50, seed=0)
+    assert sorted(everything) == sorted(pool)
+    with pytest.raises(ValueError):
+        draw_calibration_images(pool, 0)
+
+
+def test_calibration_set_uses_train_split_letterboxed_like_evaluation(dataset, calib):
+    assert len(calib.paths) == 8 and all(p.parent.name == "train" for p in calib.paths)
+    assert calib.paths == calibration_set(dataset, IMGSZ, n=8, seed=0).paths
+    batches = list(calib)
+    assert [b.shape for b in batches] == [(4, 3, IMGSZ, IMGSZ)] * 2
+    assert batches[0].dtype == torch.float32 and 0 <= float(batches[0].min()) and float(batches[0].max()) <= 1
+    expected, _, _ = load_letterboxed(calib.paths[0], IMGSZ)
+    assert torch.equal(batches[0][0], torch.from_numpy(expected))
+
+
+def test_unreadable_images_are_skipped_and_none_readable_raises(dataset, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    good = next((dataset.parent / "images" / "train").glob("*.jpg"))
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        batches = list(CalibrationSet((broken, good), IMGSZ, batch_size=4, progress=False))
+    assert [b.shape[0] for b in batches] == [1]
+    with pytest.raises(ValueError, match="none of the 1 calibration images"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        list(CalibrationSet((broken,), IMGSZ, progress=False))
+
+
+# --- torch backend (ModelOpt) --------------------------------------------------------------------------------
+
+
+def test_torch_backend_applies_the_reference_scheme(model, qmodel, images):
+    states = {s.name: s for s in conv_quant_states(qmodel)}
+    (head_name,) = detect_heads(model)
+    dfl = f"{head_name}.dfl.conv"
+    assert not states[dfl].weight_quantized and not states[dfl].input_quantized
+    convs = {n: m for n, m in qmodel.named_modules() if isinstance(m, nn.Conv2d) and n != dfl}
+    assert convs.keys() == states.keys() - {dfl}
+    max_inputs = _conv_inputs(model, images)
+    for name, conv in convs.items():
+        s = states[name]
+        assert s.weight_quantized and s.input_quantized and s.symmetric and s.num_bits == 8
+        assert s.weight_axis == 0 and s.weight_scales == conv.out_channels  # per-output-channel weights
+        assert s.input_scales == 1  # one per-tensor scale per conv input
+        # the weight grid is symmetric per-channel max/127, and the input range is the calibration max
+        assert torch.equal(conv.weight_quantizer(conv.weight), fake_quant_per_channel(conv.weight))
+        assert float(conv.input_quantizer.amax) == pytest.approx(max_inputs[name], rel=1e-5)
+
+
+def test_torch_backend_quantizes_but_keeps_output_close(model, qmodel, images):
+    assert not any(hasattr(m, "input_quantizer") for m in model.modules())  # the input model is untouched
+    reference, quantized = torch_runner(model)(images), torch_runner(qmodel)(images)
+    assert quantized.shape == reference.shape == (len(images), 4 + NC, sum((IMGSZ // s) ** 2 for s in (8, 16, 32)))
+    assert not torch.equal(quantized, reference)
+    assert detection_sqnr_db(reference, quantized)["all"] > 15
+
+
+def test_quantize_head_false_keeps_detect_float(model, calib):
+    qhead = quantize_torch(model, calib, QuantRecipe(quantize_head=False))
+    (head_name,) = detect_heads(qhead)
+    for s in conv_quant_states(qhead):
+        in_head = s.name.startswith(f"{head_name}.")
+        assert (s.weight_quantized and s.input_quantized) != in_head, s.name
+
+
+@pytest.mark.parametrize("method", ["percentile", "mse", "entropy"])
+def test_histogram_calibration_methods_run(model, qmodel, calib, images, method):
+    q = quantize_torch(model, calib, QuantRecipe(calib_method=method))
+    by_max = _input_amax(qmodel)
+    for name, m in q.named_modules():
+        if isinstance(m, nn.Conv2d) and m.input_quantizer.is_enabled:
+            assert 0 < float(m.input_quantizer.amax) <= by_max[name] * (1 + 1e-6)  # histogram ranges clip, never widen
+    assert detection_sqnr_db(torch_runner(model)(images), torch_runner(q)(images))["all"] > 10
+
+
+def test_histogram_calibration_needs_reiterable_batches(model, images):
+    with pytest.raises(ValueError, match="re-iterable|walks the batches twice"):
+        quantize_torch(model, (b for b in [images]), QuantRecipe(calib_method="mse"))
+
+
+def _entropy_reference(counts: np.ndarray, edges: np.ndarray, levels: int = 128, start: int = 128) -> float:
+    """A plain loop over candidates: KL(P || Q) as TensorRT / pytorch-quantization define it."""
+    counts = counts.astype(np.float64).copy()
+    counts[0] = counts[1]
+    best, best_kl = None, math.inf
+    for end in range(start, len(counts) + 1):
+        p = counts[:end].copy()
+        p[-1] += counts[end:].sum()
+        group = np.arange(end) * levels // end
+        q = np.zeros(end)
+        for g in range(levels):
+            members = (group == g) & (counts[:end] > 0)
+            if members.any():
+                q[members] = counts[:end][members].sum() / members.sum()
+        p, q = p / p.sum(), q / q.sum()
+        mask = p > 0
+        kl = math.inf if np.any(q[mask] == 0) else float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+        if kl <= best_kl:
+            best, best_kl = end, kl
+    return float(edges[best])
+
+
+def test_histogram_calibrators_match_references():
+    torch.manual_seed(0)
+    data = torch.cat([torch.randn(20000).abs() ** 2, torch.zeros(5000)])
+    hist = AbsHistogram(float(data.max()), bins=512)
+    hist.collect(data)
+    assert entropy_amax(hist, start_bin=128) == pytest.approx(
+        _entropy_reference(hist.counts.numpy(), hist.edges.numpy()), rel=1e-9
+    )
+
+    def error(amax: float) -> float:
+        return float(((fake_quant_scalar(data, amax) - data) ** 2).mean())
+
+    brute = min(error(a) for a in hist.edges[1:].tolist())
+    assert error(mse_amax(hist)) <= brute * 1.02  # optimal on bin centres is near-optimal on the samples
+    assert percentile_amax(hist, 99.0) == pytest.approx(float(torch.quantile(data, 0.99)), rel=0.02)
+
+
+def fake_quant_scalar(x: torch.Tensor, amax: float) -> torch.Tensor:
+    return torch.clamp(torch.round(x / (amax / 127)), -128, 127) * (amax / 127)
+
+
+# --- OpenVINO backend (NNCF) ---------------------------------------------------------------------------------
+
+
+def test_openvino_backend_is_int8_and_matches_the_simulated_ranges(model, qmodel, calib, images, tmp_path):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from qarep_det.quant import openvino as qov
+
+    ov_model = qov.quantize_openvino(model, calib, IMGSZ, QuantRecipe(calib_images=8))
+    summary = qov.int8_summary(ov_model)
+    n_quantized = sum(s.weight_quantized for s in conv_quant_states(qmodel))
+    assert summary["fake_quantize"] > 0 and summary["int8_weights"] == n_quantized
+    assert summary["weight_levels"] == (127 if qov.cpu_has_vnni() else 64)
+    # every activation FakeQuantize feeds convs only, with the simulated model's range (max calibration)
+    amax = _input_amax(qmodel)
+    checked = set()
+    for name, ops in qov.conv_ops_by_module(ov_model).items():
+        source = ops[0].input_value(0).get_node()
+        if source.get_type_name() != "FakeQuantize":
+            assert name.endswith("dfl.conv"), name
+            continue
+        high = float(np.max(source.input_value(2).get_node().get_data()))
+        low = float(np.min(source.input_value(1).get_node().get_data()))
+        assert high == pytest.approx(amax[name], rel=1e-4) and low == pytest.approx(-high * 128 / 127, rel=1e-4)
+        checked.add(name)
+    assert len(checked) == n_quantized
+    # outputs: the two INT8 models differ by a weight bit on CPUs without VNNI, and rounding-boundary flips cascade
+    # through the depth, so they agree about as well as each agrees with FP32 (not bit for bit)
+    reference, simulated = torch_runner(model)(images), torch_runner(qmodel)(images)
+    run = qov.openvino_runner(ov_model)
+    real = run(images)
+    assert real.shape == simulated.shape
+    assert sqnr_db(simulated, real) > min(15.0, sqnr_db(reference, simulated) - 6)
+    # saving never overwrites unless asked; the saved IR runs the same
+    xml = qov.save_openvino(ov_model, tmp_path / "int8.xml")
+    with pytest.raises(FileExistsError):
+        qov.save_openvino(ov_model, xml)
+    qov.save_openvino(ov_model, xml, overwrite=True)
+    assert torch.allclose(qov.openvino_runner(xml)(images), real, atol=1e-4)
+    assert "FakeQuantize" in xml.read_text()
+
+
+def test_openvino_head_float_percentile_and_unsupported_method(model, calib):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    from qarep_det.quant import openvino as qov
+
+    recipe = QuantRecipe(calib_method="percentile", quantize_head=False, calib_images=8)
+    ov_model = qov.quantize_openvino(model, calib, IMGSZ, recipe)
+    (head_name,) = detect_heads(model)
+    for name, ops in qov.conv_ops_by_module(ov_model).items():
+        quantized = ops[0].input_value(0).get_node().get_type_name() == "FakeQuantize"
+        assert quantized != name.startswith(f"{head_name}."), name
+    assert qov._range_estimator(QuantRecipe(calib_method="mse")) == RangeEstimatorParametersSet.HISTOGRAM
+    with pytest.raises(ValueError, match="entropy"):
+        qov.quantize_openvino(model, calib, IMGSZ, QuantRecipe(calib_method="entropy"))
+
+
+# --- QDQ ONNX for TensorRT ------------------------------------------------------------------------------------
+
+
+def test_qdq_onnx_export_checks_runs_and_keeps_scales(qmodel, images, tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from qarep_det.quant.onnx_qdq import check_qdq_onnx, export_qdq_onnx, qdq_convs
+
+    path = export_qdq_onnx(qmodel, tmp_path / "int8_qdq.onnx", IMGSZ)
+    with pytest.raises(FileExistsError):
+        export_qdq_onnx(qmodel, path, IMGSZ)
+    convs = qdq_convs(path)
+    for name, (input_q, weight_q) in convs.items():
+        conv = qmodel.get_submodule(name)
+        if not conv.input_quantizer.is_enabled:
+            assert input_q is None and weight_q is None and name.endswith("dfl.conv")
+            continue
+        assert input_q.axis is None and weight_q.axis == 0
+        assert input_q.zero_point.dtype == np.int8 and not input_q.zero_point.any() and not weight_q.zero_point.any()
+        assert float(input_q.scale) == pytest.approx(float(conv.input_quantizer.amax) / 127, rel=1e-6)
+        np.testing.assert_allclose(weight_q.scale, conv.weight_quantizer.amax.flatten().numpy() / 127, rtol=1e-6)
+    check = check_qdq_onnx(path, qmodel, images)
+    assert check.quantize_nodes == check.dequantize_nodes == 2 * (len(convs) - 1)
+    assert math.isfinite(check.max_abs_diff) and check.output_sqnr_db > 15
+
+
+# --- diagnostics ----------------------------------------------------------------------------------------------
+
+
+def test_diagnostics_expose_identity_style_outliers(model):
+    torch.manual_seed(0)
+    assert sqnr_db(torch.ones(3), torch.ones(3)) == math.inf
+    weight = torch.randn(16, 64, 3, 3) * 0.05
+    clean = weight_sqnr_db(weight)
+    assert 35 < clean < 50
+    spiked = weight.clone()
+    spiked[range(16), range(16), 1, 1] = 5.0  # fused identity centre taps, 100x the typical weight
+    spiked[2, 2, 1, 1] = 6.0
+    ratio, channel = max_to_median(spiked)
+    assert channel == 2 and ratio > 100
+    assert weight_sqnr_db(spiked) < clean - 10
+    rows = weight_report(model)
+    assert rows and not any(r.name.endswith("dfl.conv") for r in rows)
+    assert all(r.weight_sqnr_db > 20 and r.max_to_median >= 1 for r in rows)
+
+
+# --- missing optional packages --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("module", "blocked", "extra"),
+    [
+        ("qarep_det.quant.openvino", "openvino", "qarep_det[openvino]"),
+        ("qarep_det.quant.onnx_qdq", "onnxruntime", "qarep_det[onnx]"),
+        ("qarep_det.quant.simulated", "modelopt.torch.quantization", "nvidia-modelopt"),
+    ],
+)
+def test_missing_backend_names_the_install(monkeypatch, module, blocked, extra):
+    import importlib
+
+    monkeypatch.setitem(sys.modules, blocked, None)  # makes `import blocked` raise ImportError
+    backend = importlib.import_module(module)
+    require = backend._modelopt if module.endswith("simulated") else backend._require
+    with pytest.raises(ImportError, match=extra.replace("[", r"\[").replace("]", r"\]")):
+        require()
