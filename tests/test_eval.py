@@ -13,9 +13,10 @@ import torch
 import qarep_det  # noqa: F401  (offline settings before ultralytics)
 from qarep_det.data.images import list_images
 from qarep_det.eval.coco import coco80_names, evaluate_coco, ground_truth_from_labels, load_ground_truth
-from qarep_det.eval.predict import evaluate_runner, predict_to_json, torch_runner
+from qarep_det.eval.predict import evaluate_runner, predict_to_json
 from qarep_det.eval.protocol import EvalProtocol
 from qarep_det.eval.table import COLUMNS, format_console, format_markdown, normalize_rows, write_results
+from qarep_det.quant.runner import torch_runner
 
 NAMES = ["square", "circle"]
 IMGSZ = 64

@@ -27,9 +27,7 @@ from ultralytics.utils.ops import scale_boxes, xyxy2ltwh
 from qarep_det.data.images import load_letterboxed
 from qarep_det.eval.coco import GroundTruth, evaluate_coco
 from qarep_det.eval.protocol import EvalProtocol
-
-Runner = Callable[[torch.Tensor], torch.Tensor]
-"""(B, 3, H, W) float32 RGB in [0, 1], letterboxed -> (B, 4 + nc, A): xywh boxes in input pixels, sigmoid scores."""
+from qarep_det.quant.runner import Runner
 
 RatioPad = tuple[tuple[float, float], tuple[float, float]]
 
@@ -44,23 +42,6 @@ class PredictStats:
     wall_s: float
     batch: int
     protocol: EvalProtocol
-
-
-def torch_runner(model: torch.nn.Module, device: str | torch.device = "cpu") -> Runner:
-    """Wrap a torch detector as a runner: moves it to ``device`` in eval mode, runs without autograd.
-
-    The model is changed in place (``.to(device).eval()``). Output stays on ``device`` so NMS runs there too; a tuple
-    output (Ultralytics' eval mode returns ``(y, raw)``) gives its first element.
-    """
-    device = torch.device(device)
-    model.to(device).eval()
-
-    def run(images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            out = model(images.to(device, non_blocking=True))
-        return out[0] if isinstance(out, (tuple, list)) else out
-
-    return run
 
 
 def _load_batch(files: Sequence[Path], imgsz: int) -> tuple[torch.Tensor, list[tuple[int, int]], list[RatioPad]]:

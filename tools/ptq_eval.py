@@ -1,0 +1,88 @@
+"""COCO mAP at FP32 versus INT8 (post-training quantization), side by side, for one or more detectors.
+
+  python tools/ptq_eval.py --weights runs/qarep_s/weights/best.pt runs/repvgg_s/weights/best.pt --data coco.yaml
+  python tools/ptq_eval.py            # the embedded demo: synthetic data, two briefly trained detectors, CPU
+
+Each model is re-parameterized (fused), evaluated at FP32, calibrated on seeded train images letterboxed like
+evaluation, quantized (INT8 symmetric, per-channel weights, per-tensor activations at every conv input) and
+evaluated again with pycocotools. Results go to OUT/results.json and OUT/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import qarep_det  # noqa: F401  (offline Ultralytics, module registration)
+from qarep_det.eval.protocol import EvalProtocol
+from qarep_det.eval.ptq import BACKENDS, PTQSettings, run_ptq_eval
+from qarep_det.eval.table import format_console
+from qarep_det.quant.recipe import CALIB_METHODS, QuantRecipe
+
+DEMO_IMGSZ, DEMO_CALIB_IMAGES = 128, 128
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--weights", nargs="+", type=Path, help="trained checkpoints (.pt); none: run the demo")
+    parser.add_argument("--data", type=Path, help="dataset YAML with train and val splits; none: run the demo")
+    parser.add_argument("--imgsz", type=int, help=f"square letterbox size (default 640, demo {DEMO_IMGSZ})")
+    parser.add_argument(
+        "--calib-images",
+        type=int,
+        help=f"calibration images from the train split (default 512, demo {DEMO_CALIB_IMAGES})",
+    )
+    parser.add_argument("--calib-method", choices=CALIB_METHODS, default="max", help="activation range calibrator")
+    parser.add_argument("--percentile", type=float, default=99.99, help="for --calib-method percentile")
+    parser.add_argument("--keep-head-float", action="store_true", help="leave the Detect head's convs in float")
+    parser.add_argument("--backend", nargs="+", choices=BACKENDS, default=["torch"], help="INT8 backends")
+    parser.add_argument("--device", default="cpu", help="torch device for FP32 and simulated INT8: cpu or 0")
+    parser.add_argument("--batch", type=int, default=8, help="evaluation and calibration batch size")
+    parser.add_argument("--seed", type=int, default=0, help="calibration image draw")
+    parser.add_argument("--instances-json", type=Path, help="COCO val instances json (default: found beside COCO)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/ptq/exp"), help="output folder (incremented if it exists)"
+    )
+    parser.add_argument("--exist-ok", action="store_true", help="write into --out even if it exists, replacing files")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    demo = args.weights is None and args.data is None
+    if (args.weights is None) != (args.data is None):
+        print("error: give both --weights and --data, or neither (to run the demo)", file=sys.stderr)
+        return 2
+    imgsz = args.imgsz or (DEMO_IMGSZ if demo else 640)
+    calib_images = args.calib_images or (DEMO_CALIB_IMAGES if demo else 512)
+    from ultralytics.utils.files import increment_path
+
+    out = Path(increment_path(args.out, exist_ok=args.exist_ok))
+    try:
+        recipe = QuantRecipe(args.calib_method, args.percentile, not args.keep_head_float, calib_images, args.seed)
+        device = "cpu" if args.device == "cpu" else f"cuda:{args.device}" if args.device.isdigit() else args.device
+        if demo:
+            from qarep_det.demo import DemoSettings, run_demo
+
+            print(f"demo: synthetic data and two briefly trained detectors in {out}")
+            data, weights = run_demo(out / "demo", DemoSettings(imgsz=imgsz))
+        else:
+            data, weights = args.data, args.weights
+        settings = PTQSettings(
+            data, recipe, tuple(args.backend), imgsz, args.batch, device, args.instances_json, overwrite=args.exist_ok
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")  # e.g. "fewer calibration images than asked": say it once, clearly
+            rows, json_path, md_path = run_ptq_eval(weights, settings, out)
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(format_console(rows, EvalProtocol(imgsz=imgsz)))
+    print(f"results: {json_path}, {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
