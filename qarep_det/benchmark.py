@@ -167,3 +167,37 @@ def openvino_int8(cfg: str, data: str, imgsz: int = 640, calib_images: int = 512
     return OpenVINOInt8(
         cfg, imgsz, len(calib.paths), calib_s, statistics.median(times[0]), statistics.median(times[1]), *sizes
     )
+
+
+@dataclass(frozen=True)
+class Consistency:
+    """mAP50-95 (percent) of one checkpoint by three routes that must agree."""
+
+    ultralytics_val: float  # Ultralytics' own val (its in-house mAP, 101-point interpolation)
+    fused: float  # ptq_eval's FP32 route: fused model, pycocotools
+    unfused: float  # same route on the trained (unfused) model
+
+
+def fp32_consistency(weights: str, data: str, imgsz: int, batch: int = 8) -> Consistency:
+    """Evaluate one checkpoint with Ultralytics' val and with our pycocotools route, fused and unfused."""
+    import tempfile
+    from pathlib import Path
+
+    from ultralytics import YOLO
+
+    from qarep_det.checkpoint import load_detector
+    from qarep_det.eval.coco import load_ground_truth
+    from qarep_det.eval.predict import evaluate_runner
+    from qarep_det.eval.protocol import EvalProtocol
+    from qarep_det.quant.runner import torch_runner
+
+    val = YOLO(weights).val(data=data, imgsz=imgsz, batch=batch, plots=False, verbose=False, device="cpu")
+    model = load_detector(weights)
+    ground_truth = load_ground_truth(data)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, candidate in enumerate((reparameterize_model(model), model)):
+            out = Path(tmp) / f"{i}.json"
+            metrics = evaluate_runner(torch_runner(candidate), ground_truth, out, EvalProtocol(imgsz=imgsz), batch)
+            results.append(metrics["map50_95"])
+    return Consistency(100.0 * float(val.box.map), *results)

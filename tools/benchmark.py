@@ -11,7 +11,7 @@ import sys
 import torch
 
 import qarep_det  # noqa: F401  (offline Ultralytics, module registration)
-from qarep_det.benchmark import fusion_latency, openvino_int8, train_throughput
+from qarep_det.benchmark import fp32_consistency, fusion_latency, openvino_int8, train_throughput
 
 TRAIN_CFGS = ["model_yamls/yolo_qarep_s.yaml", "model_yamls/yolo_repvgg_s.yaml", "yolov8s.yaml"]
 
@@ -45,6 +45,14 @@ def int8(args: argparse.Namespace) -> None:
     print(f"  calibration of {r.calib_images} images: {r.calib_s:.1f} s")
 
 
+def consistency(args: argparse.Namespace) -> None:
+    c = fp32_consistency(args.weights, args.data, args.imgsz, args.batch)
+    print(f"FP32 mAP50-95 of {args.weights} at {args.imgsz} px, three routes")
+    print(f"  Ultralytics val            {c.ultralytics_val:6.2f}")
+    print(f"  ptq_eval route, fused      {c.fused:6.2f}   (vs Ultralytics {c.fused - c.ultralytics_val:+.2f})")
+    print(f"  ptq_eval route, unfused    {c.unfused:6.2f}   (fused - unfused {c.fused - c.unfused:+.3f})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-images", type=int, default=512, help="calibration images")
     p.add_argument("--runs", type=int, default=20, help="timed runs per model")
     p.set_defaults(func=int8)
+    p = sub.add_parser("consistency", help="FP32 mAP: Ultralytics val vs ours", formatter_class=parser.formatter_class)
+    p.add_argument("--weights", required=True, help="trained checkpoint")
+    p.add_argument("--data", required=True, help="dataset YAML")
+    p.add_argument("--imgsz", type=int, default=640, help="square input size")
+    p.add_argument("--batch", type=int, default=8, help="batch size")
+    p.set_defaults(func=consistency)
     args = parser.parse_args(argv)
     try:
         args.func(args)
