@@ -1,0 +1,45 @@
+"""Benchmarks and the demo run end to end at toy sizes, so neither can rot."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from qarep_det.benchmark import fusion_latency, median_ms, train_throughput
+from qarep_det.demo import DemoSettings, run_demo
+
+ROOT = Path(__file__).resolve().parents[1]
+N_YAMLS = [str(ROOT / f"model_yamls/yolo_{family}_n.yaml") for family in ("qarep", "repvgg")]
+
+
+def test_median_ms_counts_runs() -> None:
+    calls = []
+    assert median_ms(lambda: calls.append(1), runs=3, warmup=2) >= 0
+    assert len(calls) == 5
+
+
+def test_fusion_latency_measures_both_models() -> None:
+    timing = fusion_latency(N_YAMLS[0], imgsz=64, runs=1)
+    assert timing.unfused_ms > 0 and timing.fused_ms > 0 and timing.speedup > 0
+
+
+def test_train_throughput_reports_each_model() -> None:
+    results = train_throughput(N_YAMLS, imgsz=64, batch=2, steps=1)
+    assert [r.cfg for r in results] == N_YAMLS
+    assert all(r.images_per_s > 0 for r in results)
+
+
+def test_benchmark_cli_help_and_bad_input() -> None:
+    tool = str(ROOT / "tools/benchmark.py")
+    assert "fusion" in subprocess.run([sys.executable, tool, "--help"], capture_output=True, text=True).stdout
+    result = subprocess.run([sys.executable, tool, "fusion", "--cfg", "missing.yaml"], capture_output=True, text=True)
+    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_demo_trains_both_families(tmp_path: Path) -> None:
+    settings = DemoSettings(train_images=8, val_images=4, imgsz=64, epochs=1, batch=4)
+    data, weights = run_demo(tmp_path, settings)
+    assert data.is_file()
+    assert [w.parent.parent.name for w in weights] == list(settings.models)
+    assert all(w.is_file() for w in weights)
