@@ -119,7 +119,7 @@ def _fuse_with_qarep(fuse: Callable) -> Callable:
 def _is_fused_with_qarep(is_fused: Callable) -> Callable:
     @functools.wraps(is_fused)
     def wrapper(self) -> bool:
-        return is_fused(self) and not any(isinstance(m, qnn.FUSIBLE) and not m.fused for m in self.modules())
+        return is_fused(self) and not any(isinstance(m, qnn.Reparameterizable) and not m.fused for m in self.modules())
 
     wrapper.__qarep_wrapped__ = is_fused
     return wrapper

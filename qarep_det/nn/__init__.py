@@ -2,7 +2,7 @@
 
 from torch import nn
 
-from qarep_det.nn.blocks import ConvBNReLU, QARepBlock, RepBlock, RepVGGBlock
+from qarep_det.nn.blocks import ConvBNReLU, QARepBlock, Reparameterizable, RepBlock, RepVGGBlock
 from qarep_det.nn.stages import (
     CSPRepStage,
     QARepCSPStage,
@@ -13,12 +13,10 @@ from qarep_det.nn.stages import (
     SimSPPF,
 )
 
-FUSIBLE = (RepBlock, ConvBNReLU)
-
 
 def reparameterize_modules(module: nn.Module) -> int:
     """Fuse every block of ours inside ``module`` in place; returns how many were fused now."""
-    pending = [m for m in module.modules() if isinstance(m, FUSIBLE) and not m.fused]
+    pending = [m for m in module.modules() if isinstance(m, Reparameterizable) and not m.fused]
     for m in pending:
         m.reparameterize()
     return len(pending)
@@ -27,11 +25,11 @@ def reparameterize_modules(module: nn.Module) -> int:
 __all__ = [
     "ConvBNReLU",
     "CSPRepStage",
-    "FUSIBLE",
     "QARepBlock",
     "QARepCSPStage",
     "QARepStage",
     "RepBlock",
+    "Reparameterizable",
     "RepStage",
     "RepVGGBlock",
     "RepVGGCSPStage",

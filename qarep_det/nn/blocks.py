@@ -38,20 +38,18 @@ def fold_conv_bn(branch: nn.Sequential) -> tuple[Tensor, Tensor]:
     return fold_bn(conv.weight, bn)
 
 
-class RepBlock(nn.Module):
-    """Shared shape of both block flavours: argument checks, the fused path and in-place fusion.
+class Reparameterizable(nn.Module):
+    """A unit that trains in one form and fuses in place into a single conv with bias, followed by ReLU.
 
-    Subclasses build their branches, define ``forward_branches`` (the pre-ReLU sum in training form) and
-    ``fused_kernel_bias`` (that sum as one 3x3 kernel and bias).
+    Subclasses build their branches (named in ``branch_names``, deleted on fusion), define ``forward_branches``
+    (the pre-ReLU output in training form), ``fused_kernel_bias`` (that output as one kernel and bias) and
+    ``geometry`` (a conv of theirs whose stride and groups the fused conv takes).
     """
 
     branch_names: tuple[str, ...] = ()
 
-    def __init__(self, c1: int, c2: int, s: int = 1, g: int = 1) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        check_conv_args(type(self).__name__, c1, c2, s, g)
-        self.c1, self.c2, self.s, self.g = c1, c2, s, g
-        self.has_identity = c1 == c2 and s == 1
         self.act = nn.ReLU()
 
     @property
@@ -68,19 +66,35 @@ class RepBlock(nn.Module):
     def fused_kernel_bias(self) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def identity(self, like: Tensor) -> Tensor:
-        """The identity branch as a 3x3 kernel (only meaningful when ``has_identity``)."""
-        return identity_kernel(self.c1, self.g, like)
+    def geometry(self) -> nn.Conv2d:
+        raise NotImplementedError
 
     @torch.no_grad()
     def reparameterize(self) -> None:
-        """Replace the branches by one 3x3 conv with bias, in place. Calling it again does nothing."""
+        """Replace the branches by one conv with bias, in place. Calling it again does nothing."""
         if self.fused:
             return
         kernel, bias = self.fused_kernel_bias()
-        self.conv = fused_conv(self.branch_3x3[0], kernel, bias)
+        self.conv = fused_conv(self.geometry(), kernel, bias)
         for name in self.branch_names:
             delattr(self, name)
+
+
+class RepBlock(Reparameterizable):
+    """Shared shape of both block flavours: argument checks, the identity rule, the 3x3 branch's geometry."""
+
+    def __init__(self, c1: int, c2: int, s: int = 1, g: int = 1) -> None:
+        super().__init__()
+        check_conv_args(type(self).__name__, c1, c2, s, g)
+        self.c1, self.c2, self.s, self.g = c1, c2, s, g
+        self.has_identity = c1 == c2 and s == 1
+
+    def geometry(self) -> nn.Conv2d:
+        return self.branch_3x3[0]
+
+    def identity(self, like: Tensor) -> Tensor:
+        """The identity branch as a 3x3 kernel (only meaningful when ``has_identity``)."""
+        return identity_kernel(self.c1, self.g, like)
 
     def extra_repr(self) -> str:
         return f"c1={self.c1}, c2={self.c2}, s={self.s}, g={self.g}, identity={self.has_identity}, fused={self.fused}"
@@ -143,8 +157,10 @@ class QARepBlock(RepBlock):
         return fold_bn(kernel, self.bn, bias)
 
 
-class ConvBNReLU(nn.Module):
+class ConvBNReLU(Reparameterizable):
     """Plain conv + BN + ReLU (YOLOv6's SimConv): the 1x1 mixers of CSP stages, SPPF and the neck's downsamplers."""
+
+    branch_names = ("branch",)
 
     def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1, g: int = 1) -> None:
         super().__init__()
@@ -152,20 +168,12 @@ class ConvBNReLU(nn.Module):
         if not isinstance(k, int) or k < 1 or k % 2 == 0:
             raise ValueError(f"ConvBNReLU: kernel size k must be a positive odd int, got {k!r}")
         self.branch = conv_bn(c1, c2, k, s, g)
-        self.act = nn.ReLU()
 
-    @property
-    def fused(self) -> bool:
-        return hasattr(self, "conv")
+    def forward_branches(self, x: Tensor) -> Tensor:
+        return self.branch(x)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.act(self.conv(x) if self.fused else self.branch(x))
+    def fused_kernel_bias(self) -> tuple[Tensor, Tensor]:
+        return fold_conv_bn(self.branch)
 
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        """Fold the BN into the conv, in place; idempotent."""
-        if self.fused:
-            return
-        kernel, bias = fold_conv_bn(self.branch)
-        self.conv = fused_conv(self.branch[0], kernel, bias)
-        del self.branch
+    def geometry(self) -> nn.Conv2d:
+        return self.branch[0]
