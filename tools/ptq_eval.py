@@ -15,6 +15,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
+
 import qarep_det  # noqa: F401  (offline Ultralytics, module registration)
 from qarep_det.eval.protocol import EvalProtocol
 from qarep_det.eval.ptq import BACKENDS, PTQSettings, run_ptq_eval
@@ -73,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = PTQSettings(
             data, recipe, tuple(args.backend), imgsz, args.batch, device, args.instances_json, overwrite=args.exist_ok
         )
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")  # e.g. "fewer calibration images than asked": say it once, clearly
+        with warnings.catch_warnings():  # keep our own warnings (e.g. fewer calibration images), drop tracer noise
+            for category in (DeprecationWarning, FutureWarning, torch.jit.TracerWarning):
+                warnings.simplefilter("ignore", category)
             rows, json_path, md_path = run_ptq_eval(weights, settings, out)
     except (FileNotFoundError, FileExistsError, ValueError, ImportError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
