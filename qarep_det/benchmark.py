@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from ultralytics.cfg import get_cfg
@@ -137,9 +139,7 @@ def openvino_int8(cfg: str, data: str, imgsz: int = 640, calib_images: int = 512
 
     Weights are the YAML's initialisation: latency, size and calibration time do not depend on training.
     """
-    import tempfile
-    from pathlib import Path
-
+    from qarep_det.eval.ptq import file_size_mb
     from qarep_det.quant.calibration import calibration_set
     from qarep_det.quant.openvino import convert_openvino, openvino_runner, quantize_openvino, save_openvino
     from qarep_det.quant.recipe import QuantRecipe
@@ -155,7 +155,7 @@ def openvino_int8(cfg: str, data: str, imgsz: int = 640, calib_images: int = 512
         sizes = []
         for name, model in (("fp32", fp32), ("int8", int8)):
             xml = save_openvino(model, Path(tmp) / f"{name}.xml")
-            sizes.append((xml.stat().st_size + xml.with_suffix(".bin").stat().st_size) / 1e6)
+            sizes.append(file_size_mb(xml, xml.with_suffix(".bin")))
     runners = [openvino_runner(fp32), openvino_runner(int8)]
     x = torch.rand(1, 3, imgsz, imgsz)
     for run in runners:
@@ -180,9 +180,6 @@ class Consistency:
 
 def fp32_consistency(weights: str, data: str, imgsz: int, batch: int = 8) -> Consistency:
     """Evaluate one checkpoint with Ultralytics' val and with our pycocotools route, fused and unfused."""
-    import tempfile
-    from pathlib import Path
-
     from ultralytics import YOLO
 
     from qarep_det.checkpoint import load_detector

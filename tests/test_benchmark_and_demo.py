@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qarep_det.benchmark import fusion_latency, median_ms, train_throughput
+import pytest
+
+from qarep_det.benchmark import fusion_latency, median_ms, openvino_int8, train_throughput
+from qarep_det.data.synthetic import make_dataset
 from qarep_det.demo import DemoSettings, run_demo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +31,14 @@ def test_train_throughput_reports_each_model() -> None:
     results = train_throughput(N_YAMLS, imgsz=64, batch=2, steps=1)
     assert [r.cfg for r in results] == N_YAMLS
     assert all(r.images_per_s > 0 for r in results)
+
+
+def test_openvino_int8_benchmark_reports_latency_size_and_calibration(tmp_path: Path) -> None:
+    pytest.importorskip("openvino")
+    data = make_dataset(tmp_path / "data", n_train=4, n_val=1, imgsz=64, seed=0)
+    r = openvino_int8(N_YAMLS[0], str(data), imgsz=64, calib_images=4, runs=1)
+    assert r.calib_images == 4 and r.calib_s > 0 and r.fp32_ms > 0 and r.int8_ms > 0
+    assert r.int8_mb < 0.5 * r.fp32_mb  # int8 weights: about a quarter of the FP32 IR
 
 
 def test_benchmark_cli_help_and_bad_input() -> None:
