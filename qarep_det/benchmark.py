@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,41 @@ def median_ms(fn: Callable[[], object], runs: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null: torch's profiler backend (Kineto) logs start/stop lines from C++
+    straight to it, which no Python logging setting reaches. Only wraps the few profiled forwards."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+OP_GROUPS = ("convolution", "batch_norm", "add")  # what fusion can remove; everything else is "other"
+
+
+@torch.no_grad()
+def op_breakdown(model: torch.nn.Module, x: torch.Tensor, runs: int = 3) -> dict[str, float]:
+    """CPU milliseconds per forward spent in convolutions, BatchNorm, adds and everything else (torch profiler).
+
+    Explains a fusion speed-up: fusion removes BN and adds outright but keeps every 3x3 conv, so when convs
+    dominate, the speed-up is bounded by the conv work the 1x1 branches add.
+    """
+    model(x)  # warm-up outside the profile
+    with _native_stderr_silenced(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(runs):
+            model(x)
+    totals = dict.fromkeys((*OP_GROUPS, "other"), 0.0)
+    for event in prof.key_averages():
+        group = next((g for g in OP_GROUPS if g in event.key), "other")
+        totals[group] += event.self_cpu_time_total / 1e3 / runs
+    return totals
+
+
 @dataclass(frozen=True)
 class FusionTiming:
     """Median latency of one detector before and after re-parameterization, measured in the same run."""
@@ -38,6 +75,8 @@ class FusionTiming:
     imgsz: int
     unfused_ms: float
     fused_ms: float
+    unfused_ops: dict[str, float]  # op_breakdown of each form, profiled after the timing
+    fused_ops: dict[str, float]
 
     @property
     def speedup(self) -> float:
@@ -59,7 +98,14 @@ def fusion_latency(cfg: str, imgsz: int = 640, runs: int = 20, nc: int = 80) -> 
     for _ in range(runs):
         unfused_times.append(median_ms(lambda: model(x), 1, warmup=0))
         fused_times.append(median_ms(lambda: fused(x), 1, warmup=0))
-    return FusionTiming(cfg, imgsz, statistics.median(unfused_times), statistics.median(fused_times))
+    return FusionTiming(
+        cfg,
+        imgsz,
+        statistics.median(unfused_times),
+        statistics.median(fused_times),
+        op_breakdown(model, x),
+        op_breakdown(fused, x),
+    )
 
 
 def _training_batch(batch: int, imgsz: int, nc: int, boxes_per_image: int = 4) -> dict[str, torch.Tensor]:
@@ -132,6 +178,9 @@ class OpenVINOInt8:
     int8_ms: float
     fp32_mb: float
     int8_mb: float
+    fp32_kernels: dict[str, int]  # convolutions per "<precision> <kernel>" in OpenVINO's execution graph
+    int8_kernels: dict[str, int]
+    vnni: bool  # whether the CPU has an int8 dot-product instruction (INT8 speed depends on it)
 
 
 def openvino_int8(cfg: str, data: str, imgsz: int = 640, calib_images: int = 512, runs: int = 20) -> OpenVINOInt8:
@@ -140,23 +189,24 @@ def openvino_int8(cfg: str, data: str, imgsz: int = 640, calib_images: int = 512
     Weights are the YAML's initialisation: latency, size and calibration time do not depend on training.
     """
     from qarep_det.eval.ptq import file_size_mb
+    from qarep_det.quant import openvino as qov
     from qarep_det.quant.calibration import calibration_set
-    from qarep_det.quant.openvino import convert_openvino, openvino_runner, quantize_openvino, save_openvino
     from qarep_det.quant.recipe import QuantRecipe
 
     fused = reparameterize_model(DetectionModel(cfg, verbose=False))
     recipe = QuantRecipe(calib_images=calib_images)
     calib = calibration_set(data, imgsz, calib_images, recipe.seed, batch_size=8)
+    fp32 = qov.convert_openvino(fused, imgsz)
     start = time.perf_counter()
-    int8 = quantize_openvino(fused, calib, imgsz, recipe)
+    int8 = qov.quantize_openvino(fused, calib, imgsz, recipe, fp32=fp32)
     calib_s = time.perf_counter() - start
-    fp32 = convert_openvino(fused, imgsz)
     with tempfile.TemporaryDirectory() as tmp:
         sizes = []
         for name, model in (("fp32", fp32), ("int8", int8)):
-            xml = save_openvino(model, Path(tmp) / f"{name}.xml")
+            xml = qov.save_openvino(model, Path(tmp) / f"{name}.xml")
             sizes.append(file_size_mb(xml, xml.with_suffix(".bin")))
-    runners = [openvino_runner(fp32), openvino_runner(int8)]
+    kernels = [dict(qov.conv_kernels(qov.compile_cpu(model))) for model in (fp32, int8)]
+    runners = [qov.openvino_runner(fp32), qov.openvino_runner(int8)]
     x = torch.rand(1, 3, imgsz, imgsz)
     for run in runners:
         median_ms(lambda run=run: run(x), 1, warmup=2)
@@ -165,7 +215,15 @@ def openvino_int8(cfg: str, data: str, imgsz: int = 640, calib_images: int = 512
         for i, run in enumerate(runners):
             times[i].append(median_ms(lambda run=run: run(x), 1, warmup=0))
     return OpenVINOInt8(
-        cfg, imgsz, len(calib.paths), calib_s, statistics.median(times[0]), statistics.median(times[1]), *sizes
+        cfg,
+        imgsz,
+        len(calib.paths),
+        calib_s,
+        statistics.median(times[0]),
+        statistics.median(times[1]),
+        *sizes,
+        *kernels,
+        qov.cpu_has_vnni(),
     )
 
 

@@ -25,6 +25,9 @@ def test_median_ms_counts_runs() -> None:
 def test_fusion_latency_measures_both_models() -> None:
     timing = fusion_latency(N_YAMLS[0], imgsz=64, runs=1)
     assert timing.unfused_ms > 0 and timing.fused_ms > 0 and timing.speedup > 0
+    assert set(timing.unfused_ops) == set(timing.fused_ops) == {"convolution", "batch_norm", "add", "other"}
+    assert timing.unfused_ops["batch_norm"] > 0 and timing.unfused_ops["add"] > 0
+    assert timing.fused_ops["batch_norm"] == 0  # every BN folded; adds remain only in the head's decode
 
 
 def test_train_throughput_reports_each_model() -> None:
@@ -39,6 +42,8 @@ def test_openvino_int8_benchmark_reports_latency_size_and_calibration(tmp_path: 
     r = openvino_int8(N_YAMLS[0], str(data), imgsz=64, calib_images=4, runs=1)
     assert r.calib_images == 4 and r.calib_s > 0 and r.fp32_ms > 0 and r.int8_ms > 0
     assert r.int8_mb < 0.5 * r.fp32_mb  # int8 weights: about a quarter of the FP32 IR
+    assert sum(r.int8_kernels.values()) == sum(r.fp32_kernels.values()) > 0
+    assert any(kernel.startswith(("u8 ", "i8 ")) for kernel in r.int8_kernels)
 
 
 def test_benchmark_cli_help_and_bad_input() -> None:

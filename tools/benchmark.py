@@ -23,6 +23,9 @@ def fusion(args: argparse.Namespace) -> None:
     print(f"  unfused {t.unfused_ms:8.1f} ms")
     print(f"  fused   {t.fused_ms:8.1f} ms")
     print(f"  speedup {t.speedup:8.2f}x")
+    print("where the time goes (torch profiler, CPU ms per image, profiled after the timing)")
+    for group, unfused_ms in t.unfused_ops.items():
+        print(f"  {group:<12} unfused {unfused_ms:8.1f}   fused {t.fused_ops[group]:8.1f}")
 
 
 def train(args: argparse.Namespace) -> None:
@@ -37,12 +40,20 @@ def train(args: argparse.Namespace) -> None:
         print(f"  {r.cfg:<36} {r.step_ms:8.0f} ms/step {r.images_per_s:7.2f} img/s  {r.images_per_s / base:5.2f}x")
 
 
+def _kernels(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} x {kernel}" for kernel, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def int8(args: argparse.Namespace) -> None:
     r = openvino_int8(args.cfg, args.data, args.imgsz, args.calib_images, args.runs)
     print(f"OpenVINO FP32 vs NNCF INT8, {r.cfg}, {r.imgsz}x{r.imgsz}, batch 1, CPU, median of {args.runs} interleaved")
     print(f"  latency  FP32 {r.fp32_ms:8.1f} ms   INT8 {r.int8_ms:8.1f} ms   speed-up {r.fp32_ms / r.int8_ms:5.2f}x")
     print(f"  IR size  FP32 {r.fp32_mb:8.1f} MB   INT8 {r.int8_mb:8.1f} MB   ratio {r.int8_mb / r.fp32_mb:5.2f}")
     print(f"  calibration of {r.calib_images} images: {r.calib_s:.1f} s")
+    print(f"  FP32 convs run as: {_kernels(r.fp32_kernels)}")
+    print(f"  INT8 convs run as: {_kernels(r.int8_kernels)}")
+    vnni = "yes" if r.vnni else "no: INT8 convs use u8 x s8 -> int16 multiply-adds, often no faster than FP32"
+    print(f"  CPU int8 dot-product instruction (VNNI/AMX): {vnni}")
 
 
 def consistency(args: argparse.Namespace) -> None:

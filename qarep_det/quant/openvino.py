@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -177,10 +178,13 @@ def quantize_openvino(
     recipe: QuantRecipe | None = None,
     signed_activations: bool = True,
     overflow_fix: bool | None = None,
+    fp32: ov.Model | None = None,
 ) -> ov.Model:
     """INT8 OpenVINO model of a fused torch detector, calibrated on ``batches`` (letterboxed at ``imgsz``).
 
     ``overflow_fix=None`` decides by the CPU (see module docstring): 7-bit weights without VNNI, 8-bit with it.
+    ``fp32``: the FP32 IR of ``model`` at ``imgsz`` if the caller already has it (converting a detector takes
+    seconds); it is copied, never modified.
     """
     recipe = recipe or QuantRecipe()
     _, nncf = _require()
@@ -189,7 +193,7 @@ def quantize_openvino(
     range_estimator = _range_estimator(recipe)  # fail on an unsupported method before converting anything
     if overflow_fix is None:
         overflow_fix = not cpu_has_vnni()
-    ov_model = convert_openvino(model, imgsz)
+    ov_model = fp32.clone() if fp32 is not None else convert_openvino(model, imgsz)
     advanced = AdvancedQuantizationParameters(
         disable_bias_correction=True,
         overflow_fix=OverflowFix.ENABLE if overflow_fix else OverflowFix.DISABLE,
@@ -228,13 +232,32 @@ def save_openvino(ov_model: ov.Model, path: str | Path, overwrite: bool = False)
     return xml
 
 
-def openvino_runner(model: ov.Model | str | Path, num_threads: int | None = None) -> Runner:
-    """A runner over an OpenVINO model (object or .xml path) compiled for CPU with FP32 as the float precision."""
+def compile_cpu(model: ov.Model | str | Path, num_threads: int | None = None) -> ov.CompiledModel:
+    """Compile an OpenVINO model (object or .xml path) for the CPU with FP32 as the float precision."""
     ov, _ = _require()
     config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "f32"}  # no silent bf16/fp16 on CPUs that have it
     if num_threads:
         config["INFERENCE_NUM_THREADS"] = num_threads
-    compiled = ov.Core().compile_model(model if not isinstance(model, (str, Path)) else str(model), "CPU", config)
+    return ov.Core().compile_model(model if not isinstance(model, (str, Path)) else str(model), "CPU", config)
+
+
+def conv_kernels(compiled: ov.CompiledModel) -> Counter[str]:
+    """How many convolutions of a compiled model run on each CPU kernel, as ``"<precision> <kernel>"``.
+
+    Read from OpenVINO's execution graph: it shows whether an INT8 IR really runs integer kernels
+    (e.g. ``u8 jit_avx2_I8``) and which ones, which is what decides INT8 speed on a given CPU.
+    """
+    counts: Counter[str] = Counter()
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if info["layerType"].astype(str) == "Convolution":
+            counts[f"{info['runtimePrecision'].astype(str)} {info['primitiveType'].astype(str)}"] += 1
+    return counts
+
+
+def openvino_runner(model: ov.Model | str | Path, num_threads: int | None = None) -> Runner:
+    """A runner over an OpenVINO model (object or .xml path) compiled by :func:`compile_cpu`."""
+    compiled = compile_cpu(model, num_threads)
     request = compiled.create_infer_request()
 
     def run(images: torch.Tensor) -> torch.Tensor:
