@@ -106,7 +106,7 @@ def test_no_readable_calibration_image_is_an_error(data: Path, weights: list[Pat
     spec["train"] = str(broken / "images")
     bad = tmp_path / "bad_train.yaml"
     bad.write_text(yaml.safe_dump(spec))
-    settings = PTQSettings(bad, QuantRecipe(calib_images=4), ("torch",), imgsz=64, batch=4, save_int8=False)
+    settings = PTQSettings(bad, QuantRecipe(calib_images=1), ("torch",), imgsz=64, batch=4, save_int8=False)
     with pytest.raises(ValueError, match="could be read"), pytest.warns(UserWarning, match="skipping"):
         run_ptq_eval(weights[:1], settings, tmp_path / "out", progress=False)
 

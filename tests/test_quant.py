@@ -175,9 +175,12 @@ def test_unreadable_images_are_skipped_and_none_readable_raises(dataset, tmp_pat
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
     good = next((dataset.parent / "images" / "train").glob("*.jpg"))
+    calib = CalibrationSet((broken, good), IMGSZ, batch_size=4, progress=False)
+    assert calib.readable is None  # no pass yet
     with pytest.warns(UserWarning, match="broken.jpg"):
-        batches = list(CalibrationSet((broken, good), IMGSZ, batch_size=4, progress=False))
+        batches = list(calib)
     assert [b.shape[0] for b in batches] == [1]
+    assert calib.readable == 1  # what results report as calibration images
     with pytest.raises(ValueError, match="none of the 1 calibration images"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         list(CalibrationSet((broken,), IMGSZ, progress=False))
@@ -318,6 +321,23 @@ def test_openvino_backend_is_int8_and_matches_the_simulated_ranges(model, qmodel
     qov.save_openvino(ov_model, xml, overwrite=True)
     assert torch.allclose(qov.openvino_runner(xml)(images), real, atol=1e-4)
     assert "FakeQuantize" in xml.read_text()
+
+
+def test_openvino_reuses_a_given_fp32_ir_and_runs_integer_kernels(model, calib):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from qarep_det.quant import openvino as qov
+
+    fp32 = qov.convert_openvino(model, IMGSZ)
+    int8 = qov.quantize_openvino(model, calib, IMGSZ, QuantRecipe(calib_images=8), fp32=fp32)
+    assert qov.int8_summary(fp32)["fake_quantize"] == 0  # the caller's IR is left as it was
+    summary = qov.int8_summary(int8)
+    assert summary["fake_quantize"] > 0 and summary["int8_weights"] > 0
+    fp32_kernels, int8_kernels = (qov.conv_kernels(qov.compile_cpu(m)) for m in (fp32, int8))
+    assert all(k.startswith("f32 ") for k in fp32_kernels)
+    integer = sum(n for k, n in int8_kernels.items() if k.split()[0] in ("u8", "i8"))
+    assert integer == summary["int8_weights"]  # every conv with int8 weights runs an integer kernel; DFL stays f32
+    assert sum(int8_kernels.values()) == sum(fp32_kernels.values())
 
 
 def test_openvino_head_float_percentile_and_unsupported_method(model, calib):

@@ -83,8 +83,8 @@ def _openvino_int8(fused: nn.Module, calib: CalibrationSet, settings: PTQSetting
     """Real INT8 on the CPU: NNCF-quantized OpenVINO IR; FP32 IR latency and both file sizes measured beside it."""
     from qarep_det.quant.openvino import convert_openvino, openvino_runner, quantize_openvino, save_openvino
 
-    qmodel = quantize_openvino(fused, calib, settings.imgsz, settings.recipe)
     fp32_model = convert_openvino(fused, settings.imgsz)
+    qmodel = quantize_openvino(fused, calib, settings.imgsz, settings.recipe, fp32=fp32_model)
     extra: dict[str, Any] = {"fp32_runner": openvino_runner(fp32_model)}
     if settings.save_int8:
         fp32_xml = save_openvino(fp32_model, stem.with_name(f"{stem.name}_fp32.xml"), overwrite=settings.overwrite)
@@ -125,7 +125,7 @@ def evaluate_checkpoint(
                 "params": sum(p.numel() for p in fused.parameters()),
                 "backend": backend,
                 "calib_method": settings.recipe.calib_method,
-                "calib_images": len(calib.paths),
+                "calib_images": len(calib.paths) if calib.readable is None else calib.readable,
                 "fp32_map50_95": fp32["map50_95"],
                 "int8_map50_95": int8["map50_95"],
                 "drop": fp32["map50_95"] - int8["map50_95"],

@@ -81,9 +81,10 @@ def _footnotes(rows: Sequence[dict[str, Any]], protocol: EvalProtocol | str | No
 
 
 def format_console(rows: Sequence[dict[str, Any]], protocol: EvalProtocol | str | None = None) -> str:
-    """Fixed-width text table; numbers right-aligned."""
+    """Fixed-width text table of the standard columns, numbers right-aligned; extra keys (paths, sizes, timings)
+    would make it too wide for a terminal, so they are left to results.json and results.md."""
     rows = normalize_rows(rows)
-    columns = _columns(rows)
+    columns = list(COLUMNS)
     cells = [[_cell(k, row.get(k)) for k, _ in columns] for row in rows]
     widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, (_, h) in enumerate(columns)]
     numeric = [all(isinstance(row.get(k), (int, float)) or row.get(k) is None for row in rows) for k, _ in columns]

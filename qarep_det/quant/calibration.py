@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,12 +47,13 @@ def draw_calibration_images(images: Sequence[Path], n: int, seed: int = 0) -> li
     return pool[:n]
 
 
-@dataclass(frozen=True)
+@dataclass
 class CalibrationSet:
     """Re-iterable batches of letterboxed images: float32 ``(B, 3, imgsz, imgsz)`` RGB in [0, 1].
 
     Unreadable files are skipped with a warning; an iteration that finds no readable image raises ``ValueError``
-    (at its end, so a large set is read only once).
+    (at its end, so a large set is read only once). ``readable`` counts the images the last complete pass used,
+    which is what results should report (None until a pass has finished).
     """
 
     paths: tuple[Path, ...]
@@ -60,6 +61,7 @@ class CalibrationSet:
     batch_size: int = 8
     progress: bool = True
     desc: str = "calibrating"
+    readable: int | None = field(default=None, init=False)
 
     def __len__(self) -> int:
         """Number of batches if every image is readable."""
@@ -83,6 +85,7 @@ class CalibrationSet:
             yield torch.from_numpy(np.stack(pending))
         if readable == 0:
             raise ValueError(f"none of the {len(self.paths)} calibration images could be read")
+        self.readable = readable
 
 
 def calibration_set(
