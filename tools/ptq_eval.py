@@ -13,28 +13,30 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 import qarep_det  # noqa: F401  (offline Ultralytics, module registration)
+from qarep_det.demo import DemoSettings
 from qarep_det.eval.protocol import EvalProtocol
 from qarep_det.eval.ptq import BACKENDS, PTQSettings, run_ptq_eval
 from qarep_det.eval.table import format_console
 from qarep_det.quant.recipe import CALIB_METHODS, QuantRecipe
 
-DEMO_IMGSZ, DEMO_CALIB_IMAGES = 128, 128
+DEMO = DemoSettings()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--weights", nargs="+", type=Path, help="trained checkpoints (.pt); none: run the demo")
     parser.add_argument("--data", type=Path, help="dataset YAML with train and val splits; none: run the demo")
-    parser.add_argument("--imgsz", type=int, help=f"square letterbox size (default 640, demo {DEMO_IMGSZ})")
+    parser.add_argument("--imgsz", type=int, help=f"square letterbox size (default 640, demo {DEMO.imgsz})")
     parser.add_argument(
         "--calib-images",
         type=int,
-        help=f"calibration images from the train split (default 512, demo {DEMO_CALIB_IMAGES})",
+        help=f"calibration images from the train split (default 512, demo {DEMO.calib_images})",
     )
     parser.add_argument("--calib-method", choices=CALIB_METHODS, default="max", help="activation range calibrator")
     parser.add_argument("--percentile", type=float, default=99.99, help="for --calib-method percentile")
@@ -57,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     if (args.weights is None) != (args.data is None):
         print("error: give both --weights and --data, or neither (to run the demo)", file=sys.stderr)
         return 2
-    imgsz = args.imgsz or (DEMO_IMGSZ if demo else 640)
-    calib_images = args.calib_images or (DEMO_CALIB_IMAGES if demo else 512)
+    imgsz = args.imgsz or (DEMO.imgsz if demo else 640)
+    calib_images = args.calib_images or (DEMO.calib_images if demo else 512)
     from ultralytics.utils.files import increment_path
 
     out = Path(increment_path(args.out, exist_ok=args.exist_ok))
@@ -66,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         recipe = QuantRecipe(args.calib_method, args.percentile, not args.keep_head_float, calib_images, args.seed)
         device = "cpu" if args.device == "cpu" else f"cuda:{args.device}" if args.device.isdigit() else args.device
         if demo:
-            from qarep_det.demo import DemoSettings, run_demo
+            from qarep_det.demo import run_demo
 
             print(f"demo: synthetic data and two briefly trained detectors in {out}")
-            data, weights = run_demo(out / "demo", DemoSettings(imgsz=imgsz))
+            data, weights = run_demo(out / "demo", replace(DEMO, imgsz=imgsz))
         else:
             data, weights = args.data, args.weights
         settings = PTQSettings(
