@@ -12,6 +12,7 @@ import torch
 
 import qarep_det  # noqa: F401  (offline Ultralytics, module registration)
 from qarep_det.benchmark import fp32_consistency, fusion_latency, openvino_int8, train_throughput
+from qarep_det.cli import OneLineErrorParser
 
 TRAIN_CFGS = ["model_yamls/yolo_qarep_s.yaml", "model_yamls/yolo_repvgg_s.yaml", "yolov8s.yaml"]
 
@@ -65,7 +66,7 @@ def consistency(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("fusion", help="CPU latency unfused vs fused", formatter_class=parser.formatter_class)
     p.add_argument("--cfg", default="model_yamls/yolo_qarep_s.yaml", help="model YAML")

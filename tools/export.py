@@ -9,11 +9,12 @@ import argparse
 import sys
 
 import qarep_det  # noqa: F401  (offline Ultralytics, module registration)
+from qarep_det.cli import OneLineErrorParser
 from qarep_det.export import FORMATS, FusionMismatchError, export
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--weights", required=True, help="trained Ultralytics checkpoint (.pt)")
     parser.add_argument("--format", choices=FORMATS, default="onnx", help="export format")
     parser.add_argument("--imgsz", type=int, default=640, help="square input size")

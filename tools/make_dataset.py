@@ -6,19 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from qarep_det.cli import OneLineErrorParser
 from qarep_det.data.synthetic import CLASS_NAMES, make_dataset
-
-
-class _OneLineErrorParser(argparse.ArgumentParser):
-    """Report bad arguments as a single ``error: ...`` line, like every other failure of this tool."""
-
-    def error(self, message: str) -> None:
-        self.exit(2, f"error: {message}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, write the dataset, print the data.yaml path; returns the exit status."""
-    parser = _OneLineErrorParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("datasets/synthetic"), help="output folder")
     parser.add_argument("--train", type=int, default=512, help="number of training images")
     parser.add_argument("--val", type=int, default=128, help="number of validation images")

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 import qarep_det  # noqa: F401  (offline Ultralytics, module registration)
-from qarep_det.demo import DemoSettings
+from qarep_det.cli import OneLineErrorParser
+from qarep_det.demo import DemoSettings, run_demo
 from qarep_det.eval.protocol import EvalProtocol
 from qarep_det.eval.ptq import BACKENDS, PTQSettings, run_ptq_eval
 from qarep_det.eval.table import format_console
@@ -29,7 +30,7 @@ DEMO = DemoSettings()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--weights", nargs="+", type=Path, help="trained checkpoints (.pt); none: run the demo")
     parser.add_argument("--data", type=Path, help="dataset YAML with train and val splits; none: run the demo")
     parser.add_argument("--imgsz", type=int, help=f"square letterbox size (default 640, demo {DEMO.imgsz})")
@@ -68,8 +69,6 @@ def main(argv: list[str] | None = None) -> int:
         recipe = QuantRecipe(args.calib_method, args.percentile, not args.keep_head_float, calib_images, args.seed)
         device = "cpu" if args.device == "cpu" else f"cuda:{args.device}" if args.device.isdigit() else args.device
         if demo:
-            from qarep_det.demo import run_demo
-
             print(f"demo: synthetic data and two briefly trained detectors in {out}")
             data, weights = run_demo(out / "demo", replace(DEMO, imgsz=imgsz))
         else:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 # Importing the trainer imports qarep_det first, which sets YOLO_OFFLINE, YOLO_AUTOINSTALL and YOLO_CONFIG_DIR (unless
 # already set) before Ultralytics is imported.
+from qarep_det.cli import OneLineErrorParser
 from qarep_det.integrations.trainer import RECIPE, TRAINERS, TrainInputError, TrainOptions, make_trainer
 
 RESUME_FLAGS = {"resume", "device", "workers", "data", "project"}  # what --resume may be given with
@@ -22,17 +23,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Defaults shown after each flag; the description's usage examples keep their lines."""
 
 
-class _OneLineErrorParser(argparse.ArgumentParser):
-    """Report bad arguments as a single ``error: ...`` line, like every other bad input."""
-
-    def error(self, message: str) -> None:
-        self.exit(2, f"error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The flags, one per ``TrainOptions`` field."""
     recipe = ", ".join(f"{k}={v}" for k, v in RECIPE.items())
-    parser = _OneLineErrorParser(
+    parser = OneLineErrorParser(
         description=__doc__,
         formatter_class=_HelpFormatter,
         allow_abbrev=False,  # so that the flags given with --resume can be told from defaults
