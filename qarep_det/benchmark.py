@@ -205,8 +205,9 @@ def openvino_int8(cfg: str, data: str, imgsz: int = 640, calib_images: int = 512
         for name, model in (("fp32", fp32), ("int8", int8)):
             xml = qov.save_openvino(model, Path(tmp) / f"{name}.xml")
             sizes.append(file_size_mb(xml, xml.with_suffix(".bin")))
-    kernels = [dict(qov.conv_kernels(qov.compile_cpu(model))) for model in (fp32, int8)]
-    runners = [qov.openvino_runner(fp32), qov.openvino_runner(int8)]
+    compiled = [qov.compile_cpu(model) for model in (fp32, int8)]
+    kernels = [dict(qov.conv_kernels(c)) for c in compiled]
+    runners = [qov.openvino_runner(c) for c in compiled]
     x = torch.rand(1, 3, imgsz, imgsz)
     for run in runners:
         median_ms(lambda run=run: run(x), 1, warmup=2)

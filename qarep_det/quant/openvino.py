@@ -255,9 +255,11 @@ def conv_kernels(compiled: ov.CompiledModel) -> Counter[str]:
     return counts
 
 
-def openvino_runner(model: ov.Model | str | Path, num_threads: int | None = None) -> Runner:
-    """A runner over an OpenVINO model (object or .xml path) compiled by :func:`compile_cpu`."""
-    compiled = compile_cpu(model, num_threads)
+def openvino_runner(model: ov.Model | ov.CompiledModel | str | Path, num_threads: int | None = None) -> Runner:
+    """A runner over an OpenVINO model (object or .xml path, compiled by :func:`compile_cpu`), or over a model the
+    caller already compiled (e.g. to read its kernels with :func:`conv_kernels`; ``num_threads`` is then unused)."""
+    ov, _ = _require()
+    compiled = model if isinstance(model, ov.CompiledModel) else compile_cpu(model, num_threads)
     request = compiled.create_infer_request()
 
     def run(images: torch.Tensor) -> torch.Tensor:
