@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from ultralytics import YOLO
-from ultralytics.data.utils import check_det_dataset
 from ultralytics.utils import ASSETS
 
 from qarep_det.checkpoint import load_detector
+from qarep_det.data.dataset import resolve_dataset
 from qarep_det.data.images import list_images, load_letterboxed
 from qarep_det.reparam import OutputDifference, output_difference, reparameterize_model
 
@@ -33,7 +33,7 @@ def check_images(data: str | os.PathLike | None, n: int = 8) -> list[Path]:
     """Real images to check fusion on: the first ``n`` of the data's val split, else Ultralytics' sample images."""
     if data is None:
         return list_images(ASSETS)[:n]
-    files = list_images(check_det_dataset(str(data))["val"])[:n]
+    files = list_images(resolve_dataset(data)["val"])[:n]
     if not files:
         raise ValueError(f"no images in the val split of '{data}'")
     return files

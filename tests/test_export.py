@@ -71,3 +71,15 @@ def test_cli_reports_errors_in_one_line(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("error: weights") and "Traceback" not in result.stderr
+
+
+def test_a_missing_split_never_runs_the_data_yaml_download(weights: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "downloaded"
+    data = tmp_path / "data.yaml"
+    data.write_text(
+        f"path: {tmp_path / 'absent'}\ntrain: images/train\nval: images/val\nnames: {{0: a}}\n"
+        f"download: \"open({str(marker)!r}, 'w').close()\"\n"
+    )
+    with pytest.raises(FileNotFoundError, match="images not found") as err:
+        export(weights, "onnx", 64, str(data), overwrite=True)  # an earlier test may have exported already
+    assert "\n" not in str(err.value) and not marker.exists()  # one line; the download script did not run

@@ -29,10 +29,11 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from ultralytics.data.converter import coco80_to_coco91_class
-from ultralytics.data.utils import check_det_dataset, exif_size, img2label_paths
+from ultralytics.data.utils import exif_size, img2label_paths
 from ultralytics.utils import ROOT, YAML
 from ultralytics.utils.ops import clip_boxes, segments2boxes, xywhn2xyxy, xyxy2ltwh
 
+from qarep_det.data.dataset import resolve_dataset
 from qarep_det.data.images import list_images
 
 # COCOeval.stats indices of the numbers we report (see COCOeval.summarize)
@@ -188,7 +189,7 @@ def load_ground_truth(
     dict. The official json is used when the names are COCO's 80 and ``instances_json`` is given, or exists at
     ``<path>/annotations/instances_<split folder>.json`` (where Ultralytics' COCO setup puts it).
     """
-    info = data if isinstance(data, dict) else check_det_dataset(data, autodownload=False)
+    info = data if isinstance(data, dict) else resolve_dataset(data)
     if not info.get(split):
         raise ValueError(f"the data has no '{split}' split")
     files = list_images(info[split])

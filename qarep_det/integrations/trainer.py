@@ -29,7 +29,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 from ultralytics.cfg import get_cfg
-from ultralytics.data.utils import check_det_dataset, img2label_paths
+from ultralytics.data.utils import img2label_paths
 from ultralytics.engine import trainer as engine_trainer
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.nn.tasks import DetectionModel
@@ -37,6 +37,7 @@ from ultralytics.utils import DEFAULT_CFG_DICT, LOGGER
 from ultralytics.utils.patches import torch_load
 from ultralytics.utils.torch_utils import unwrap_model
 
+from qarep_det.data.dataset import resolve_dataset
 from qarep_det.data.images import list_images
 from qarep_det.integrations.ultralytics import RegistrationError
 from qarep_det.nn import RepVGGBlock
@@ -372,7 +373,7 @@ def check_dataset(data: Path, single_cls: bool = False) -> dict[str, Any]:
         if not any(raw.get(k) for k in aliases):
             raise TrainInputError(f"data file '{data}' has no '{split}:' entry ('train' and 'val' are required)")
     try:
-        info = check_det_dataset(str(data), autodownload=False)  # resolves paths exactly as the trainer will
+        info = resolve_dataset(data)  # resolves paths exactly as the trainer will, never downloading
     except Exception as e:
         raise TrainInputError(f"data file '{data}': {_one_line(e)}") from e
     nkpt, ndim = info.get("kpt_shape") or (0, 0)

@@ -19,14 +19,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from qarep_det.data.dataset import resolve_dataset
 from qarep_det.data.images import list_images, load_letterboxed
 
 
 def train_images(data: str | Path) -> list[Path]:
     """All images of the TRAIN split named by an Ultralytics data YAML, sorted (so the draw depends only on seed)."""
-    from ultralytics.data.utils import check_det_dataset
-
-    info = check_det_dataset(str(data), autodownload=False, split="train")
+    info = resolve_dataset(data, split="train")
     images = list_images(info["train"])
     if not images:
         raise ValueError(f"no images found in the train split of '{data}' ({info['train']})")
