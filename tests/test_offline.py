@@ -1,0 +1,159 @@
+"""Every tool stays off the network outside CI: an audit hook in every Python process logs DNS lookups and
+non-loopback connects, and the log must stay empty.
+
+NNCF and OpenVINO's converter send telemetry unless they detect CI (``CI``, ``NNCF_CI``, ...) or, for NNCF, an imported
+pytest; a user's shell has neither. So each tool runs in a subprocess whose environment has no CI marker, no
+``PYTEST_*`` variable (Ultralytics turns its events off under pytest), none of the offline settings ``import qarep_det``
+makes (the tool must make them itself), and a fresh ``HOME`` (no telemetry consent file, no caches). A
+``sitecustomize.py`` on ``PYTHONPATH`` installs the hook at interpreter start, so dataloader and other child processes
+are audited too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from ultralytics import YOLO
+
+from qarep_det.data.synthetic import make_dataset
+from qarep_det.integrations.offline import OFFLINE_ENV, TELEMETRY_MODULE, block_telemetry, configure_offline
+
+ROOT = Path(__file__).resolve().parents[1]
+CI_MARKERS = ("CI", "NNCF_CI", "NNCF_DEV", "TF_BUILD", "JENKINS_URL", "GITHUB_ACTIONS", "BUILD_BUILDID")
+OFFLINE_SETTINGS = ("YOLO_OFFLINE", "YOLO_AUTOINSTALL", "YOLO_CONFIG_DIR", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY")
+LOG_VARIABLE = "QAREP_NETWORK_AUDIT_LOG"
+
+SITECUSTOMIZE = '''
+"""Audit hook (from tests/test_offline.py): log every DNS lookup and every non-loopback connect or sendto."""
+import os
+import socket
+import sys
+import traceback
+
+_LOG = os.environ.get("QAREP_NETWORK_AUDIT_LOG")
+_LOOKUPS = {"socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyname_ex", "socket.gethostbyaddr"}
+_SENDS = {"socket.connect", "socket.sendto"}
+_STDLIB = os.path.dirname(os.__file__)
+
+
+def _remote(sock, address):
+    if getattr(socket, "AF_UNIX", None) is not None and sock.family == socket.AF_UNIX:
+        return False
+    host = address[0] if isinstance(address, tuple) else address
+    return not (isinstance(host, str) and (host.startswith("127.") or host in ("::1", "localhost")))
+
+
+def _hook(event, args):
+    if event not in _LOOKUPS and event not in _SENDS:
+        return
+    if event in _SENDS and not _remote(args[0], args[1]):
+        return
+    stack = traceback.extract_stack()[:-1]
+    frames = [f for f in stack if not f.filename.startswith(_STDLIB) or "-packages" in f.filename]
+    where = " <- ".join(f"{f.filename}:{f.lineno}" for f in reversed(frames[-4:]))
+    detail = args[1] if event in _SENDS else args[0]
+    with open(_LOG, "a") as log:
+        log.write(f"{os.getpid()} {sys.argv[0]} {event} {detail!r} at {where}\\n")
+
+
+if _LOG:
+    sys.addaudithook(_hook)
+'''
+
+
+@pytest.fixture(scope="module")
+def audit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding the audit ``sitecustomize.py``."""
+    folder = tmp_path_factory.mktemp("audit")
+    (folder / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data"), n_train=6, n_val=2, imgsz=64, seed=5)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "qarep" / "weights" / "best.pt"
+    path.parent.mkdir(parents=True)
+    YOLO(str(ROOT / "model_yamls/yolo_qarep_n.yaml")).save(path)
+    return path
+
+
+def run_audited(audit: Path, tmp_path: Path, tool: str, *args: str) -> list[str]:
+    """Run ``tools/<tool>`` outside CI with a fresh HOME under the audit hook; returns the logged network attempts."""
+    log = tmp_path / "network.log"
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in CI_MARKERS + OFFLINE_SETTINGS and not k.startswith(("XDG_", "PYTEST"))  # Ultralytics mutes in tests
+    }
+    env |= {"HOME": str(home), "PYTHONPATH": str(audit), LOG_VARIABLE: str(log)}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / tool), *args], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def test_audit_hook_catches_a_lookup(audit: Path, tmp_path: Path) -> None:
+    """The hook itself works: a plain lookup in a child process is logged (else an empty log would prove nothing)."""
+    log = tmp_path / "network.log"
+    env = {**os.environ, "PYTHONPATH": str(audit), LOG_VARIABLE: str(log)}
+    code = "import socket\ntry:\n    socket.getaddrinfo('example.invalid', 80)\nexcept OSError:\n    pass"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    assert "socket.getaddrinfo 'example.invalid'" in log.read_text()
+
+
+def test_block_telemetry_makes_the_module_unimportable_or_warns(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, TELEMETRY_MODULE, raising=False)
+    assert block_telemetry()
+    with pytest.raises(ImportError):  # what NNCF and OpenVINO catch to fall back to their no-op stubs
+        importlib.import_module(TELEMETRY_MODULE)
+    monkeypatch.setitem(sys.modules, TELEMETRY_MODULE, types.ModuleType(TELEMETRY_MODULE))
+    with pytest.warns(UserWarning, match="imported before qarep_det"):
+        assert not block_telemetry()
+
+
+def test_offline_variables_are_set_unless_the_user_set_them(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in OFFLINE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # a user's own choice wins
+    monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path))
+    assert configure_offline() == tmp_path and (tmp_path / "Ultralytics" / "Arial.ttf").is_file()
+    assert {name: os.environ[name] for name in OFFLINE_ENV} == {**OFFLINE_ENV, "HF_HUB_OFFLINE": "0"}
+
+
+def test_export_openvino_is_offline(audit: Path, data: Path, weights: Path, tmp_path: Path) -> None:
+    attempts = run_audited(
+        audit, tmp_path, "export.py", "--weights", str(weights), "--format", "openvino", "--imgsz", "64",
+        "--data", str(data), "--overwrite",
+    )  # fmt: skip
+    assert not attempts, "\n".join(attempts[:3])
+
+
+def test_ptq_eval_all_backends_is_offline(audit: Path, data: Path, weights: Path, tmp_path: Path) -> None:
+    attempts = run_audited(
+        audit, tmp_path, "ptq_eval.py", "--weights", str(weights), "--data", str(data), "--imgsz", "64",
+        "--calib-images", "4", "--batch", "2", "--backend", "torch", "openvino", "onnxruntime",
+        "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert not attempts, "\n".join(attempts[:3])
+
+
+def test_benchmark_int8_is_offline(audit: Path, data: Path, tmp_path: Path) -> None:
+    attempts = run_audited(
+        audit, tmp_path, "benchmark.py", "int8", "--cfg", str(ROOT / "model_yamls/yolo_qarep_n.yaml"),
+        "--data", str(data), "--imgsz", "64", "--calib-images", "2", "--runs", "1",
+    )  # fmt: skip
+    assert not attempts, "\n".join(attempts[:3])
