@@ -1,4 +1,10 @@
-"""Measured-in-one-run benchmarks: medians and ratios, never single timings (these machines are noisy)."""
+"""Measured-in-one-run benchmarks: medians and ratios, never single timings (these machines are noisy).
+
+One code path serves the CPU and CUDA: timings wait for the GPU (``torch.cuda.synchronize``) before the clock stops,
+and FP16 means autocast (AMP), as Ultralytics trains and as most GPU deployments run. What differs by device is only
+what is worth measuring: on the CPU batch 1 FP32 plus a profile of where the time goes, on a GPU a grid of
+precisions and batches, since launch overhead and memory-bound BN/add passes weigh most at small batch.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,10 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from ultralytics.cfg import get_cfg
@@ -17,19 +24,65 @@ from ultralytics.nn.tasks import DetectionModel
 
 from qarep_det.reparam import reparameterize_model
 
+Precision = Literal["fp32", "fp16"]
+CUDA_GRID: tuple[tuple[Precision, int], ...] = (("fp32", 1), ("fp32", 32), ("fp16", 1), ("fp16", 32))
+PLAIN_CONV_LIMIT = "yolov6s.yaml"  # Ultralytics' YOLOv6-S from plain Conv: what a fused QARep-S can at best reach
 
-def median_ms(fn: Callable[[], object], runs: int, warmup: int = 2) -> float:
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work: kernels launch asynchronously, so an unsynchronized clock measures the launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], object], runs: int, warmup: int = 2, device: str | torch.device = "cpu") -> float:
     """Median wall time of ``fn()`` in milliseconds over ``runs`` calls, after ``warmup`` untimed calls."""
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
+    device = torch.device(device)
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(runs):
+        _synchronize(device)
         start = time.perf_counter()
         fn()
+        _synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def interleaved_ms(
+    fns: Sequence[Callable[[], object]], runs: int, warmup: int = 2, device: str | torch.device = "cpu"
+) -> list[float]:
+    """Median ms of each of ``fns``, called in turn run by run (a, b, a, b, ...), so a slow-down of the machine
+    spreads over all of them instead of biasing their ratio."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(runs):
+        for fn, ms in zip(fns, times, strict=True):
+            ms.append(median_ms(fn, 1, warmup=0, device=device))
+    return [statistics.median(ms) for ms in times]
+
+
+def autocast(device: torch.device, precision: Precision) -> torch.autocast:
+    """FP16 as AMP (autocast: convs in half, reductions in float), or plain FP32."""
+    if precision not in ("fp32", "fp16"):
+        raise ValueError(f"precision must be fp32 or fp16, got {precision!r}")
+    return torch.autocast(device.type, dtype=torch.float16, enabled=precision == "fp16")
+
+
+@contextlib.contextmanager
+def _cudnn_autotuned(device: torch.device) -> Iterator[None]:
+    """Let cuDNN pick its fastest conv algorithms for these fixed shapes (during warm-up), as deployments do."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = device.type == "cuda" or saved
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 @contextlib.contextmanager
@@ -69,43 +122,61 @@ def op_breakdown(model: torch.nn.Module, x: torch.Tensor, runs: int = 3) -> dict
 
 @dataclass(frozen=True)
 class FusionTiming:
-    """Median latency of one detector before and after re-parameterization, measured in the same run."""
+    """Median latency of one detector before and after re-parameterization at one precision and batch, measured
+    in the same run (and, if asked, of the plain-conv limit model beside them)."""
 
     cfg: str
     imgsz: int
-    unfused_ms: float
+    batch: int
+    precision: Precision
+    device: str
+    unfused_ms: float  # per batch
     fused_ms: float
-    unfused_ops: dict[str, float]  # op_breakdown of each form, profiled after the timing
-    fused_ops: dict[str, float]
+    limit_ms: float | None = None  # the fused plain-conv model (PLAIN_CONV_LIMIT), when timed
+    unfused_ops: dict[str, float] = field(default_factory=dict)  # op_breakdown of each form (CPU only)
+    fused_ops: dict[str, float] = field(default_factory=dict)
 
     @property
     def speedup(self) -> float:
         return self.unfused_ms / self.fused_ms
 
+    @property
+    def fused_images_per_s(self) -> float:
+        return self.batch * 1e3 / self.fused_ms
+
 
 @torch.no_grad()
-def fusion_latency(cfg: str, imgsz: int = 640, runs: int = 20, nc: int = 80) -> FusionTiming:
-    """CPU latency at batch 1 of the model built from ``cfg``, unfused vs fused, interleaved run by run.
+def fusion_latency(
+    cfg: str,
+    imgsz: int = 640,
+    runs: int = 20,
+    nc: int = 80,
+    device: str | torch.device = "cpu",
+    grid: Sequence[tuple[Precision, int]] = (("fp32", 1),),
+    limit_cfg: str | None = None,
+) -> list[FusionTiming]:
+    """Latency of the model built from ``cfg``, unfused vs fused, for each (precision, batch) of ``grid``.
 
-    Interleaving (unfused, fused, unfused, ...) spreads any slow-down of the machine over both sides.
+    The forms run interleaved (unfused, fused, unfused, ...). ``limit_cfg`` adds a model timed the same way after
+    Ultralytics' own ``fuse()`` (e.g. ``yolov6s.yaml``: the same topology from plain convs, the speed a fused
+    detector can at best reach). On the CPU each form is also profiled (``op_breakdown``), after the timing.
     """
+    device = torch.device(device)
     model = DetectionModel(cfg, nc=nc, verbose=False).eval()
-    fused = reparameterize_model(model)
-    x = torch.rand(1, 3, imgsz, imgsz)
-    for m in (model, fused):
-        m(x)  # warm-up
-    unfused_times, fused_times = [], []
-    for _ in range(runs):
-        unfused_times.append(median_ms(lambda: model(x), 1, warmup=0))
-        fused_times.append(median_ms(lambda: fused(x), 1, warmup=0))
-    return FusionTiming(
-        cfg,
-        imgsz,
-        statistics.median(unfused_times),
-        statistics.median(fused_times),
-        op_breakdown(model, x),
-        op_breakdown(fused, x),
-    )
+    models = [model, reparameterize_model(model)]
+    if limit_cfg:
+        models.append(DetectionModel(limit_cfg, nc=nc, verbose=False).fuse(verbose=False).eval())
+    models = [m.to(device) for m in models]
+    timings = []
+    with _cudnn_autotuned(device):
+        for precision, batch in grid:
+            x = torch.rand(batch, 3, imgsz, imgsz, device=device)
+            with autocast(device, precision):
+                ms = interleaved_ms([lambda m=m, x=x: m(x) for m in models], runs, warmup=3, device=device)
+                ops = [op_breakdown(m, x) for m in models[:2]] if device.type == "cpu" else [{}, {}]
+            limit_ms = ms[2] if limit_cfg else None
+            timings.append(FusionTiming(cfg, imgsz, batch, precision, str(device), ms[0], ms[1], limit_ms, *ops))
+    return timings
 
 
 def _training_batch(batch: int, imgsz: int, nc: int, boxes_per_image: int = 4) -> dict[str, torch.Tensor]:
@@ -129,6 +200,7 @@ class TrainThroughput:
     cfg: str
     step_ms: float
     batch: int
+    amp: bool = False  # FP16 autocast with a gradient scaler, as Ultralytics trains on CUDA
 
     @property
     def images_per_s(self) -> float:
@@ -136,34 +208,42 @@ class TrainThroughput:
 
 
 def train_throughput(
-    cfgs: list[str], imgsz: int = 320, batch: int = 8, steps: int = 10, nc: int = 80
+    cfgs: list[str],
+    imgsz: int = 320,
+    batch: int = 8,
+    steps: int = 10,
+    nc: int = 80,
+    device: str | torch.device = "cpu",
+    amp: bool | None = None,
 ) -> list[TrainThroughput]:
     """Training throughput of each model on the same fixed batch, steps interleaved model by model.
 
-    Data loading is left out on purpose: it is the same for every model, and on 2 cores it would blur the
-    difference the models themselves make.
+    ``amp`` (default: on for CUDA, off for the CPU, as Ultralytics trains) makes the step Ultralytics' AMP step:
+    FP16 autocast forward and loss, scaled backward. Data loading is left out on purpose: it is the same for every
+    model, and on 2 cores it would blur the difference the models themselves make.
     """
-    models, optimizers = [], []
+    device = torch.device(device)
+    amp = device.type == "cuda" if amp is None else amp
+    models, optimizers, scalers = [], [], []
     for cfg in cfgs:
-        model = DetectionModel(cfg, nc=nc, verbose=False).train()
+        model = DetectionModel(cfg, nc=nc, verbose=False).to(device).train()
         model.args = get_cfg()  # loss gains (box, cls, dfl) as the trainer sets them
         models.append(model)
         optimizers.append(torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9))
-    data = _training_batch(batch, imgsz, nc)
+        scalers.append(torch.amp.GradScaler(device.type, enabled=amp))
+    data = {k: v.to(device) for k, v in _training_batch(batch, imgsz, nc).items()}
 
     def step(i: int) -> None:
-        loss, _ = models[i].loss(data)
+        with autocast(device, "fp16" if amp else "fp32"):
+            loss, _ = models[i].loss(data)
         optimizers[i].zero_grad()
-        loss.sum().backward()
-        optimizers[i].step()
+        scalers[i].scale(loss.sum()).backward()
+        scalers[i].step(optimizers[i])
+        scalers[i].update()
 
-    for i in range(len(models)):
-        step(i)  # warm-up (and builds the loss criterion)
-    times: list[list[float]] = [[] for _ in models]
-    for _ in range(steps):
-        for i in range(len(models)):
-            times[i].append(median_ms(lambda i=i: step(i), 1, warmup=0))
-    return [TrainThroughput(cfg, statistics.median(t), batch) for cfg, t in zip(cfgs, times, strict=True)]
+    with _cudnn_autotuned(device):  # warm-up builds each loss criterion
+        times = interleaved_ms([lambda i=i: step(i) for i in range(len(models))], steps, warmup=1, device=device)
+    return [TrainThroughput(cfg, ms, batch, amp) for cfg, ms in zip(cfgs, times, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -209,19 +289,13 @@ def openvino_int8(cfg: str, data: str, imgsz: int = 640, calib_images: int = 512
     kernels = [dict(qov.conv_kernels(c)) for c in compiled]
     runners = [qov.openvino_runner(c) for c in compiled]
     x = torch.rand(1, 3, imgsz, imgsz)
-    for run in runners:
-        median_ms(lambda run=run: run(x), 1, warmup=2)
-    times: list[list[float]] = [[], []]
-    for _ in range(runs):
-        for i, run in enumerate(runners):
-            times[i].append(median_ms(lambda run=run: run(x), 1, warmup=0))
+    times = interleaved_ms([lambda run=run: run(x) for run in runners], runs, warmup=3)
     return OpenVINOInt8(
         cfg,
         imgsz,
         len(calib.paths),
         calib_s,
-        statistics.median(times[0]),
-        statistics.median(times[1]),
+        *times,
         *sizes,
         *kernels,
         qov.cpu_has_vnni(),

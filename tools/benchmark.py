@@ -1,6 +1,7 @@
 """Benchmarks that print ratios measured in one run.
 
-python tools/benchmark.py fusion [--cfg model_yamls/yolo_qarep_s.yaml --imgsz 640 --runs 20]
+python tools/benchmark.py fusion [--cfg model_yamls/yolo_qarep_s.yaml --imgsz 640 --runs 20 --device cpu|0]
+python tools/benchmark.py train --device 0 --imgsz 640 --batch 64
 """
 
 from __future__ import annotations
@@ -11,16 +12,28 @@ import sys
 import torch
 
 import qarep_det  # noqa: F401  (offline Ultralytics, module registration)
-from qarep_det.benchmark import fp32_consistency, fusion_latency, openvino_int8, train_throughput
+from qarep_det.benchmark import (
+    CUDA_GRID,
+    PLAIN_CONV_LIMIT,
+    FusionTiming,
+    fp32_consistency,
+    fusion_latency,
+    openvino_int8,
+    train_throughput,
+)
 from qarep_det.cli import OneLineErrorParser
+from qarep_det.device import torch_device
 
 TRAIN_CFGS = ["model_yamls/yolo_qarep_s.yaml", "model_yamls/yolo_repvgg_s.yaml", "yolov8s.yaml"]
 
 
-def fusion(args: argparse.Namespace) -> None:
-    torch.set_num_threads(args.threads)
-    t = fusion_latency(args.cfg, args.imgsz, args.runs)
-    print(f"fusion latency, {t.cfg}, {t.imgsz}x{t.imgsz}, batch 1, CPU, {args.threads} threads, median of {args.runs}")
+def _hardware(device: torch.device, threads: int) -> str:
+    """The machine a timing belongs to, for its header line."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {threads} threads"
+
+
+def _print_cpu_fusion(t: FusionTiming, threads: int, runs: int) -> None:
+    print(f"fusion latency, {t.cfg}, {t.imgsz}x{t.imgsz}, batch 1, CPU, {threads} threads, median of {runs}")
     print(f"  unfused {t.unfused_ms:8.1f} ms")
     print(f"  fused   {t.fused_ms:8.1f} ms")
     print(f"  speedup {t.speedup:8.2f}x")
@@ -29,12 +42,41 @@ def fusion(args: argparse.Namespace) -> None:
         print(f"  {group:<12} unfused {unfused_ms:8.1f}   fused {t.fused_ops[group]:8.1f}")
 
 
-def train(args: argparse.Namespace) -> None:
-    torch.set_num_threads(args.threads)
-    results = train_throughput(args.cfgs, args.imgsz, args.batch, args.steps)
+def _print_grid_fusion(timings: list[FusionTiming], hardware: str, runs: int, limit: str) -> None:
+    t0 = timings[0]
     print(
-        f"training throughput, {args.imgsz}x{args.imgsz}, batch {args.batch}, CPU, {args.threads} threads, "
-        f"median of {args.steps} interleaved steps (forward + loss + backward + SGD step, no data loading)"
+        f"fusion latency, {t0.cfg}, {t0.imgsz}x{t0.imgsz}, {hardware}, synchronized medians of {runs} interleaved "
+        f"runs; fp16 = autocast (AMP); limit = {limit} fused by Ultralytics (the same topology from plain convs)"
+    )
+    print("  dtype  batch  unfused ms  fused ms  speed-up  fused img/s  limit ms  limit img/s  fused/limit")
+    for t in timings:
+        print(
+            f"  {t.precision:<5}  {t.batch:5d}  {t.unfused_ms:10.2f}  {t.fused_ms:8.2f}  {t.speedup:7.2f}x  "
+            f"{t.fused_images_per_s:11.0f}  {t.limit_ms:8.2f}  {t.batch * 1e3 / t.limit_ms:11.0f}  "
+            f"{t.fused_ms / t.limit_ms:10.2f}x"
+        )
+
+
+def fusion(args: argparse.Namespace) -> None:
+    device = torch_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+        (t,) = fusion_latency(args.cfg, args.imgsz, args.runs)
+        _print_cpu_fusion(t, args.threads, args.runs)
+    else:
+        timings = fusion_latency(args.cfg, args.imgsz, args.runs, device=device, grid=CUDA_GRID, limit_cfg=args.limit)
+        _print_grid_fusion(timings, _hardware(device, args.threads), args.runs, args.limit)
+
+
+def train(args: argparse.Namespace) -> None:
+    device = torch_device(args.device)
+    torch.set_num_threads(args.threads)
+    results = train_throughput(args.cfgs, args.imgsz, args.batch, args.steps, device=device)
+    step = "forward + loss + backward + SGD step"
+    step = f"AMP: fp16 autocast {step}, scaled gradients" if results[0].amp else step
+    print(
+        f"training throughput, {args.imgsz}x{args.imgsz}, batch {args.batch}, {_hardware(device, args.threads)}, "
+        f"median of {args.steps} interleaved steps ({step}, no data loading)"
     )
     base = results[0].images_per_s
     for r in results:
@@ -68,11 +110,16 @@ def consistency(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("fusion", help="CPU latency unfused vs fused", formatter_class=parser.formatter_class)
+    device_help = "cpu, or a CUDA index such as 0"
+    p = sub.add_parser("fusion", help="latency unfused vs fused", formatter_class=parser.formatter_class)
     p.add_argument("--cfg", default="model_yamls/yolo_qarep_s.yaml", help="model YAML")
     p.add_argument("--imgsz", type=int, default=640, help="square input size")
     p.add_argument("--runs", type=int, default=20, help="timed runs per model")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    p.add_argument(
+        "--device", default="cpu", help=f"{device_help}; CUDA times fp32 and fp16 at batch 1 and 32, and --limit"
+    )
+    p.add_argument("--limit", default=PLAIN_CONV_LIMIT, help="plain-conv model YAML timed beside them on CUDA")
     p.set_defaults(func=fusion)
     p = sub.add_parser("train", help="training images/s, side by side", formatter_class=parser.formatter_class)
     p.add_argument("--cfgs", nargs="+", default=TRAIN_CFGS, help="model YAMLs (first is the ratio's base)")
@@ -80,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8, help="images per step")
     p.add_argument("--steps", type=int, default=10, help="timed steps per model")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help=f"{device_help}; CUDA trains with AMP, as Ultralytics does")
     p.set_defaults(func=train)
     p = sub.add_parser("int8", help="OpenVINO FP32 vs INT8 latency and size", formatter_class=parser.formatter_class)
     p.add_argument("--cfg", default="model_yamls/yolo_qarep_s.yaml", help="model YAML")

@@ -42,7 +42,8 @@ def _require():
 
 def export_qdq_onnx(qmodel: nn.Module, path: str | Path, imgsz: int, overwrite: bool = False) -> Path:
     """Write the fake-quantized detector (from ``quantize_torch``) as QDQ ONNX: input ``images`` (B dynamic),
-    output ``output0`` ``(B, 4 + nc, A)``; checked with ``onnx.checker``. Refuses to replace a file unless asked."""
+    output ``output0`` ``(B, 4 + nc, A)``; checked with ``onnx.checker``. Refuses to replace a file unless asked.
+    A float detector goes the same route and comes out without Q/DQ pairs: the FP32 twin of the same graph."""
     onnx, _ = _require()
     path = Path(path)
     if path.exists() and not overwrite:

@@ -7,9 +7,21 @@ and entropy ranges come from :mod:`qarep_det.quant.calibrators` in a second pass
 ModelOpt quantizers.
 
 Measured here (torch 2.14.1 CPU build, nvidia-modelopt 0.47.0): the base wheel is 2.2 MB and pulls no CUDA packages
-(only pydantic, pulp, omegaconf, regex); its fake quant runs on CPU through a pure-torch fallback (on CUDA it tries a
-JIT-built kernel and falls back to the same code). One packaging bug: ``import modelopt.torch`` needs
-``huggingface_hub``, which the wheel does not declare.
+(only pydantic, pulp, omegaconf, regex); its fake quant runs on CPU through a pure-torch fallback. One packaging bug:
+``import modelopt.torch`` needs ``huggingface_hub``, which the wheel does not declare.
+
+CUDA: ModelOpt fake-quantizes a CUDA tensor with ``modelopt_cuda_ext``, a kernel that ``get_cuda_ext()``
+(``modelopt/torch/quantization/extensions.py``) JIT-compiles with nvcc on first use and caches under
+``~/.cache/torch_extensions``; the first GPU run sat for 73 s on an H100 with no word of why. We skip the build:
+:func:`import_modelopt` stores ``None`` in ``get_cuda_ext``'s own memo, the state ModelOpt records itself when a build
+fails, so ``fake_quant_impl`` raises ``AttributeError`` and ``FakeTensorQuantFunction.forward`` takes its documented
+fallback, ``_tensor_quant``: the very pure-torch code that runs on the CPU. So CPU and CUDA run one quantization code
+path (unit-tested on the CPU by posing as CUDA), with no nvcc needed. Nothing is lost in numerics: the kernel
+(``kernels/quantization/gemm/tensor_quant_gpu.cu``, ``fake_tensor_quant_device``) computes the same float32 steps:
+``scale = bound / amax``, round half to even (``rint``), clamp to [-127, 127], divide by ``scale``, 0 where amax is
+below 2**-24 (the torch code: at or below). The cost is speed only: about six elementwise kernels and a few host syncs
+per quantizer call instead of one fused kernel, in a model whose latency is a simulation's anyway. A process that
+already loaded the extension (``get_cuda_ext()`` before us) keeps it.
 
 The scheme applied (and verified after calibration by :func:`verify_scheme`): symmetric INT8 (zero point 0,
 signed), per-output-channel weight scales (axis 0, max-calibrated), one per-tensor scale at the input of every
@@ -24,7 +36,7 @@ import copy
 import io
 import logging
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +49,9 @@ from qarep_det.quant.scope import float_conv_names, quantized_conv_names
 INSTALL_HINT = 'pip install "nvidia-modelopt>=0.47,<0.48" huggingface_hub (both are qarep_det dependencies)'
 
 
-def _modelopt():
-    """Import ``modelopt.torch.quantization`` lazily (it takes seconds) with an actionable error.
+def import_modelopt():
+    """Import ``modelopt.torch.quantization`` lazily (it takes seconds) with an actionable error, and keep it from
+    compiling its CUDA fake-quant extension.
 
     The import's own chatter (no transformers, jit.script deprecation, "No CUDA runtime is found") says nothing
     about this use, so it is muted.
@@ -54,7 +67,21 @@ def _modelopt():
         raise ImportError(f"the torch INT8 backend needs NVIDIA ModelOpt: {INSTALL_HINT} ({err})") from err
     finally:
         cpp_logger.setLevel(level)
+    from modelopt.torch.quantization.extensions import get_cuda_ext
+
+    if not hasattr(get_cuda_ext, "extension"):  # not tried yet: never JIT-compile it (see the module docstring)
+        get_cuda_ext.extension = None
     return mtq
+
+
+@contextlib.contextmanager
+def modelopt_quiet() -> Iterator[None]:
+    """Mute ModelOpt's per-call chatter around a quantize or restore: its prints ("Inserted 182 quantizers"), the
+    missing-transformers note, and the device warning it gives for quantizer stubs on parameter-free layers (pools)."""
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Cannot find transformers package")
+        warnings.filterwarnings("ignore", message="Could not identify the device for TensorQuantizer")
+        yield
 
 
 def modelopt_config(float_convs: Iterable[str]) -> dict:
@@ -114,7 +141,7 @@ def quantize_torch(
     it. Raises ``RuntimeError`` if the result deviates from the recipe (:func:`verify_scheme`).
     """
     recipe = recipe or QuantRecipe()
-    mtq = _modelopt()
+    mtq = import_modelopt()
     qmodel = copy.deepcopy(model).to(device).float().eval()  # fake quant computes in float32 anyway
     config = modelopt_config(float_conv_names(qmodel, recipe))
 
@@ -128,8 +155,7 @@ def quantize_torch(
             raise ValueError("calibration saw no images; check the calibration set")
         return seen
 
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # ModelOpt's per-call chatter
-        warnings.filterwarnings("ignore", message="Cannot find transformers package")
+    with modelopt_quiet():
         mtq.quantize(qmodel, config, forward_loop)
     if recipe.calib_method != "max":
         _calibrate_histograms(qmodel, forward_loop, recipe)
