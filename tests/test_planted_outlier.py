@@ -2,7 +2,8 @@
 
 A RepVGG block whose identity-BN input channel is dead (post-ReLU zeros, running variance ~0) gets a huge
 ``gamma / sigma`` that lands on the fused kernel's centre tap; per-channel INT8 then spends that output channel's
-whole range on it. The same-shape QARep block has no identity BN to blow up.
+whole range on it. The same-shape QARep block has no identity BN to blow up. ``bn_scales`` (what diagnose reports
+for the training form) must see the cause before fusion hides it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from torch import nn
 
 from qarep_det import reparameterize_model
 from qarep_det.nn import QARepBlock, RepVGGBlock
+from qarep_det.quant.analysis import BN_OUTLIER_FACTOR, bn_scales
 from qarep_det.quant.diagnostics import fake_quant_per_channel, max_to_median, sqnr_db
 
 CHANNELS, DEAD = 16, [2, 5, 9, 13]  # a quarter of the channels dead, as in long-trained RepVGG layers
@@ -43,7 +45,14 @@ def test_dead_identity_channel_makes_an_outlier_only_in_repvgg() -> None:
         repvgg.branch_identity.running_var[DEAD] = 1e-6
         repvgg.branch_identity.running_mean[DEAD] = 0.0
     qarep = randomize_bn(QARepBlock(CHANNELS, CHANNELS))
+    scales = {(r.block, r.branch): r for r in bn_scales(nn.Sequential(repvgg, qarep))}
+    assert set(scales) == {("0", "3x3"), ("0", "1x1"), ("0", "identity"), ("1", "3x3"), ("1", "post")}
+    identity = scales["0", "identity"]
+    assert identity.block_type == "RepVGGBlock" and identity.channel in DEAD and identity.outliers == len(DEAD)
+    assert identity.max > BN_OUTLIER_FACTOR * identity.median
+    assert [key for key, r in scales.items() if r.outlier] == [("0", "identity")]
     fused_repvgg, fused_qarep = reparameterize_model(repvgg), reparameterize_model(qarep)
+    assert bn_scales(fused_repvgg) == []  # fused: no BN left to read
 
     ratio_repvgg, channel = max_to_median(fused_repvgg.conv.weight)
     ratio_qarep, _ = max_to_median(fused_qarep.conv.weight)

@@ -39,10 +39,14 @@ from qarep_det.quant.diagnostics import (
     weight_report,
     weight_sqnr_db,
 )
-from qarep_det.quant.scope import detect_heads
+from qarep_det.quant.scope import check_float_layers, detect_heads, quantized_conv_names
 
 IMGSZ = 64
 NC = 2
+# kept float in the partial-quantization tests: a conv inside a C2f (its input comes from a split) and a head conv
+# whose input also feeds a quantized conv (model.22.cv3.0.0.conv), where a shared quantizer could sneak in
+KEEP = ("model.2.m.0.cv1.conv", "model.22.cv2.0.0.conv")
+SHARES_INPUT = "model.22.cv3.0.0.conv"
 
 
 def _write_image(path: Path, rng: random.Random) -> None:
@@ -281,6 +285,58 @@ def fake_quant_scalar(x: torch.Tensor, amax: float) -> torch.Tensor:
     return torch.clamp(torch.round(x / (amax / 127)), -128, 127) * (amax / 127)
 
 
+# --- partial quantization: convs kept float ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def partial_recipe() -> QuantRecipe:
+    return QuantRecipe(calib_images=8, float_layers=KEEP)
+
+
+def test_float_layers_are_validated_with_the_closest_names(model):
+    with pytest.raises(ValueError, match="twice"):
+        QuantRecipe(float_layers=(KEEP[0], KEEP[0]))
+    check_float_layers(model, QuantRecipe(float_layers=KEEP))
+    with pytest.raises(ValueError, match=r"'model\.2\.m\.0\.cv1' \(closest: model\.2\.m\.0\.cv1\.conv") as err:
+        check_float_layers(model, QuantRecipe(float_layers=("model.2.m.0.cv1", "model.22.dfl.conv")))
+    assert "'model.22.dfl.conv'" in str(err.value)  # float anyway, so not a quantized conv: refused too
+    with pytest.raises(ValueError, match="model.22.cv2.0.0.conv"):  # float already when the head stays float
+        check_float_layers(model, QuantRecipe(quantize_head=False, float_layers=KEEP))
+    recipe = QuantRecipe(float_layers=KEEP)
+    assert f"2 convs kept float ({', '.join(KEEP)})" in recipe.describe()
+    assert recipe.to_dict()["float_layers"] == KEEP
+    assert set(KEEP).isdisjoint(quantized_conv_names(model, recipe))
+
+
+def test_float_layers_stay_float_in_torch_and_in_the_qdq_onnx(model, calib, partial_recipe, tmp_path):
+    qpartial = quantize_torch(model, calib, partial_recipe)  # verify_scheme checks every other conv
+    states = {s.name: s for s in conv_quant_states(qpartial)}
+    for name in KEEP:
+        assert not states[name].weight_quantized and not states[name].input_quantized, name
+    assert states[SHARES_INPUT].weight_quantized and states[SHARES_INPUT].input_quantized
+    assert sum(s.weight_quantized for s in states.values()) == len(states) - 1 - len(KEEP)  # 1: the DFL
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from qarep_det.quant.onnx_qdq import export_qdq_onnx, qdq_convs
+
+    convs = qdq_convs(export_qdq_onnx(qpartial, tmp_path / "partial_qdq.onnx", IMGSZ))
+    for name in KEEP:
+        assert convs[name] == (None, None), name
+    assert all(q is not None for q in convs[SHARES_INPUT])
+
+
+def test_float_layers_get_no_fake_quantize_in_openvino(model, calib, partial_recipe):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from qarep_det.quant import openvino as qov
+
+    ops = qov.conv_ops_by_module(qov.quantize_openvino(model, calib, IMGSZ, partial_recipe))
+    for name in KEEP:
+        assert ops[name][0].input_value(0).get_node().get_type_name() != "FakeQuantize", name
+        assert ops[name][0].input_value(1).get_node().get_type_name() == "Constant", name  # float weights
+    assert ops[SHARES_INPUT][0].input_value(0).get_node().get_type_name() == "FakeQuantize"
+
+
 # --- OpenVINO backend (NNCF) ---------------------------------------------------------------------------------
 
 
@@ -420,6 +476,6 @@ def test_missing_backend_names_the_install(monkeypatch, module, blocked, extra):
 
     monkeypatch.setitem(sys.modules, blocked, None)  # makes `import blocked` raise ImportError
     backend = importlib.import_module(module)
-    require = backend._modelopt if module.endswith("simulated") else backend._require
+    require = backend.import_modelopt if module.endswith("simulated") else backend._require
     with pytest.raises(ImportError, match=extra.replace("[", r"\[").replace("]", r"\]")):
         require()

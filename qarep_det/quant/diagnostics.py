@@ -2,7 +2,8 @@
 
 RepVGG-style fusion can leave one huge tap per output channel (the identity's centre tap, FACTS.md section 7); per
 channel INT8 then spends its whole range on that tap and rounds the rest coarsely. ``max_to_median`` exposes the
-outlier and ``weight_sqnr_db`` its cost, layer by layer; ``sqnr_db`` on outputs measures what reaches the detector.
+outlier and ``weight_sqnr_db`` its cost, layer by layer; ``sqnr_db`` on outputs measures what reaches the detector,
+and ``NoisePower`` accumulates the same ratio over many batches (signal and noise summed first, then divided).
 """
 
 from __future__ import annotations
@@ -23,6 +24,42 @@ def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
     if noise == 0:
         return math.inf
     return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def db(relative_noise: float) -> float:
+    """SQNR in dB of a relative noise power (noise / signal): 0 -> inf, inf -> -inf."""
+    if relative_noise == 0:
+        return math.inf
+    return -10 * math.log10(relative_noise) if math.isfinite(relative_noise) else -math.inf
+
+
+@dataclass
+class NoisePower:
+    """Signal and noise power summed over batches, so an SQNR covers a whole image set, not a mean of ratios."""
+
+    signal: float = 0.0
+    noise: float = 0.0
+
+    def add(self, reference: torch.Tensor, test: torch.Tensor) -> None:
+        """Accumulate ``sum ref^2`` and ``sum (ref - test)^2`` (any device).
+
+        Summed in float32: torch's cascade summation keeps ~1e-7 relative error on 26M values, and it was 5x faster
+        on the 2-core CPU than ``sum(dtype=float64)``, which dominated a diagnosis at 640 px.
+        """
+        reference, test = reference.detach().float(), test.detach().float()
+        self.signal += float(reference.square().sum())
+        self.noise += float((reference - test).square_().sum())
+
+    @property
+    def relative(self) -> float:
+        """Noise over signal power; 0 without noise, inf for noise on a zero signal."""
+        if self.noise == 0:
+            return 0.0
+        return self.noise / self.signal if self.signal > 0 else math.inf
+
+    @property
+    def sqnr_db(self) -> float:
+        return db(self.relative)
 
 
 def fake_quant_per_channel(weight: torch.Tensor, num_bits: int = 8) -> torch.Tensor:

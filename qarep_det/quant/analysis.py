@@ -1,0 +1,361 @@
+"""Where the INT8 error of a detector comes from, conv by conv: the analysis behind ``tools/diagnose.py`` and
+``ptq_eval --keep-float``, so the ranking a report shows is the one that decides what stays float.
+
+The recipe is exactly ptq_eval's: :func:`quantize_torch` on the same calibration set, the convs of
+:mod:`qarep_det.quant.scope`. For every quantized conv of the fused model, in module order:
+
+- ``weight_sqnr_db`` / ``weight_max_to_median``: its fused kernel under per-channel INT8 (see ``diagnostics``);
+- ``act_amax``: the calibrated input range; ``act_sqnr_db``: its FP32 input against that input fake-quantized by
+  its own input quantizer;
+- isolated: the detector's output SQNR when only this conv's two quantizers are on, for the boxes and the scores,
+  and one ranking figure ``isolated_sqnr_db = -10 log10((Nb / Sb + Ns / Ss) / 2)``: the mean of the two relative
+  noise powers, so neither pixel-scale boxes nor 0-1 scores dominate it;
+- cumulative: the conv's input and output in the fully INT8 model against FP32 (``cumulative_input_sqnr_db``,
+  ``cumulative_sqnr_db``), and ``cumulative_added_sqnr_db``: the noise the conv itself adds there, its INT8 output
+  against its float output on the same (already noisy) input. Not the dB drop from input to output: the first conv's
+  exact input makes that infinite, and downstream of a broken conv every conv that amplifies the noise it is handed
+  would look guilty.
+
+Every SQNR sums signal and noise over all images before dividing. ``ranking`` orders convs by the isolated figure,
+``cumulative_ranking`` by the added noise, most harmful first.
+
+Speed: batches outside, convs inside. Per batch one FP32 pass keeps every node's output
+(:class:`RestartableForward`), one fully INT8 pass gives the cumulative figures, and each conv's isolated pass
+recomputes only what lies downstream of it, with that conv's quantizers toggled on in one quantized copy (never
+re-quantized): about 17 full passes per batch for yolo_qarep_s instead of 59.
+
+BN scales (the paper's mechanism) need the training form: :func:`bn_scales` reads ``|gamma| / sqrt(var + eps)``
+per branch of every Rep block of an unfused model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from qarep_det.integrations.ultralytics import ForwardCache, RestartableForward
+from qarep_det.nn import ConvBNReLU, QARepBlock, Reparameterizable, RepVGGBlock
+from qarep_det.quant.calibration import CalibrationSet
+from qarep_det.quant.diagnostics import NoisePower, db, max_to_median, weight_sqnr_db
+from qarep_det.quant.recipe import QuantRecipe
+from qarep_det.quant.runner import first_output
+from qarep_det.quant.scope import quantized_conv_names
+from qarep_det.quant.simulated import quantize_torch
+
+FAST_LAYOUT = torch.channels_last  # measured 1.2x faster than NCHW for yolo_qarep_s at 640 on the 2-core CPU
+BN_OUTLIER_FACTOR = 10.0
+"""A BN channel is an outlier when its ``|gamma| / sigma`` exceeds this multiple of its BN's median. A dead channel
+(running var -> 0) reaches ``|gamma| / sqrt(eps)``: about 30x a typical channel with Ultralytics' eps 1e-3, the
+paper's 692 and 1477 with eps 1e-5; healthy BNs trained here stay within ~3x (FACTS.md section 8)."""
+
+
+@dataclass(frozen=True)
+class LayerAnalysis:
+    """Everything measured for one quantized conv (SQNRs in dB; inf = no error)."""
+
+    name: str
+    block: str
+    block_type: str
+    weight_sqnr_db: float
+    weight_max_to_median: float
+    act_amax: float
+    act_sqnr_db: float
+    isolated_sqnr_db: float
+    isolated_boxes_sqnr_db: float
+    isolated_scores_sqnr_db: float
+    cumulative_input_sqnr_db: float
+    cumulative_sqnr_db: float
+    cumulative_added_sqnr_db: float
+
+
+@dataclass(frozen=True)
+class ModelAnalysis:
+    """The per-conv table of one model, its two rankings and the fully INT8 model's output SQNR."""
+
+    layers: list[LayerAnalysis]
+    ranking: list[str]
+    cumulative_ranking: list[str]
+    int8_output_sqnr_db: dict[str, float]
+    images: int
+    calibrate_s: float
+    analyze_s: float
+
+
+@dataclass
+class _Errors:
+    """Accumulators for one conv."""
+
+    act: NoisePower = field(default_factory=NoisePower)
+    boxes: NoisePower = field(default_factory=NoisePower)
+    scores: NoisePower = field(default_factory=NoisePower)
+    cum_in: NoisePower = field(default_factory=NoisePower)
+    cum_out: NoisePower = field(default_factory=NoisePower)
+    added: NoisePower = field(default_factory=NoisePower)
+
+
+def detection_noise(boxes: NoisePower, scores: NoisePower) -> float:
+    """The ranking figure from box and score noise: SQNR of the mean of their relative noise powers."""
+    return db((boxes.relative + scores.relative) / 2)
+
+
+def _add_detection(boxes: NoisePower, scores: NoisePower, reference: torch.Tensor, test: torch.Tensor) -> None:
+    """Accumulate the box (first 4 rows) and score rows of ``(B, 4 + nc, A)`` predictions separately."""
+    boxes.add(reference[:, :4], test[:, :4])
+    scores.add(reference[:, 4:], test[:, 4:])
+
+
+def enclosing_block(model: nn.Module, conv_name: str) -> tuple[str, str]:
+    """Name and class of the block a conv came from: the nearest Rep block / ConvBNReLU (qarep_det.nn) or
+    Ultralytics ``Conv``, else the conv itself (e.g. the head's last 1x1 convs)."""
+    from ultralytics.nn.modules import Conv
+
+    parts = conv_name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        name = ".".join(parts[:i])
+        module = model.get_submodule(name)
+        if isinstance(module, (Reparameterizable, Conv)):
+            return name, type(module).__name__
+    return conv_name, type(model.get_submodule(conv_name)).__name__
+
+
+@contextlib.contextmanager
+def _recording(convs: dict[str, nn.Module], inputs: dict, outputs: dict) -> Iterator[None]:
+    """Keep each conv's input and output of the forward passes run inside."""
+    handles = []
+    for name, conv in convs.items():
+        handles.append(conv.register_forward_pre_hook(lambda _, args, n=name: inputs.__setitem__(n, args[0])))
+        handles.append(conv.register_forward_hook(lambda _, __, out, n=name: outputs.__setitem__(n, out)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _comparing(
+    qconvs: dict[str, nn.Module], convs: dict[str, nn.Module], inputs: dict, outputs: dict, errors: dict
+) -> Iterator[None]:
+    """Accumulate each quantized conv's input (before its quantizer) and output against the FP32 model's, and its
+    output against its float twin ``convs[name]`` run on the same input (the noise it adds itself)."""
+
+    def after(name: str, e: _Errors):
+        def hook(_: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            e.cum_out.add(outputs[name], out)
+            e.added.add(convs[name](args[0]), out)
+
+        return hook
+
+    handles = []
+    for name, conv in qconvs.items():
+        e = errors[name]
+        handles.append(conv.register_forward_pre_hook(lambda _, args, n=name, e=e: e.cum_in.add(inputs[n], args[0])))
+        handles.append(conv.register_forward_hook(after(name, e)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _out_of_place(model: nn.Module) -> nn.Module:
+    """Turn in-place activations off (Ultralytics' checkpoint loader turns them on): an in-place ReLU would
+    overwrite the conv output a hook just kept."""
+    for m in model.modules():
+        if hasattr(m, "inplace"):
+            m.inplace = False
+    return model
+
+
+def _set_quantizers(conv: nn.Module, on: bool) -> None:
+    for quantizer in (conv.input_quantizer, conv.weight_quantizer):
+        quantizer.enable() if on else quantizer.disable()
+
+
+def _isolated(
+    graph: RestartableForward, cache: ForwardCache, qmodel: nn.Module, qconvs: dict, errors: dict, bar: tqdm
+) -> None:
+    """One batch of isolated passes: each conv's quantizers on alone, the forward restarted from its node. The conv
+    then sees its exact FP32 input, so its input quantizer's own input and output also give ``act_sqnr_db``."""
+    try:
+        for conv in qconvs.values():
+            _set_quantizers(conv, False)
+        for name, conv in qconvs.items():
+            e = errors[name]
+            _set_quantizers(conv, True)
+            handle = conv.input_quantizer.register_forward_hook(lambda _, args, out, e=e: e.act.add(args[0], out))
+            try:
+                _add_detection(e.boxes, e.scores, cache.output, graph.restart(cache, name, qmodel))
+            finally:
+                handle.remove()
+            _set_quantizers(conv, False)
+            bar.update()
+    finally:
+        for conv in qconvs.values():
+            _set_quantizers(conv, True)
+
+
+def analyze(
+    fused: nn.Module,
+    calib: Sequence[torch.Tensor],
+    recipe: QuantRecipe | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> ModelAnalysis:
+    """Per-conv INT8 error analysis of a fused detector on the calibration batches (see the module docstring).
+
+    ``calib`` must be re-iterable (a ``CalibrationSet`` or a list): it calibrates first, then is walked once more.
+    ``fused`` itself is not modified.
+    """
+    recipe = recipe or QuantRecipe()
+    start = time.perf_counter()
+    names = quantized_conv_names(fused, recipe)
+    qmodel = _out_of_place(quantize_torch(fused, calib, recipe, device).to(memory_format=FAST_LAYOUT))
+    calibrate_s = time.perf_counter() - start
+    fused = _out_of_place(copy.deepcopy(fused).to(device, memory_format=FAST_LAYOUT).eval())
+    graph = RestartableForward(fused)
+    convs = {n: fused.get_submodule(n) for n in names}
+    qconvs = {n: qmodel.get_submodule(n) for n in names}
+    errors = {n: _Errors() for n in names}
+    out_boxes, out_scores = NoisePower(), NoisePower()
+    images = 0
+    bar = tqdm(total=len(calib) * len(names), desc="per-conv INT8 sensitivity", unit="conv", disable=not progress)
+    if isinstance(calib, CalibrationSet):  # its own bar would say "calibrating"; ours counts the analysis
+        calib = replace(calib, progress=False)
+    with torch.no_grad(), bar:
+        for batch in calib:
+            x = batch.to(device, torch.float32).contiguous(memory_format=FAST_LAYOUT)
+            images += x.shape[0]
+            inputs, outputs = {}, {}
+            with _recording(convs, inputs, outputs):
+                cache = graph.forward(x)
+            with _comparing(qconvs, convs, inputs, outputs, errors):
+                _add_detection(out_boxes, out_scores, cache.output, first_output(qmodel(x)))
+            del outputs
+            _isolated(graph, cache, qmodel, qconvs, errors, bar)
+    if images == 0:
+        raise ValueError("the analysis saw no images: pass a re-iterable calibration set (it is walked twice)")
+    layers = [_layer(fused, n, qconvs[n], errors[n]) for n in names]
+    return ModelAnalysis(
+        layers=layers,
+        ranking=[r.name for r in sorted(layers, key=lambda r: r.isolated_sqnr_db)],
+        cumulative_ranking=[r.name for r in sorted(layers, key=lambda r: r.cumulative_added_sqnr_db)],
+        int8_output_sqnr_db={
+            "boxes": out_boxes.sqnr_db,
+            "scores": out_scores.sqnr_db,
+            "combined": detection_noise(out_boxes, out_scores),
+        },
+        images=images,
+        calibrate_s=calibrate_s,
+        analyze_s=time.perf_counter() - start - calibrate_s,
+    )
+
+
+def keep_most_sensitive(
+    fused: nn.Module,
+    calib: Sequence[torch.Tensor],
+    recipe: QuantRecipe,
+    keep_float: int,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> QuantRecipe:
+    """``recipe`` with the ``keep_float`` convs that hurt most alone (the isolated ranking :func:`analyze` gives on
+    ``calib``, which diagnose reports) added to its float layers; ``recipe`` itself for 0."""
+    if not keep_float:
+        return recipe
+    ranking = analyze(fused, calib, recipe, device, progress).ranking
+    return replace(recipe, float_layers=recipe.float_layers + tuple(ranking[:keep_float]))
+
+
+def _layer(fused: nn.Module, name: str, qconv: nn.Module, e: _Errors) -> LayerAnalysis:
+    """One row of the table from a conv's weights, calibrated range and accumulated errors."""
+    weight = fused.get_submodule(name).weight
+    block, block_type = enclosing_block(fused, name)
+    return LayerAnalysis(
+        name=name,
+        block=block,
+        block_type=block_type,
+        weight_sqnr_db=weight_sqnr_db(weight),
+        weight_max_to_median=max_to_median(weight)[0],
+        act_amax=float(qconv.input_quantizer.amax),
+        act_sqnr_db=e.act.sqnr_db,
+        isolated_sqnr_db=detection_noise(e.boxes, e.scores),
+        isolated_boxes_sqnr_db=e.boxes.sqnr_db,
+        isolated_scores_sqnr_db=e.scores.sqnr_db,
+        cumulative_input_sqnr_db=e.cum_in.sqnr_db,
+        cumulative_sqnr_db=e.cum_out.sqnr_db,
+        cumulative_added_sqnr_db=e.added.sqnr_db,
+    )
+
+
+@dataclass(frozen=True)
+class BNScale:
+    """``|gamma| / sqrt(running_var + eps)`` of one BatchNorm of a Rep block, summarised over its channels."""
+
+    block: str
+    block_type: str
+    branch: str
+    max: float
+    median: float
+    channel: int  # where the max is
+    outliers: int  # channels above BN_OUTLIER_FACTOR x median
+
+    @property
+    def outlier(self) -> bool:
+        return self.outliers > 0
+
+
+def rep_block_bns(block: nn.Module) -> dict[str, nn.BatchNorm2d]:
+    """The BatchNorms of a training-form block by branch (RepVGG: 3x3, 1x1, identity; QARep: 3x3, post;
+    ConvBNReLU: conv); none once fused."""
+    if isinstance(block, RepVGGBlock) and not block.fused:
+        bns = {"3x3": block.branch_3x3[1], "1x1": block.branch_1x1[1], "identity": block.branch_identity}
+        return {k: v for k, v in bns.items() if v is not None}
+    if isinstance(block, QARepBlock) and not block.fused:
+        return {"3x3": block.branch_3x3[1], "post": block.bn}
+    if isinstance(block, ConvBNReLU) and not block.fused:
+        return {"conv": block.branch[1]}
+    return {}
+
+
+def bn_scales(model: nn.Module) -> list[BNScale]:
+    """BN scale factors of every training-form block of ours (Rep blocks and ConvBNReLU), in module order; empty
+    for a fused model, which has no BN left."""
+    rows = []
+    for block_name, block in model.named_modules():
+        for branch, bn in rep_block_bns(block).items():
+            scale = (bn.weight.detach().abs() / torch.sqrt(bn.running_var + bn.eps)).float().cpu()
+            median = float(scale.median())
+            rows.append(
+                BNScale(
+                    block=block_name,
+                    block_type=type(block).__name__,
+                    branch=branch,
+                    max=float(scale.max()),
+                    median=median,
+                    channel=int(scale.argmax()),
+                    outliers=int((scale > BN_OUTLIER_FACTOR * median).sum()),
+                )
+            )
+    return rows
+
+
+def json_float(value: float) -> float | None:
+    """None for inf and NaN, which JSON cannot hold (an infinite SQNR means no error)."""
+    return value if math.isfinite(value) else None
+
+
+def to_record(row: LayerAnalysis | BNScale) -> dict[str, object]:
+    """A JSON-ready dict: non-finite floats become None, BN rows get their ``outlier`` flag."""
+    record = {k: json_float(v) if isinstance(v, float) else v for k, v in asdict(row).items()}
+    if isinstance(row, BNScale):
+        record["outlier"] = row.outlier
+    return record

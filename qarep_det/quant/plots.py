@@ -1,0 +1,157 @@
+"""Diagnosis report (``report.json``'s dict) -> PNG plots; nothing here measures anything.
+
+Four figures, each comparing every model of the report on one axis (layers are matched by name, in the first
+model's order, so twins such as yolo_qarep_s / yolo_repvgg_s line up bar by bar): the isolated output SQNR per
+conv, the cumulative SQNR along the depth, the fused weights' max/median per conv, and the BN scale factors of the
+training form per block and branch. Matplotlib's object API with the Agg canvas: no pyplot state, no display.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+LABEL_SIZE = 7  # layer names on the x axis: ~60 convs fit at 0.22 inch each
+INCH_PER_LAYER = 0.22
+
+
+def _layer_names(models: Sequence[dict[str, Any]]) -> list[str]:
+    """Every conv name of every model, first model's order first."""
+    return list(dict.fromkeys(layer["name"] for m in models for layer in m["layers"]))
+
+
+def _values(model: dict[str, Any], names: list[str], key: str) -> list[float]:
+    """``key`` of each named layer, NaN where missing or not finite (JSON null = inf SQNR)."""
+    by_name = {layer["name"]: layer.get(key) for layer in model["layers"]}
+    return [v if isinstance(v, (int, float)) and math.isfinite(v) else math.nan for v in map(by_name.get, names)]
+
+
+def _short(name: str) -> str:
+    """``model.8.1.conv`` -> ``8.1.conv``: the common prefix costs label space."""
+    return name.removeprefix("model.")
+
+
+def _figure(n_items: int, height: float = 5.5) -> tuple[Figure, Axes]:
+    fig = Figure(figsize=(max(8.0, 2.5 + INCH_PER_LAYER * n_items), height), layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def _layer_axis(ax: Axes, names: list[str]) -> None:
+    ax.set_xticks(range(len(names)), [_short(n) for n in names], rotation=90, fontsize=LABEL_SIZE)
+    ax.set_xlim(-0.7, len(names) - 0.3)
+    ax.set_xlabel("quantized conv of the fused model (module path without 'model.'), forward order")
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _save(fig: Figure, title: str, path: Path) -> Path:
+    """Title on top, the legend below the x axis (so it never hides data), then write the PNG."""
+    fig.suptitle(title)
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4), fontsize=8, frameon=False)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _bar_x(i: int, k: int, n_models: int) -> float:
+    """Centre of model ``k``'s bar in the group of layer ``i``."""
+    return i - 0.4 + 0.8 / n_models * (k + 0.5)
+
+
+def _bars(ax: Axes, models: Sequence[dict[str, Any]], names: list[str], key: str) -> None:
+    """Grouped bars: one colour per model, side by side for each layer."""
+    for k, model in enumerate(models):
+        xs = [_bar_x(i, k, len(models)) for i in range(len(names))]
+        ax.bar(xs, _values(model, names, key), 0.8 / len(models), label=model["model"], color=f"C{k}")
+
+
+def plot_isolated(models: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Detector output SQNR with one conv INT8 at a time; each model's most harmful conv is marked and named."""
+    names = _layer_names(models)
+    fig, ax = _figure(len(names))
+    _bars(ax, models, names, "isolated_sqnr_db")
+    for k, model in enumerate(models):
+        worst = model["ranking"][0]
+        value = _values(model, [worst], "isolated_sqnr_db")[0]
+        ax.plot(_bar_x(names.index(worst), k, len(models)), value, "v", color=f"C{k}", markeredgecolor="black",
+                markersize=10, label=f"{model['model']}: most harmful {_short(worst)} ({value:.1f} dB)")  # fmt: skip
+    _layer_axis(ax, names)
+    ax.set_ylabel("detector output SQNR (dB) with only this conv INT8\n(lower = more harmful)")
+    title = "Isolated sensitivity per conv (boxes and scores weighted equally: mean of their relative noise powers)"
+    return _save(fig, title, path)
+
+
+def plot_cumulative(models: Sequence[dict[str, Any]], path: Path) -> Path:
+    """SQNR of each conv's output (solid) and input (dotted) in the fully INT8 model against FP32."""
+    names = _layer_names(models)
+    fig, ax = _figure(len(names))
+    xs = range(len(names))
+    for k, model in enumerate(models):
+        ax.plot(xs, _values(model, names, "cumulative_sqnr_db"), "-o", color=f"C{k}", markersize=3,
+                label=f"{model['model']}: conv output")  # fmt: skip
+        ax.plot(xs, _values(model, names, "cumulative_input_sqnr_db"), ":", color=f"C{k}",
+                label=f"{model['model']}: conv input (before its quantizer)")  # fmt: skip
+    _layer_axis(ax, names)
+    ax.set_ylabel("SQNR vs FP32 in the fully INT8 model (dB)")
+    return _save(fig, "Cumulative error along the depth: the gap from dotted to solid is what a conv adds", path)
+
+
+def plot_weights(models: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Largest |weight| over its channel's median per conv (log scale): fused identity taps stand out."""
+    names = _layer_names(models)
+    fig, ax = _figure(len(names))
+    _bars(ax, models, names, "weight_max_to_median")
+    ax.set_yscale("log")
+    _layer_axis(ax, names)
+    ax.set_ylabel("largest |w| / median |w| of its output channel\n(log scale)")
+    return _save(fig, "Fused weight outliers: per-channel INT8 spends each channel's range on its largest weight", path)
+
+
+def plot_bn_scales(models: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """|gamma| / sqrt(var + eps) per block and branch of the training form, one panel per model (log scale):
+    max as a filled marker, median hollow, outlier BNs ringed. None when no model has BN rows (fused checkpoints)."""
+    with_bn = [m for m in models if m["bn_scales"]]
+    if not with_bn:
+        return None
+    blocks = list(dict.fromkeys(row["block"] for m in with_bn for row in m["bn_scales"]))
+    fig = Figure(figsize=(max(8.0, 2.5 + INCH_PER_LAYER * len(blocks)), 1.0 + 3.6 * len(with_bn)), layout="constrained")
+    axes = fig.subplots(len(with_bn), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, model in zip(axes, with_bn, strict=True):
+        branches = list(dict.fromkeys(row["branch"] for row in model["bn_scales"]))
+        for k, branch in enumerate(branches):
+            rows = [r for r in model["bn_scales"] if r["branch"] == branch]
+            xs = [blocks.index(r["block"]) + (k - (len(branches) - 1) / 2) * 0.18 for r in rows]
+            ax.plot(xs, [r["max"] for r in rows], "o", color=f"C{k}", markersize=4, label=f"{branch} BN: max")
+            ax.plot(xs, [r["median"] for r in rows], "o", markerfacecolor="none", color=f"C{k}", markersize=4,
+                    label=f"{branch} BN: median")  # fmt: skip
+            outliers = [(x, r["max"]) for x, r in zip(xs, rows, strict=True) if r["outlier"]]
+            if outliers:
+                ax.plot(*zip(*outliers, strict=True), "o", markersize=11, markerfacecolor="none", color="red")
+        ax.set_yscale("log")
+        ax.set_ylabel("|gamma| / sqrt(var + eps)\n(log scale)")
+        factor = model.get("bn_outlier_factor", math.nan)
+        ax.set_title(f"{model['model']}: red ring = a channel above {factor:g}x its BN's median", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the panel, never over a point
+    axes[-1].set_xticks(range(len(blocks)), [_short(b) for b in blocks], rotation=90, fontsize=LABEL_SIZE)
+    axes[-1].set_xlabel("block of the training form (module path without 'model.'); ConvBNReLU's BN is 'conv'")
+    fig.suptitle("BN scale factors |gamma| / sqrt(running var + eps) per block and branch")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def save_plots(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    """Write every plot of a diagnosis report into ``out_dir``; returns the files written."""
+    out_dir = Path(out_dir)
+    models = report["models"]
+    paths = [
+        plot_isolated(models, out_dir / "isolated_sqnr.png"),
+        plot_cumulative(models, out_dir / "cumulative_sqnr.png"),
+        plot_weights(models, out_dir / "weight_max_to_median.png"),
+        plot_bn_scales(models, out_dir / "bn_scales.png"),
+    ]
+    return [p for p in paths if p is not None]

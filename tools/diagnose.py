@@ -1,0 +1,65 @@
+"""Where INT8 accuracy goes, conv by conv, for one or more detectors, with ptq_eval's recipe.
+
+  python tools/diagnose.py --weights runs/qarep_s/weights/best.pt runs/repvgg_s/weights/best.pt --data coco.yaml
+
+Each model is fused and quantized exactly as ptq_eval does (same calibration draw, same quantized convs, same head
+treatment); for every quantized conv it measures the weight and input INT8 SQNR, the detector's output SQNR with
+only that conv INT8 (isolated) and that conv's SQNR in the fully INT8 model (cumulative), plus the BN scale
+factors of the training form. Writes OUT/report.json, OUT/report.md and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import qarep_det  # noqa: F401  (offline Ultralytics, module registration)
+from qarep_det.cli import HelpFormatter, OneLineErrorParser
+from qarep_det.device import torch_device
+from qarep_det.eval.diagnose import DiagnoseSettings, run_diagnose
+from qarep_det.quant.recipe import CALIB_METHODS, QuantRecipe
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = OneLineErrorParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--weights", nargs="+", type=Path, required=True, help="trained checkpoints (.pt)")
+    parser.add_argument("--data", type=Path, required=True, help="dataset YAML; calibration images come from train")
+    parser.add_argument("--imgsz", type=int, default=640, help="square letterbox size")
+    parser.add_argument("--calib-images", type=int, default=64, help="calibration images (also the analysed ones)")
+    parser.add_argument("--calib-method", choices=CALIB_METHODS, default="max", help="activation range calibrator")
+    parser.add_argument("--percentile", type=float, default=99.99, help="for --calib-method percentile")
+    parser.add_argument("--keep-head-float", action="store_true", help="leave the Detect head's convs in float")
+    parser.add_argument("--seed", type=int, default=0, help="calibration image draw")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu or a CUDA index such as 0")
+    parser.add_argument("--batch", type=int, default=8, help="images per forward pass")
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/diagnose/exp"), help="output folder (incremented if it exists)"
+    )
+    parser.add_argument("--exist-ok", action="store_true", help="write into --out even if it exists, replacing files")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from ultralytics.utils.files import increment_path
+
+    out = Path(increment_path(args.out, exist_ok=args.exist_ok))
+    try:
+        recipe = QuantRecipe(args.calib_method, args.percentile, not args.keep_head_float, args.calib_images, args.seed)
+        settings = DiagnoseSettings(args.data, recipe, args.imgsz, args.batch, str(torch_device(args.device)))
+        report, files = run_diagnose(args.weights, settings, out, overwrite=args.exist_ok)
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for m in report["models"]:
+        print(
+            f"{m['model']}: most harmful conv {m['ranking'][0]} (isolated), {m['cumulative_ranking'][0]} "
+            f"(cumulative); {m['calibrate_s'] + m['analyze_s']:.0f} s"
+        )
+    print(f"report: {files[0]}, {files[1]}; plots: {', '.join(f.name for f in files[2:])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
