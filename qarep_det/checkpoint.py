@@ -8,9 +8,12 @@ from pathlib import Path
 from ultralytics.nn.modules import Detect
 from ultralytics.nn.tasks import DetectionModel, load_checkpoint
 
+from qarep_det.quant.simulated import modelopt_quiet
+
 
 def load_detector(weights: str | os.PathLike) -> DetectionModel:
-    """Load an Ultralytics detection checkpoint (``.pt``) as an FP32 model in eval mode.
+    """Load an Ultralytics detection checkpoint (``.pt``) as an FP32 model in eval mode (a QAT checkpoint: its
+    fake-quantized student, as Ultralytics restores it).
 
     Raises ``FileNotFoundError`` for a missing file (before Ultralytics could try to download a file of that
     name) and ``ValueError`` for a corrupt file or a checkpoint that does not hold a detector.
@@ -21,7 +24,8 @@ def load_detector(weights: str | os.PathLike) -> DetectionModel:
     if path.suffix != ".pt":
         raise ValueError(f"weights '{path}' must be an Ultralytics .pt checkpoint")
     try:
-        model, _ = load_checkpoint(path)
+        with modelopt_quiet():  # a QAT checkpoint: Ultralytics re-applies its ModelOpt quantization
+            model, _ = load_checkpoint(path)
     except Exception as e:  # torch.load fails in many ways on a corrupt file; all mean "unreadable"
         first_line = next((line for line in str(e).splitlines() if line.strip()), "")
         raise ValueError(f"cannot read weights '{path}': {type(e).__name__}: {first_line.strip()}") from e

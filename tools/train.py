@@ -13,14 +13,10 @@ from pathlib import Path
 
 # Importing the trainer imports qarep_det first, which sets YOLO_OFFLINE, YOLO_AUTOINSTALL and YOLO_CONFIG_DIR (unless
 # already set) before Ultralytics is imported.
-from qarep_det.cli import OneLineErrorParser
+from qarep_det.cli import HelpFormatter, OneLineErrorParser, explicit_flags
 from qarep_det.integrations.trainer import RECIPE, TRAINERS, TrainInputError, TrainOptions, make_trainer
 
 RESUME_FLAGS = {"resume", "device", "workers", "data", "project"}  # what --resume may be given with
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown after each flag; the description's usage examples keep their lines."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     recipe = ", ".join(f"{k}={v}" for k, v in RECIPE.items())
     parser = OneLineErrorParser(
         description=__doc__,
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
         allow_abbrev=False,  # so that the flags given with --resume can be told from defaults
         epilog=textwrap.fill(
             f"Training recipe, after YOLOv6-S (override with --hyp): {recipe}. SGD is pinned because Ultralytics' "
@@ -81,11 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
         "(RepVGGBlock models only)",
     )
     return parser
-
-
-def explicit_flags(argv: list[str]) -> set[str]:
-    """The destinations of the flags present in ``argv`` (exact long flags only: abbreviations are disabled)."""
-    return {token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")}
 
 
 def main(argv: list[str] | None = None) -> int:

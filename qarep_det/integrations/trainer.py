@@ -85,10 +85,9 @@ class TrainInputError(ValueError):
 
 
 @dataclass
-class TrainOptions:
-    """One training run, as ``tools/train.py`` flags describe it (see that tool's ``--help`` for each field)."""
+class RunOptions:
+    """What every training run takes: data, schedule, hardware and where the run goes (tool flags of the same names)."""
 
-    cfg: Path | None = None
     data: Path | None = None
     epochs: int = 300
     imgsz: int = 640
@@ -99,9 +98,16 @@ class TrainOptions:
     name: str = "exp"
     exist_ok: bool = False
     resume: Path | bool = False  # True: the newest last.pt under project
+    seed: int = 0
+
+
+@dataclass
+class TrainOptions(RunOptions):
+    """One training run, as ``tools/train.py`` flags describe it (see that tool's ``--help`` for each field)."""
+
+    cfg: Path | None = None
     weights: Path | None = None
     hyp: Path | Mapping[str, Any] | None = None  # extra Ultralytics settings: a YAML file or a mapping
-    seed: int = 0
     rep_l2: str = "plain"  # ignored on resume: the run's own choice is read from its checkpoint
 
 
@@ -253,6 +259,15 @@ def rep_l2_of(checkpoint: Mapping[str, Any]) -> str:
     """Which ``TRAINERS`` key wrote a resumable checkpoint, read from its optimizer's parameter groups."""
     groups = (checkpoint.get("optimizer") or {}).get("param_groups", [])
     return "custom" if any(g.get("param_group") == "rep_l2" for g in groups) else "plain"
+
+
+def trainer_of(checkpoint: Mapping[str, Any]) -> type[QARepTrainer]:
+    """The trainer class that wrote a resumable checkpoint: QAT (it carries ModelOpt state), else by its L2."""
+    if checkpoint.get("modelopt"):
+        from qarep_det.integrations.qat import QATTrainer  # the QAT trainer builds on this module
+
+        return QATTrainer
+    return TRAINERS[rep_l2_of(checkpoint)]
 
 
 # --- Input checks -------------------------------------------------------------------------------------------------
@@ -413,32 +428,25 @@ def _positive(flag: str, value: int, minimum: int = 1) -> None:
         raise TrainInputError(f"{flag} must be an integer >= {minimum}, got {value!r}")
 
 
-def _new_run(options: TrainOptions) -> tuple[type[QARepTrainer], dict[str, Any]]:
-    """Check a new run's options; return its trainer class and Ultralytics overrides."""
-    if options.cfg is None or options.data is None:
-        raise TrainInputError("--cfg and --data are required (unless --resume)")
+def check_run_settings(options: RunOptions) -> str:
+    """Check the settings every new run shares; returns the device in Ultralytics' form."""
     _positive("--epochs", options.epochs)
     _positive("--batch", options.batch)
     _positive("--workers", options.workers, 0)
     _positive("--imgsz", options.imgsz, MODEL_STRIDE)
     if options.imgsz % MODEL_STRIDE:
         raise TrainInputError(f"--imgsz {options.imgsz} must be a multiple of the models' stride {MODEL_STRIDE}")
-    if options.rep_l2 not in TRAINERS:
-        raise TrainInputError(f"--rep-l2 must be one of {', '.join(TRAINERS)}, got {options.rep_l2!r}")
     device = resolve_device(options.device)
     if options.batch % _device_count(device):
         raise TrainInputError(f"--batch {options.batch} must be a multiple of the number of devices in {device}")
-    if options.weights is not None and not Path(options.weights).is_file():
-        raise TrainInputError(f"--weights '{options.weights}' not found")
-    hyp = load_hyp(options.hyp)
-    data = check_dataset(Path(options.data), single_cls=bool(hyp.get("single_cls")))
-    check_model_cfg(Path(options.cfg), data, options.rep_l2)
-    overrides = {
-        **RECIPE,
-        **hyp,
+    return device
+
+
+def run_overrides(options: RunOptions, device: str) -> dict[str, Any]:
+    """The Ultralytics settings a new run takes from its shared options (paths resolved)."""
+    return {
         "task": "detect",
         "mode": "train",
-        "model": str(Path(options.cfg).resolve()),
         "data": str(Path(options.data).resolve()),
         "epochs": options.epochs,
         "imgsz": options.imgsz,
@@ -449,6 +457,26 @@ def _new_run(options: TrainOptions) -> tuple[type[QARepTrainer], dict[str, Any]]
         "name": options.name,
         "exist_ok": options.exist_ok,
         "seed": options.seed,
+    }
+
+
+def _new_run(options: TrainOptions) -> tuple[type[QARepTrainer], dict[str, Any]]:
+    """Check a new run's options; return its trainer class and Ultralytics overrides."""
+    if options.cfg is None or options.data is None:
+        raise TrainInputError("--cfg and --data are required (unless --resume)")
+    if options.rep_l2 not in TRAINERS:
+        raise TrainInputError(f"--rep-l2 must be one of {', '.join(TRAINERS)}, got {options.rep_l2!r}")
+    device = check_run_settings(options)
+    if options.weights is not None and not Path(options.weights).is_file():
+        raise TrainInputError(f"--weights '{options.weights}' not found")
+    hyp = load_hyp(options.hyp)
+    data = check_dataset(Path(options.data), single_cls=bool(hyp.get("single_cls")))
+    check_model_cfg(Path(options.cfg), data, options.rep_l2)
+    overrides = {
+        **RECIPE,
+        **hyp,
+        **run_overrides(options, device),
+        "model": str(Path(options.cfg).resolve()),
         "pretrained": str(Path(options.weights).resolve()) if options.weights else False,
     }
     return TRAINERS[options.rep_l2], overrides
@@ -487,7 +515,7 @@ def _resume(options: TrainOptions) -> tuple[type[QARepTrainer], dict[str, Any]]:
     overrides = {"model": str(last), "resume": str(last), "device": device, "workers": options.workers}
     if options.data:
         overrides["data"] = str(Path(options.data).resolve())
-    return TRAINERS[rep_l2_of(ckpt)], overrides
+    return trainer_of(ckpt), overrides
 
 
 def make_trainer(

@@ -218,6 +218,17 @@ def quantize_openvino(
     return quantized
 
 
+def convert_qdq_onnx(path: str | Path) -> ov.Model:
+    """OpenVINO model of a QDQ ONNX file (a QAT student's): its Q/DQ pairs become FakeQuantize ops with the file's
+    scales and its weights INT8 constants, so the CPU runs integer convolutions with the learned ranges.
+
+    Nothing is re-calibrated, so NNCF's overflow fix cannot apply: the weights keep all 8 bits, also on CPUs
+    without VNNI (see the module docstring); ptq_eval's openvino row against its torch row shows what that costs.
+    """
+    ov, _ = _require()
+    return ov.convert_model(str(path))
+
+
 def save_openvino(ov_model: ov.Model, path: str | Path, overwrite: bool = False) -> Path:
     """Write ``path`` (.xml) and its .bin in full precision; refuses to replace either unless ``overwrite``."""
     ov, _ = _require()

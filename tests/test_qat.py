@@ -1,0 +1,284 @@
+"""tools/qat.py and qarep_det.integrations.qat: a tiny CPU QAT run, its checkpoint, resume, DDP pickling, bad input."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import os
+import runpy
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import openvino as ov
+import pytest
+import torch
+from conftest import randomize_bn
+from ultralytics.cfg import get_cfg
+from ultralytics.nn.tasks import DetectionModel, load_checkpoint
+from ultralytics.utils.dist import ddp_cleanup, generate_ddp_file
+from ultralytics.utils.patches import torch_load
+
+from qarep_det import reparameterize_model
+from qarep_det.checkpoint import load_detector
+from qarep_det.data.synthetic import make_dataset
+from qarep_det.eval.diagnose import DiagnoseSettings, run_diagnose
+from qarep_det.eval.ptq import PTQSettings, run_ptq_eval
+from qarep_det.integrations.qat import QATOptions, QATTrainer, make_qat_trainer
+from qarep_det.integrations.trainer import TrainInputError
+from qarep_det.quant.calibration import calibration_set
+from qarep_det.quant.onnx_qdq import qdq_convs
+from qarep_det.quant.qat import (
+    FeatureDistillationLoss,
+    QATDetectionModel,
+    is_qat_model,
+    make_student,
+    pin_ranges,
+    quantizer_ranges,
+)
+from qarep_det.quant.recipe import QuantRecipe
+
+REPO = Path(__file__).resolve().parents[1]
+TOOL = REPO / "tools" / "qat.py"
+QAREP_N = REPO / "model_yamls" / "yolo_qarep_n.yaml"
+RECIPE = QuantRecipe(calib_images=8)
+TINY = ["--imgsz", "64", "--batch", "8", "--device", "cpu", "--workers", "0"]
+
+main = runpy.run_path(str(TOOL))["main"]
+
+
+def fresh_env() -> dict[str, str]:
+    """The environment of a fresh process that does not know it runs under pytest."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+
+
+def results_epochs(run: Path) -> list[int]:
+    with open(run / "results.csv", newline="") as f:
+        return [int(float(row["epoch"])) for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data"), n_train=16, n_val=8, imgsz=64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def fp32_weights(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> Path:
+    """An Ultralytics checkpoint of a QARep detector with trained-looking BatchNorm statistics."""
+    model = randomize_bn(DetectionModel(str(QAREP_N), nc=6, verbose=False))
+    path = tmp_path_factory.mktemp("fp32") / "fp32.pt"
+    torch.save({"model": model, "train_args": {}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def qat_run(tmp_path_factory: pytest.TempPathFactory, dataset: Path, fp32_weights: Path) -> Path:
+    """One QAT epoch through the CLI in a fresh process (as a user runs it)."""
+    project = tmp_path_factory.mktemp("qat")
+    argv = ["--weights", fp32_weights, "--data", dataset, "--epochs", "1", *TINY, "--calib-images", "8",
+            "--project", project, "--name", "run"]  # fmt: skip
+    result = subprocess.run([sys.executable, str(TOOL), *map(str, argv)], env=fresh_env(), cwd=project,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"done: {project / 'run'}" in result.stdout
+    return project / "run"
+
+
+def calibrated_ranges(fp32_weights: Path, dataset: Path) -> dict[str, torch.Tensor]:
+    """The ranges ptq_eval's recipe gives this checkpoint: what a QAT run must start from and keep."""
+    fused = reparameterize_model(load_checkpoint(fp32_weights)[0])
+    return quantizer_ranges(make_student(fused, calibration_set(dataset, 64, 8, 0, progress=False), RECIPE))
+
+
+def test_one_cpu_epoch_keeps_the_calibrated_ranges_and_float32_weights(
+    qat_run: Path, fp32_weights: Path, dataset: Path
+) -> None:
+    assert results_epochs(qat_run) == [1]
+    ckpt = torch_load(qat_run / "weights" / "best.pt", map_location="cpu")
+    assert ckpt["modelopt"]["ranges"] and all(v.dtype == torch.float32 for v in ckpt["modelopt"]["ranges"].values())
+    student = ckpt["model"]
+    assert type(student) is QATDetectionModel and all(p.dtype == torch.float32 for p in student.parameters())
+    reference = reparameterize_model(load_checkpoint(fp32_weights)[0])
+    assert torch.equal(student.fp32_reference.model[0].conv.weight, reference.model[0].conv.weight)
+    assert not torch.equal(student.model[0].conv.weight, reference.model[0].conv.weight)  # it did train
+    expected = calibrated_ranges(fp32_weights, dataset)
+    assert expected.keys() == ckpt["modelopt"]["ranges"].keys()
+    for key, value in expected.items():  # ptq_eval's calibration, kept through training, EMA and saving; another
+        # process may sum a conv in another order (thread count), which moves a max by an ulp, hence the tolerance
+        torch.testing.assert_close(ckpt["modelopt"]["ranges"][key], value, rtol=1e-6, atol=0, msg=key)
+
+
+def test_checkpoint_reloads_as_int8_in_a_fresh_process_without_importing_qarep_det(qat_run: Path) -> None:
+    code = (
+        "import sys, torch\n"
+        "from ultralytics import YOLO\n"
+        "model = YOLO(sys.argv[1])\n"
+        "assert 'qarep_det' in sys.modules  # imported by unpickling the checkpoint\n"
+        "on = [q for q in model.model.modules() if type(q).__name__ == 'TensorQuantizer' and q.is_enabled]\n"
+        "model.predict(torch.rand(1, 3, 64, 64), verbose=False)\n"
+        "print(type(model.model).__name__, len(on))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(qat_run / "weights" / "best.pt")], env=fresh_env(),
+                            cwd=qat_run, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    name, quantizers = result.stdout.split()[-2:]
+    assert name == "QATDetectionModel" and int(quantizers) > 100  # weight + input quantizer of every conv but DFL
+
+
+def test_resume_finishes_an_interrupted_run(dataset: Path, fp32_weights: Path, tmp_path: Path) -> None:
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(trainer: QATTrainer) -> None:
+        if trainer.epoch == 0:
+            raise Interrupted
+
+    options = QATOptions(weights=fp32_weights, data=dataset, epochs=2, imgsz=64, batch=8, device="cpu", workers=0,
+                         project=tmp_path, name="resume", recipe=RECIPE)  # fmt: skip
+    trainer = make_qat_trainer(options)
+    trainer.add_callback("on_model_save", interrupt)
+    with pytest.raises(Interrupted):
+        trainer.train()
+    run = tmp_path / "resume"
+    assert results_epochs(run) == [1]
+    first = torch_load(run / "weights" / "last.pt", map_location="cpu")["modelopt"]["ranges"]
+
+    assert main(["--resume", str(run / "weights" / "last.pt"), "--workers", "0"]) == 0
+    assert results_epochs(run) == [1, 2]
+    last = torch_load(run / "weights" / "last.pt", map_location="cpu")
+    assert all(torch.equal(last["modelopt"]["ranges"][k], v) for k, v in first.items())
+
+
+def test_qat_checkpoint_as_weights_continues_with_its_own_ranges(qat_run: Path, dataset: Path, tmp_path: Path) -> None:
+    weights = qat_run / "weights" / "best.pt"
+    options = QATOptions(weights=weights, data=dataset, epochs=1, imgsz=64, batch=8, device="cpu", workers=0,
+                         project=tmp_path, distill=True)  # fmt: skip
+    trainer = make_qat_trainer(options)
+    packed = trainer.model
+    assert not is_qat_model(packed) and packed.distill  # plain convs: picklable for DDP workers
+    saved = torch_load(weights, map_location="cpu")["modelopt"]["ranges"]
+    ranges = packed.__dict__["qat_state"]["ranges"]
+    assert all(torch.equal(ranges[k], v) for k, v in saved.items())
+
+
+def test_distillation_adds_a_feature_loss_that_vanishes_for_the_teacher(fp32_weights: Path, dataset: Path) -> None:
+    fused = reparameterize_model(load_checkpoint(fp32_weights)[0])
+    student = make_student(fused, calibration_set(dataset, 64, 8, 0, progress=False), RECIPE, distill=True)
+    student.args = get_cfg()  # the loss gains, as the trainer sets them
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    batch = {"img": images, "batch_idx": torch.zeros(1), "cls": torch.zeros(1, 1), "bboxes": torch.tensor([[0.5] * 4])}
+    student.train()
+    losses = {}
+    for name, teacher in (("fp32", student.fp32_reference), ("itself", copy.deepcopy(student))):
+        loss, items = FeatureDistillationLoss(student.init_criterion(), student, teacher)(student(images), batch)
+        assert loss.shape == (4,) and set(items) == {"box_loss", "cls_loss", "dfl_loss", "distill_loss"}
+        losses[name] = loss
+        assert (items["distill_loss"] > 0) == (name == "fp32"), (name, items)
+    losses["fp32"][3].backward()  # the distillation term reaches the student's weights
+    assert student.model[0].conv.weight.grad.abs().sum() > 0
+
+
+def test_ranges_are_pinned_and_half_keeps_float32(fp32_weights: Path, dataset: Path) -> None:
+    fused = reparameterize_model(load_checkpoint(fp32_weights)[0])
+    student = make_student(fused, calibration_set(dataset, 64, 8, 0, progress=False), RECIPE)
+    ranges = quantizer_ranges(student)
+    drifted = make_student(fused, [torch.rand(2, 3, 64, 64) * 2], RECIPE)
+    assert not all(torch.equal(quantizer_ranges(drifted)[k], v) for k, v in ranges.items())
+    pin_ranges(drifted, student)
+    assert all(torch.equal(quantizer_ranges(drifted)[k], v) for k, v in ranges.items())
+    assert student.half() is student and next(student.parameters()).dtype == torch.float32
+
+
+def test_ddp_worker_script_trains_the_packed_student(dataset: Path, fp32_weights: Path, tmp_path: Path) -> None:
+    """Ultralytics' generated DDP worker script, run as is: outside torchrun it trains in one process."""
+    options = QATOptions(weights=fp32_weights, data=dataset, epochs=1, imgsz=64, batch=8, device="cpu", workers=0,
+                         project=tmp_path, name="ddp", recipe=RECIPE)  # fmt: skip
+    trainer = make_qat_trainer(options)
+    script = generate_ddp_file(trainer)
+    try:
+        result = subprocess.run([sys.executable, script], env=fresh_env(), cwd=tmp_path, capture_output=True,
+                                text=True, timeout=300)  # fmt: skip
+    finally:
+        ddp_cleanup(trainer, script)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert is_qat_model(load_checkpoint(trainer.save_dir / "weights" / "best.pt")[0])
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["not a detector", "no epochs", "qat weights with recipe flags", "distill without teacher", "missing weights"],
+)
+def test_bad_input_fails_with_one_line_and_writes_nothing(
+    case: str, qat_run: Path, dataset: Path, fp32_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    weights, extra, message = fp32_weights, [], ""
+    if case == "not a detector":
+        weights = tmp_path / "not_a_detector.pt"
+        torch.save({"model": torch.nn.Linear(2, 2)}, weights)
+        message = "not an Ultralytics Detect detector"
+    elif case == "no epochs":
+        extra, message = ["--epochs", "0"], "--epochs must be an integer >= 1"
+    elif case == "qat weights with recipe flags":
+        weights, extra, message = qat_run / "weights" / "best.pt", ["--calib-images", "16"], "drop --calib-images"
+    elif case == "distill without teacher":
+        ckpt = torch_load(qat_run / "weights" / "best.pt", map_location="cpu")
+        ckpt["model"].__dict__["fp32_reference"] = None
+        weights = tmp_path / "no_teacher.pt"
+        torch.save(ckpt, weights)
+        extra, message = ["--distill"], "holds no FP32 teacher"
+    else:
+        weights, message = tmp_path / "missing.pt", "not found"
+    project = tmp_path / "runs"
+    argv = ["--weights", weights, "--data", dataset, *TINY, *extra, "--project", project]
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not project.exists()
+
+
+def test_ptq_eval_scores_the_student_with_its_learned_scales_in_every_artefact(
+    qat_run: Path, dataset: Path, tmp_path: Path
+) -> None:
+    backends = ("torch", "onnxruntime", "openvino")
+    settings = PTQSettings(dataset, QuantRecipe(calib_images=1), backends, imgsz=64, batch=4)
+    rows, _, _ = run_ptq_eval([qat_run / "weights" / "best.pt"], settings, tmp_path, progress=False)
+    assert [(r["backend"], r["method"], r["calib_images"]) for r in rows] == [(b, "qat", 8) for b in backends]
+    student = load_detector(qat_run / "weights" / "best.pt")
+    quantized = {n: m for n, m in student.named_modules() if getattr(m, "input_quantizer", None) is not None}
+    quantized = {n: m for n, m in quantized.items() if m.input_quantizer.is_enabled}
+
+    convs = qdq_convs(rows[0]["int8_file"])  # the QDQ ONNX for TensorRT: one Q/DQ pair per quantizer, its scale
+    assert {n for n, (i, w) in convs.items() if i and w} == set(quantized)
+    for name, conv in quantized.items():
+        (inputs, weights) = convs[name]
+        torch.testing.assert_close(torch.tensor(inputs.scale), conv.input_quantizer.amax.float().cpu() / 127)
+        torch.testing.assert_close(torch.tensor(weights.scale), conv.weight_quantizer.amax.flatten().cpu() / 127)
+
+    ir = ov.Core().read_model(rows[2]["int8_file"])  # the OpenVINO IR: FakeQuantize at the learned input ranges
+    highs = {f"{op.input_value(2).get_node().get_data().max():.6g}" for op in ir.get_ordered_ops()
+             if op.get_type_name() == "FakeQuantize"}  # fmt: skip
+    assert highs == {f"{float(c.input_quantizer.amax):.6g}" for c in quantized.values()}
+
+
+def test_ptq_eval_and_diagnose_refuse_what_does_not_apply_to_a_qat_checkpoint(qat_run: Path, dataset: Path) -> None:
+    weights = [qat_run / "weights" / "best.pt"]
+    settings = PTQSettings(dataset, QuantRecipe(calib_images=1), keep_float=1, imgsz=64)
+    with pytest.raises(ValueError, match="is a QAT checkpoint"):
+        run_ptq_eval(weights, settings, "unused", progress=False)
+    with pytest.raises(ValueError, match="is a QAT checkpoint"):
+        run_diagnose(weights, DiagnoseSettings(dataset, imgsz=64), "unused", progress=False)
+
+
+def test_keep_float_keeps_the_most_sensitive_conv_float_in_the_student(
+    dataset: Path, fp32_weights: Path, tmp_path: Path
+) -> None:
+    options = QATOptions(weights=fp32_weights, data=dataset, epochs=1, imgsz=64, batch=8, device="cpu", workers=0,
+                         project=tmp_path, recipe=RECIPE, keep_float=1)  # fmt: skip
+    packed = make_qat_trainer(options).model
+    (kept,) = packed.qat_recipe["float_layers"]
+    ranges = packed.__dict__["qat_state"]["ranges"]
+    assert f"{kept}.weight_quantizer._amax" not in ranges and f"{kept}.input_quantizer._amax" not in ranges
+    assert sum(k.endswith("weight_quantizer._amax") for k in ranges) > 50  # the others stay quantized
+    with pytest.raises(TrainInputError, match="cannot keep 999 convs float"):
+        make_qat_trainer(replace(options, keep_float=999))

@@ -1,0 +1,123 @@
+"""Quantization-aware fine-tuning (QAT) of a trained detector on Ultralytics' trainer, offline.
+
+python tools/qat.py --weights runs/train/exp/weights/best.pt --data coco.yaml --epochs 10 --device 0
+python tools/qat.py --resume runs/qat/exp/weights/last.pt
+python tools/ptq_eval.py --weights runs/qat/exp/weights/best.pt --data coco.yaml   # FP32 vs the QAT INT8 model
+
+The checkpoint is fused, quantized with ptq_eval's recipe (ModelOpt, TensorRT's INT8 scheme, the same seeded
+calibration draw and head treatment) and fine-tuned with its quantizer ranges frozen. best.pt and last.pt are
+Ultralytics QAT checkpoints (YOLO(best.pt) gives the INT8 model back) that also carry the FP32 model the run started
+from, for ptq_eval and --distill. A QAT checkpoint as --weights starts a new run from it with its own ranges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+
+from qarep_det.cli import HelpFormatter, OneLineErrorParser, explicit_flags
+from qarep_det.integrations.qat import QAT_RECIPE, QATOptions, make_qat_trainer
+from qarep_det.integrations.trainer import TrainInputError
+from qarep_det.quant.qat import DISTILL_WEIGHT
+from qarep_det.quant.recipe import CALIB_METHODS, QuantRecipe
+
+RESUME_FLAGS = {"resume", "device", "workers", "data", "project"}  # what --resume may be given with
+RECIPE_FLAGS = {"calib_images", "calib_method", "percentile", "keep_head_float", "keep_float", "keep_float_layers"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    recipe = ", ".join(f"{k}={v}" for k, v in QAT_RECIPE.items())
+    parser = OneLineErrorParser(
+        description=__doc__,
+        formatter_class=HelpFormatter,
+        allow_abbrev=False,  # so that explicit flags can be told from defaults
+        epilog=textwrap.fill(
+            f"Fine-tuning recipe: {recipe}. No warmup (Ultralytics' warmup starts biases at lr 0.1), no mosaic, "
+            "FP32 rather than AMP (float16 rounding would add noise the INT8 engine does not have). The EMA's ranges "
+            f"are kept equal to the model's. --distill adds {DISTILL_WEIGHT:g} x the mean normalized L2 between the "
+            "student's and the FP32 model's Detect inputs to the detection loss.",
+            width=100,
+        ),
+    )
+    parser.add_argument("--weights", type=Path, help="trained FP32 checkpoint, or a QAT one to continue from")
+    parser.add_argument("--data", type=Path, help="dataset YAML: its train split calibrates and trains")
+    parser.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs")
+    parser.add_argument("--imgsz", type=int, default=640, help="train/val/calibration image size, a multiple of 32")
+    parser.add_argument("--batch", type=int, default=32, help="total batch size, split evenly over DDP devices")
+    parser.add_argument("--device", default="auto", help="'cpu', '0', or '0,1,...' for DDP; auto: '0' if CUDA")
+    parser.add_argument("--workers", type=int, default=8, help="dataloader workers per process")
+    parser.add_argument("--lr0", type=float, default=QAT_RECIPE["lr0"], help="initial learning rate (SGD)")
+    parser.add_argument("--calib-images", type=int, default=512, help="calibration images from the train split")
+    parser.add_argument("--calib-method", choices=CALIB_METHODS, default="max", help="activation range calibrator")
+    parser.add_argument("--percentile", type=float, default=99.99, help="for --calib-method percentile")
+    parser.add_argument("--keep-head-float", action="store_true", help="leave the Detect head's convs in float")
+    partial = parser.add_mutually_exclusive_group()
+    partial.add_argument(
+        "--keep-float",
+        type=int,
+        default=0,
+        metavar="K",
+        help="keep the K convs float that hurt most alone (diagnose's ranking on the calibration images)",
+    )
+    partial.add_argument(
+        "--keep-float-layers", nargs="+", default=[], metavar="NAME", help="keep these convs float (fused names)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="calibration draw and training seed")
+    parser.add_argument("--distill", action="store_true", help="add feature distillation from the FP32 model")
+    parser.add_argument("--project", type=Path, default=Path("runs/qat"), help="folder that holds the runs")
+    parser.add_argument("--name", default="exp", help="run name: the run directory is PROJECT/NAME")
+    parser.add_argument("--exist-ok", action="store_true", help="reuse PROJECT/NAME, overwriting its results")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="LAST_PT",
+        help="continue an interrupted QAT run from its weights/last.pt (the newest under --project if no path)",
+    )
+    return parser
+
+
+def options_from(args: argparse.Namespace, argv: list[str]) -> QATOptions:
+    """Tool flags to options; flags that cannot apply to the run fail here with one line."""
+    given = explicit_flags(argv)
+    if args.resume and (ignored := sorted(given - RESUME_FLAGS)):
+        raise TrainInputError(f"--resume continues a run with its own settings; drop {_flags(ignored)}")
+    recipe = QuantRecipe(
+        args.calib_method,
+        args.percentile,
+        not args.keep_head_float,
+        args.calib_images,
+        args.seed,
+        tuple(args.keep_float_layers),
+    )
+    fields = {k: v for k, v in vars(args).items() if k in QATOptions.__dataclass_fields__}
+    return QATOptions(**fields, recipe=recipe, recipe_flags=sorted(given & RECIPE_FLAGS))
+
+
+def _flags(dests: list[str]) -> str:
+    return ", ".join(f"--{d.replace('_', '-')}" for d in dests)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    try:
+        trainer = make_qat_trainer(options_from(args, argv))
+    except (TrainInputError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        trainer.train()
+    except KeyboardInterrupt:
+        if trainer.last.exists():
+            print(f"interrupted: continue with --resume {trainer.last}", file=sys.stderr)
+        return 130
+    print(f"done: {trainer.save_dir} (weights/best.pt, weights/last.pt: INT8 QAT checkpoints, results.csv)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
