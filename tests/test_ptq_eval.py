@@ -8,12 +8,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from ultralytics import YOLO
 
+from qarep_det.checkpoint import load_detector
 from qarep_det.data.synthetic import make_dataset
 from qarep_det.eval.ptq import BACKENDS, PTQSettings, run_ptq_eval
+from qarep_det.quant.calibration import calibration_set
+from qarep_det.quant.diagnostics import sqnr_db
 from qarep_det.quant.recipe import QuantRecipe
+from qarep_det.reparam import reparameterize_model
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_KEYS = {
@@ -41,7 +46,11 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 def installed(backend: str) -> bool:
-    modules = {"torch": ("modelopt", "onnx"), "openvino": ("openvino", "nncf")}[backend]
+    modules = {
+        "torch": ("modelopt", "onnx"),
+        "openvino": ("openvino", "nncf"),
+        "onnxruntime": ("modelopt", "onnx", "onnxruntime"),
+    }[backend]
     try:
         for module in modules:
             __import__(module)
@@ -50,7 +59,7 @@ def installed(backend: str) -> bool:
     return True
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ("torch", "openvino"))  # onnxruntime: its own test, beside torch
 def test_ptq_eval_writes_one_row_per_model_and_backend(
     data: Path, weights: list[Path], tmp_path: Path, backend: str
 ) -> None:
@@ -116,5 +125,89 @@ def test_settings_reject_bad_values(data: Path) -> None:
         PTQSettings(data, backends=("tensorrt",))
     with pytest.raises(ValueError, match="multiple of 32"):
         PTQSettings(data, imgsz=100)
-    with pytest.raises(ValueError, match="runs on the CPU"):
-        PTQSettings(data, backends=("openvino",), device="cuda:0")
+    with pytest.raises(ValueError, match="not 'cpu' or a CUDA index"):
+        PTQSettings(data, device="gpu")
+
+
+def test_settings_take_a_gpu_for_torch_beside_cpu_backends(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            PTQSettings(data, device="cuda:0")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    settings = PTQSettings(data, backends=BACKENDS, device="cuda:0")  # OpenVINO and onnxruntime run on the CPU
+    assert settings.device == "cuda:0"
+
+
+def test_onnxruntime_scores_the_torch_backends_qdq_onnx_after_one_calibration(
+    data: Path, weights: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not installed("onnxruntime"):
+        pytest.skip("onnxruntime backend packages not installed")
+    from qarep_det.quant import simulated
+    from qarep_det.quant.onnx_qdq import check_qdq_onnx, onnx_runner
+    from qarep_det.quant.runner import torch_runner
+
+    quantized = []  # every simulated model made: the torch and onnxruntime backends must share one
+    quantize = simulated.quantize_torch
+
+    def counted(*args):
+        quantized.append(quantize(*args))
+        return quantized[-1]
+
+    monkeypatch.setattr(simulated, "quantize_torch", counted)
+    settings = PTQSettings(data, QuantRecipe(calib_images=8), ("torch", "onnxruntime"), imgsz=64, batch=4)
+    torch_row, ort_row = run_ptq_eval(weights[:1], settings, tmp_path, progress=False)[0]
+    assert len(quantized) == 1 and (torch_row["backend"], ort_row["backend"]) == ("torch", "onnxruntime")
+    assert REQUIRED_KEYS <= ort_row.keys() and Path(ort_row["int8_file"]).is_file()
+    assert ort_row["int8_file"] == torch_row["int8_file"]  # the very file TensorRT would get
+    assert abs(ort_row["int8_map50_95"] - torch_row["int8_map50_95"]) <= 0.3
+    assert abs(ort_row["fp32_backend_map50_95"] - torch_row["fp32_map50_95"]) <= 0.3
+    # random-init models score ~0 mAP, so compare what the runners compute on a few letterboxed images too: the
+    # QDQ file must be closer to the simulation than the simulation is to FP32 (measured: 85 vs 76 dB), else it
+    # could be running the float model; the FP32 file must match torch to float rounding (measured: 140 dB)
+    images = next(iter(calibration_set(data, 64, 4, seed=1, batch_size=4, progress=False)))
+    fused = reparameterize_model(load_detector(weights[0]))
+    quantization_noise_db = sqnr_db(torch_runner(fused)(images), torch_runner(quantized[0])(images))
+    assert check_qdq_onnx(ort_row["int8_file"], quantized[0], images).output_sqnr_db > quantization_noise_db + 3
+    fp32_onnx = tmp_path / f"{ort_row['model']}_fp32.onnx"
+    assert sqnr_db(torch_runner(fused)(images), onnx_runner(fp32_onnx)(images)) > 100
+
+
+def test_keep_float_keeps_the_most_sensitive_convs_float_in_the_int8_file(
+    data: Path, weights: list[Path], tmp_path: Path
+) -> None:
+    if not installed("torch"):
+        pytest.skip("torch backend packages not installed")
+    from qarep_det.eval.table import format_console
+    from qarep_det.quant.analysis import analyze
+    from qarep_det.quant.onnx_qdq import qdq_convs
+
+    recipe = QuantRecipe(calib_images=4)
+    settings = PTQSettings(data, recipe, ("torch",), imgsz=64, batch=4, keep_float=2)
+    (row,), json_path, _ = run_ptq_eval(weights[:1], settings, tmp_path, progress=False)
+    calib = calibration_set(data, 64, 4, seed=0, batch_size=4, progress=False)  # the draw ptq_eval made
+    ranking = analyze(reparameterize_model(load_detector(weights[0])), calib, recipe, progress=False).ranking
+    assert row["float_layers"] == ranking[:2] == json.loads(json_path.read_text())[0]["float_layers"]
+    convs = qdq_convs(row["int8_file"])
+    assert all(convs[name] == (None, None) for name in ranking[:2])  # no Q/DQ around a kept conv
+    assert all(q is not None for q in convs[ranking[2]])
+    assert "float convs" in format_console([row]).splitlines()[0]
+
+
+def test_partial_quantization_bad_input_fails_with_one_line(data: Path, weights: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    base = ["--weights", str(weights[0]), "--data", str(data), "--imgsz", "64", "--calib-images", "4"]
+    cases = [
+        (["--keep-float", "-1"], "keep_float must be >= 0"),
+        (["--keep-float", "60"], "the model has 59 quantized convs"),
+        (["--keep-float-layers", "model.8.1.conv", "model.8.1"], "'model.8.1' (closest: model.8.1.conv"),
+        (["--keep-float", "1", "--keep-float-layers", "model.8.1.conv"], "not allowed with"),
+    ]
+    for args, message in cases:
+        result = run_cli(*base, *args, "--out", str(out))
+        assert result.returncode != 0, args
+        lines = result.stderr.strip().splitlines()
+        assert lines[-1].startswith("error: ") and message in lines[-1], (args, result.stderr[-500:])
+        assert "Traceback" not in result.stderr
+    assert not out.exists()

@@ -21,6 +21,7 @@ import torch
 import qarep_det  # noqa: F401  (offline Ultralytics, module registration)
 from qarep_det.cli import OneLineErrorParser
 from qarep_det.demo import DemoSettings, run_demo
+from qarep_det.device import torch_device
 from qarep_det.eval.protocol import EvalProtocol
 from qarep_det.eval.ptq import BACKENDS, PTQSettings, run_ptq_eval
 from qarep_det.eval.table import format_console
@@ -42,8 +43,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--calib-method", choices=CALIB_METHODS, default="max", help="activation range calibrator")
     parser.add_argument("--percentile", type=float, default=99.99, help="for --calib-method percentile")
     parser.add_argument("--keep-head-float", action="store_true", help="leave the Detect head's convs in float")
-    parser.add_argument("--backend", nargs="+", choices=BACKENDS, default=["torch"], help="INT8 backends")
-    parser.add_argument("--device", default="cpu", help="torch device for FP32 and simulated INT8: cpu or 0")
+    partial = parser.add_mutually_exclusive_group()
+    partial.add_argument(
+        "--keep-float",
+        type=int,
+        default=0,
+        metavar="K",
+        help="keep the K convs float that hurt most alone (diagnose's ranking on the calibration images; each model "
+        "gets its own)",
+    )
+    partial.add_argument(
+        "--keep-float-layers",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="keep these convs float (module paths of the fused model, e.g. model.8.1.conv, as diagnose lists them)",
+    )
+    parser.add_argument(
+        "--backend",
+        nargs="+",
+        choices=BACKENDS,
+        default=["torch"],
+        help="INT8 backends: torch (simulated), openvino (real INT8, CPU), onnxruntime (the torch backend's QDQ ONNX, "
+        "CPU; shares its calibration)",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="device of the FP32 and simulated (torch) INT8 models: cpu or a CUDA index"
+    )
     parser.add_argument("--batch", type=int, default=8, help="evaluation and calibration batch size")
     parser.add_argument("--seed", type=int, default=0, help="calibration image draw")
     parser.add_argument("--instances-json", type=Path, help="COCO val instances json (default: found beside COCO)")
@@ -66,15 +92,26 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(increment_path(args.out, exist_ok=args.exist_ok))
     try:
-        recipe = QuantRecipe(args.calib_method, args.percentile, not args.keep_head_float, calib_images, args.seed)
-        device = "cpu" if args.device == "cpu" else f"cuda:{args.device}" if args.device.isdigit() else args.device
+        float_layers = tuple(args.keep_float_layers)
+        recipe = QuantRecipe(
+            args.calib_method, args.percentile, not args.keep_head_float, calib_images, args.seed, float_layers
+        )
+        device = str(torch_device(args.device))
         if demo:
             print(f"demo: synthetic data and two briefly trained detectors in {out}")
             data, weights = run_demo(out / "demo", replace(DEMO, imgsz=imgsz))
         else:
             data, weights = args.data, args.weights
         settings = PTQSettings(
-            data, recipe, tuple(args.backend), imgsz, args.batch, device, args.instances_json, overwrite=args.exist_ok
+            data,
+            recipe,
+            tuple(args.backend),
+            imgsz,
+            args.batch,
+            device,
+            args.instances_json,
+            overwrite=args.exist_ok,
+            keep_float=args.keep_float,
         )
         with warnings.catch_warnings():  # keep our own warnings (e.g. fewer calibration images), drop tracer noise
             for category in (DeprecationWarning, FutureWarning, torch.jit.TracerWarning):

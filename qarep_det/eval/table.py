@@ -20,8 +20,10 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("model", "model"),
     ("params", "params"),
     ("backend", "backend"),
+    ("method", "method"),  # ptq: calibrated here; qat: a QAT checkpoint's fine-tuned INT8 model
     ("calib_method", "calib"),
     ("calib_images", "calib imgs"),
+    ("float_layers", "float convs"),  # partial quantization: the list in results.json, its length in tables
     ("fp32_map50_95", "FP32 mAP50-95"),
     ("int8_map50_95", "INT8 mAP50-95"),
     ("drop", "drop"),
@@ -63,9 +65,11 @@ def _columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
 
 
 def _cell(key: str, value: Any) -> str:
-    """Display text of one value: '-' for missing, parameter counts in millions."""
+    """Display text of one value: '-' for missing, parameter counts in millions, lists by their length."""
     if value is None:
         return "-"
+    if isinstance(value, list):
+        return str(len(value))
     if key == "params" and isinstance(value, int):
         return f"{value / 1e6:.2f}M"
     if isinstance(value, float):
