@@ -12,7 +12,16 @@ TOOLS = sorted((Path(__file__).resolve().parents[1] / "tools").glob("*.py"))
 
 
 def test_every_tool_is_covered() -> None:
-    assert {t.stem for t in TOOLS} == {"benchmark", "export", "make_dataset", "ptq_eval", "train"}
+    assert {t.stem for t in TOOLS} == {
+        "benchmark",
+        "diagnose",
+        "export",
+        "make_dataset",
+        "plant_outlier",
+        "ptq_eval",
+        "qat",
+        "train",
+    }
 
 
 @pytest.mark.parametrize("tool", TOOLS, ids=lambda t: t.stem)
