@@ -53,14 +53,14 @@ class DemoSettings:
 
 
 def _train_logged(options: TrainOptions, log: Path) -> Path:
-    """Train in this (worker) process with its console output sent to ``log``; returns the best checkpoint.
+    """Train in this (worker) process with its console output sent to ``log``; returns the last checkpoint.
 
     The redirection is at the file-descriptor level because Ultralytics' logger holds the original stdout.
     """
     with open(log, "w") as f:
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
-        return Path(train(options).best)
+        return Path(train(options).last)
 
 
 def _epochs_done(run: Path) -> int:
@@ -73,7 +73,7 @@ def _epochs_done(run: Path) -> int:
 
 
 def run_demo(work_dir: Path, settings: DemoSettings = DemoSettings()) -> tuple[Path, list[Path]]:
-    """Generate the dataset and train the demo models side by side; returns the data YAML and the best checkpoints."""
+    """Generate the dataset and train the demo models side by side; returns the data YAML and the last checkpoints."""
     data = make_dataset(
         work_dir / "data", settings.train_images, settings.val_images, settings.imgsz, settings.seed, overwrite=True
     )
@@ -101,6 +101,10 @@ def run_demo(work_dir: Path, settings: DemoSettings = DemoSettings()) -> tuple[P
                 "mosaic": settings.mosaic,
                 "nbs": settings.batch,  # nominal batch = batch: one optimizer step per batch, no accumulation
                 "plots": False,  # the demo reports a table; label, batch and curve plots cost seconds per model
+                # The val split is what ptq_eval scores: choosing best.pt by val mAP would select on it. So the last
+                # epoch is evaluated, and the per-epoch validation that would pick a best one is skipped (Ultralytics
+                # still validates the final epoch).
+                "val": False,
             },
         )
     logs = work_dir / "train"
