@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from ultralytics.nn.modules import Detect
@@ -32,3 +33,15 @@ def load_detector(weights: str | os.PathLike) -> DetectionModel:
     if not isinstance(model, DetectionModel) or type(model.model[-1]) is not Detect:
         raise ValueError(f"weights '{path}' hold a {type(model).__name__}, not an Ultralytics Detect detector")
     return model.eval()
+
+
+def checkpoint_paths(weights: Sequence[str | os.PathLike]) -> list[Path]:
+    """``weights`` as paths, checked before a tool spends minutes on the first one: ``ValueError`` for none,
+    ``FileNotFoundError`` naming the first missing file."""
+    paths = [Path(w) for w in weights]
+    if not paths:
+        raise ValueError("no weights given")
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"weights '{path}' not found")
+    return paths

@@ -1,9 +1,12 @@
-"""What every ``tools/`` script shares: an argument parser whose errors are one ``error: ...`` line."""
+"""What the ``tools/`` scripts share: a parser whose errors are one ``error: ...`` line, and the flags of one idea."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
+
+from qarep_det.quant.recipe import CALIB_METHODS, QuantRecipe
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -22,3 +25,69 @@ def explicit_flags(argv: Sequence[str]) -> set[str]:
     """The destinations of the flags present in ``argv`` (exact long flags only: build parsers with
     ``allow_abbrev=False``), so a tool can tell a flag given on purpose from its default."""
     return {token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")}
+
+
+def add_recipe_args(parser: argparse.ArgumentParser, calib_images: int | None, calib_help: str) -> None:
+    """The INT8 recipe flags ptq_eval, diagnose and qat share (one spelling, one meaning); ``calib_images`` is the
+    default of ``--calib-images`` (None: the tool decides, e.g. ptq_eval's demo)."""
+    parser.add_argument("--calib-images", type=int, default=calib_images, help=calib_help)
+    parser.add_argument("--calib-method", choices=CALIB_METHODS, default="max", help="activation range calibrator")
+    parser.add_argument("--percentile", type=float, default=99.99, help="for --calib-method percentile")
+    parser.add_argument("--keep-head-float", action="store_true", help="leave the Detect head's convs in float")
+    parser.add_argument("--seed", type=int, default=0, help="calibration image draw")
+
+
+def add_partial_args(parser: argparse.ArgumentParser) -> None:
+    """``--keep-float K`` or ``--keep-float-layers NAME ...``: partial quantization, as ptq_eval and qat take it."""
+    partial = parser.add_mutually_exclusive_group()
+    partial.add_argument(
+        "--keep-float",
+        type=int,
+        default=0,
+        metavar="K",
+        help="keep the K convs float that hurt most alone (diagnose's ranking on the calibration images; each model "
+        "gets its own)",
+    )
+    partial.add_argument(
+        "--keep-float-layers",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="keep these convs float (module paths of the fused model, e.g. model.8.1.conv, as diagnose lists them)",
+    )
+
+
+def recipe_from_args(args: argparse.Namespace, calib_images: int | None = None) -> QuantRecipe:
+    """The recipe the flags of :func:`add_recipe_args` (and :func:`add_partial_args`, if added) describe."""
+    return QuantRecipe(
+        args.calib_method,
+        args.percentile,
+        not args.keep_head_float,
+        calib_images or args.calib_images,
+        args.seed,
+        tuple(getattr(args, "keep_float_layers", ())),
+    )
+
+
+def unexpected_flags(argv: Sequence[str], allowed: set[str]) -> str:
+    """The flags of ``argv`` outside ``allowed`` (destinations), spelled as typed, e.g. ``--epochs, --lr0``;
+    empty when there are none."""
+    return ", ".join(f"--{d.replace('_', '-')}" for d in sorted(explicit_flags(argv) - allowed))
+
+
+def add_run_args(parser: argparse.ArgumentParser, project: str) -> None:
+    """Where a training run goes and how an interrupted one continues (tools/train.py and tools/qat.py)."""
+    parser.add_argument(
+        "--project", type=Path, default=Path(project), help="folder that holds the runs (relative to the current one)"
+    )
+    parser.add_argument("--name", default="exp", help="run name: the run directory is PROJECT/NAME")
+    parser.add_argument("--exist-ok", action="store_true", help="reuse PROJECT/NAME, overwriting its results")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="LAST_PT",
+        help="continue an interrupted run from its weights/last.pt (the newest under --project if no path), with "
+        "the run's own settings; only --device, --workers and --data may be given again",
+    )

@@ -1,6 +1,11 @@
-"""Shared test set-up: qarep_det imported first (offline Ultralytics), deterministic seeds, BN randomizer."""
+"""Shared test set-up: qarep_det imported first (offline Ultralytics), deterministic seeds, BN randomizer, and the
+helpers several test files use."""
 
 from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,3 +34,24 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors gain nothing from threads; on a busy 2-core host OpenMP spin-waits made such files ~3x slower.
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fresh_env(**extra: str) -> dict[str, str]:
+    """The environment of a fresh process that does not know it runs under pytest (Ultralytics checks)."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}, **extra}
+
+
+def results_epochs(run: Path) -> list[int]:
+    """The epochs an Ultralytics run has logged in its results.csv."""
+    with open(run / "results.csv", newline="") as f:
+        return [int(float(row["epoch"])) for row in csv.DictReader(f)]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import csv
-import os
 import runpy
 import subprocess
 import sys
@@ -14,7 +12,7 @@ from pathlib import Path
 import openvino as ov
 import pytest
 import torch
-from conftest import randomize_bn
+from conftest import fresh_env, randomize_bn, results_epochs
 from ultralytics.cfg import get_cfg
 from ultralytics.nn.tasks import DetectionModel, load_checkpoint
 from ultralytics.utils.dist import ddp_cleanup, generate_ddp_file
@@ -46,16 +44,6 @@ RECIPE = QuantRecipe(calib_images=8)
 TINY = ["--imgsz", "64", "--batch", "8", "--device", "cpu", "--workers", "0"]
 
 main = runpy.run_path(str(TOOL))["main"]
-
-
-def fresh_env() -> dict[str, str]:
-    """The environment of a fresh process that does not know it runs under pytest."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-
-
-def results_epochs(run: Path) -> list[int]:
-    with open(run / "results.csv", newline="") as f:
-        return [int(float(row["epoch"])) for row in csv.DictReader(f)]
 
 
 @pytest.fixture(scope="module")

@@ -64,13 +64,7 @@ def _write_image(path: Path, rng: random.Random) -> None:
     assert cv2.imwrite(str(path), image)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """64 px tensors gain nothing from threads; on a busy 2-core host OpenMP spin-waits made this file ~3x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import os
 import pickle
 import re
 import runpy
@@ -15,7 +13,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 import torch
-from conftest import randomize_bn
+from conftest import fresh_env, randomize_bn, results_epochs
 from ultralytics.engine import trainer as engine_trainer
 from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils.dist import ddp_cleanup, generate_ddp_file
@@ -60,16 +58,6 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 main = runpy.run_path(str(TOOL))["main"]
-
-
-def fresh_env(**extra: str) -> dict[str, str]:
-    """The environment of a fresh process that does not know it runs under pytest (Ultralytics checks)."""
-    return {**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}, **extra}
-
-
-def results_epochs(run: Path) -> list[int]:
-    with open(run / "results.csv", newline="") as f:
-        return [int(float(row["epoch"])) for row in csv.DictReader(f)]
 
 
 @pytest.fixture(scope="module")

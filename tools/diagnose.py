@@ -15,10 +15,9 @@ import sys
 from pathlib import Path
 
 import qarep_det  # noqa: F401  (offline Ultralytics, module registration)
-from qarep_det.cli import HelpFormatter, OneLineErrorParser
+from qarep_det.cli import HelpFormatter, OneLineErrorParser, add_recipe_args, recipe_from_args
 from qarep_det.device import torch_device
 from qarep_det.eval.diagnose import DiagnoseSettings, run_diagnose
-from qarep_det.quant.recipe import CALIB_METHODS, QuantRecipe
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -26,11 +25,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--weights", nargs="+", type=Path, required=True, help="trained checkpoints (.pt)")
     parser.add_argument("--data", type=Path, required=True, help="dataset YAML; calibration images come from train")
     parser.add_argument("--imgsz", type=int, default=640, help="square letterbox size")
-    parser.add_argument("--calib-images", type=int, default=64, help="calibration images (also the analysed ones)")
-    parser.add_argument("--calib-method", choices=CALIB_METHODS, default="max", help="activation range calibrator")
-    parser.add_argument("--percentile", type=float, default=99.99, help="for --calib-method percentile")
-    parser.add_argument("--keep-head-float", action="store_true", help="leave the Detect head's convs in float")
-    parser.add_argument("--seed", type=int, default=0, help="calibration image draw")
+    add_recipe_args(parser, 64, "calibration images from the train split (also the analysed ones)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu or a CUDA index such as 0")
     parser.add_argument("--batch", type=int, default=8, help="images per forward pass")
     parser.add_argument(
@@ -46,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(increment_path(args.out, exist_ok=args.exist_ok))
     try:
-        recipe = QuantRecipe(args.calib_method, args.percentile, not args.keep_head_float, args.calib_images, args.seed)
+        recipe = recipe_from_args(args)
         settings = DiagnoseSettings(args.data, recipe, args.imgsz, args.batch, str(torch_device(args.device)))
         report, files = run_diagnose(args.weights, settings, out, overwrite=args.exist_ok)
     except (FileNotFoundError, FileExistsError, ValueError, ImportError, RuntimeError) as e:

@@ -19,13 +19,12 @@ from pathlib import Path
 import torch
 
 import qarep_det  # noqa: F401  (offline Ultralytics, module registration)
-from qarep_det.cli import OneLineErrorParser
+from qarep_det.cli import OneLineErrorParser, add_partial_args, add_recipe_args, recipe_from_args
 from qarep_det.demo import DemoSettings, run_demo
 from qarep_det.device import torch_device
 from qarep_det.eval.protocol import EvalProtocol
 from qarep_det.eval.ptq import BACKENDS, PTQSettings, run_ptq_eval
 from qarep_det.eval.table import format_console
-from qarep_det.quant.recipe import CALIB_METHODS, QuantRecipe
 
 DEMO = DemoSettings()
 
@@ -35,30 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--weights", nargs="+", type=Path, help="trained checkpoints (.pt); none: run the demo")
     parser.add_argument("--data", type=Path, help="dataset YAML with train and val splits; none: run the demo")
     parser.add_argument("--imgsz", type=int, help=f"square letterbox size (default 640, demo {DEMO.imgsz})")
-    parser.add_argument(
-        "--calib-images",
-        type=int,
-        help=f"calibration images from the train split (default 512, demo {DEMO.calib_images})",
-    )
-    parser.add_argument("--calib-method", choices=CALIB_METHODS, default="max", help="activation range calibrator")
-    parser.add_argument("--percentile", type=float, default=99.99, help="for --calib-method percentile")
-    parser.add_argument("--keep-head-float", action="store_true", help="leave the Detect head's convs in float")
-    partial = parser.add_mutually_exclusive_group()
-    partial.add_argument(
-        "--keep-float",
-        type=int,
-        default=0,
-        metavar="K",
-        help="keep the K convs float that hurt most alone (diagnose's ranking on the calibration images; each model "
-        "gets its own)",
-    )
-    partial.add_argument(
-        "--keep-float-layers",
-        nargs="+",
-        default=[],
-        metavar="NAME",
-        help="keep these convs float (module paths of the fused model, e.g. model.8.1.conv, as diagnose lists them)",
-    )
+    add_recipe_args(parser, None, f"calibration images from the train split (default 512, demo {DEMO.calib_images})")
+    add_partial_args(parser)
     parser.add_argument(
         "--backend",
         nargs="+",
@@ -71,7 +48,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--device", default="cpu", help="device of the FP32 and simulated (torch) INT8 models: cpu or a CUDA index"
     )
     parser.add_argument("--batch", type=int, default=8, help="evaluation and calibration batch size")
-    parser.add_argument("--seed", type=int, default=0, help="calibration image draw")
     parser.add_argument("--instances-json", type=Path, help="COCO val instances json (default: found beside COCO)")
     parser.add_argument(
         "--out", type=Path, default=Path("runs/ptq/exp"), help="output folder (incremented if it exists)"
@@ -92,10 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(increment_path(args.out, exist_ok=args.exist_ok))
     try:
-        float_layers = tuple(args.keep_float_layers)
-        recipe = QuantRecipe(
-            args.calib_method, args.percentile, not args.keep_head_float, calib_images, args.seed, float_layers
-        )
+        recipe = recipe_from_args(args, calib_images)
         device = str(torch_device(args.device))
         if demo:
             print(f"demo: synthetic data and two briefly trained detectors in {out}")

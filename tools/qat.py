@@ -17,11 +17,19 @@ import sys
 import textwrap
 from pathlib import Path
 
-from qarep_det.cli import HelpFormatter, OneLineErrorParser, explicit_flags
+from qarep_det.cli import (
+    HelpFormatter,
+    OneLineErrorParser,
+    add_partial_args,
+    add_recipe_args,
+    add_run_args,
+    explicit_flags,
+    recipe_from_args,
+    unexpected_flags,
+)
 from qarep_det.integrations.qat import QAT_RECIPE, QATOptions, make_qat_trainer
-from qarep_det.integrations.trainer import TrainInputError
+from qarep_det.integrations.trainer import TrainInputError, train_to_end
 from qarep_det.quant.qat import DISTILL_WEIGHT
-from qarep_det.quant.recipe import CALIB_METHODS, QuantRecipe
 
 RESUME_FLAGS = {"resume", "device", "workers", "data", "project"}  # what --resume may be given with
 RECIPE_FLAGS = {"calib_images", "calib_method", "percentile", "keep_head_float", "keep_float", "keep_float_layers"}
@@ -49,56 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="'cpu', '0', or '0,1,...' for DDP; auto: '0' if CUDA")
     parser.add_argument("--workers", type=int, default=8, help="dataloader workers per process")
     parser.add_argument("--lr0", type=float, default=QAT_RECIPE["lr0"], help="initial learning rate (SGD)")
-    parser.add_argument("--calib-images", type=int, default=512, help="calibration images from the train split")
-    parser.add_argument("--calib-method", choices=CALIB_METHODS, default="max", help="activation range calibrator")
-    parser.add_argument("--percentile", type=float, default=99.99, help="for --calib-method percentile")
-    parser.add_argument("--keep-head-float", action="store_true", help="leave the Detect head's convs in float")
-    partial = parser.add_mutually_exclusive_group()
-    partial.add_argument(
-        "--keep-float",
-        type=int,
-        default=0,
-        metavar="K",
-        help="keep the K convs float that hurt most alone (diagnose's ranking on the calibration images)",
-    )
-    partial.add_argument(
-        "--keep-float-layers", nargs="+", default=[], metavar="NAME", help="keep these convs float (fused names)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="calibration draw and training seed")
+    add_recipe_args(parser, 512, "calibration images from the train split")
+    add_partial_args(parser)
     parser.add_argument("--distill", action="store_true", help="add feature distillation from the FP32 model")
-    parser.add_argument("--project", type=Path, default=Path("runs/qat"), help="folder that holds the runs")
-    parser.add_argument("--name", default="exp", help="run name: the run directory is PROJECT/NAME")
-    parser.add_argument("--exist-ok", action="store_true", help="reuse PROJECT/NAME, overwriting its results")
-    parser.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
-        default=False,
-        metavar="LAST_PT",
-        help="continue an interrupted QAT run from its weights/last.pt (the newest under --project if no path)",
-    )
+    add_run_args(parser, "runs/qat")
     return parser
 
 
 def options_from(args: argparse.Namespace, argv: list[str]) -> QATOptions:
     """Tool flags to options; flags that cannot apply to the run fail here with one line."""
-    given = explicit_flags(argv)
-    if args.resume and (ignored := sorted(given - RESUME_FLAGS)):
-        raise TrainInputError(f"--resume continues a run with its own settings; drop {_flags(ignored)}")
-    recipe = QuantRecipe(
-        args.calib_method,
-        args.percentile,
-        not args.keep_head_float,
-        args.calib_images,
-        args.seed,
-        tuple(args.keep_float_layers),
-    )
+    if args.resume and (ignored := unexpected_flags(argv, RESUME_FLAGS)):
+        raise TrainInputError(f"--resume continues a run with its own settings; drop {ignored}")
     fields = {k: v for k, v in vars(args).items() if k in QATOptions.__dataclass_fields__}
-    return QATOptions(**fields, recipe=recipe, recipe_flags=sorted(given & RECIPE_FLAGS))
-
-
-def _flags(dests: list[str]) -> str:
-    return ", ".join(f"--{d.replace('_', '-')}" for d in dests)
+    recipe_flags = sorted(explicit_flags(argv) & RECIPE_FLAGS)
+    return QATOptions(**fields, recipe=recipe_from_args(args), recipe_flags=recipe_flags)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,14 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainInputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    try:
-        trainer.train()
-    except KeyboardInterrupt:
-        if trainer.last.exists():
-            print(f"interrupted: continue with --resume {trainer.last}", file=sys.stderr)
-        return 130
-    print(f"done: {trainer.save_dir} (weights/best.pt, weights/last.pt: INT8 QAT checkpoints, results.csv)")
-    return 0
+    return train_to_end(trainer, "weights/best.pt, weights/last.pt: INT8 QAT checkpoints, results.csv")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ from pathlib import Path
 
 # Importing the trainer imports qarep_det first, which sets YOLO_OFFLINE, YOLO_AUTOINSTALL and YOLO_CONFIG_DIR (unless
 # already set) before Ultralytics is imported.
-from qarep_det.cli import HelpFormatter, OneLineErrorParser, explicit_flags
-from qarep_det.integrations.trainer import RECIPE, TRAINERS, TrainInputError, TrainOptions, make_trainer
+from qarep_det.cli import HelpFormatter, OneLineErrorParser, add_run_args, unexpected_flags
+from qarep_det.integrations.trainer import RECIPE, TRAINERS, TrainInputError, TrainOptions, make_trainer, train_to_end
 
 RESUME_FLAGS = {"resume", "device", "workers", "data", "project"}  # what --resume may be given with
 
@@ -49,23 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         "on --resume the run's own device",
     )
     parser.add_argument("--workers", type=int, default=8, help="dataloader workers per process (0 on CPU)")
-    parser.add_argument(
-        "--project",
-        type=Path,
-        default=Path("runs/train"),
-        help="folder that holds the runs (relative to the current directory)",
-    )
-    parser.add_argument("--name", default="exp", help="run name: the run directory is PROJECT/NAME")
-    parser.add_argument("--exist-ok", action="store_true", help="reuse PROJECT/NAME, overwriting its results")
-    parser.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
-        default=False,
-        metavar="LAST_PT",
-        help="continue an interrupted run from its weights/last.pt (the newest under --project if no path), with "
-        "the run's own settings; only --device, --workers and --data may be given again",
-    )
+    add_run_args(parser, "runs/train")
     parser.add_argument("--weights", type=Path, help="fine-tune: start from this checkpoint's matching weights")
     parser.add_argument("--hyp", type=Path, help="YAML of extra Ultralytics train settings, e.g. 'mixup: 0.1'")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
@@ -84,23 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
-        if args.resume:
-            ignored = sorted(explicit_flags(argv) - RESUME_FLAGS)
-            if ignored:
-                flags = ", ".join(f"--{d.replace('_', '-')}" for d in ignored)
-                raise TrainInputError(f"--resume continues a run with its own settings; drop {flags}")
+        if args.resume and (ignored := unexpected_flags(argv, RESUME_FLAGS)):
+            raise TrainInputError(f"--resume continues a run with its own settings; drop {ignored}")
         trainer = make_trainer(TrainOptions(**vars(args)))
     except TrainInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    try:
-        trainer.train()
-    except KeyboardInterrupt:
-        if trainer.last.exists():
-            print(f"interrupted: continue with --resume {trainer.last}", file=sys.stderr)
-        return 130
-    print(f"done: {trainer.save_dir} (weights/best.pt, weights/last.pt, results.csv)")
-    return 0
+    return train_to_end(trainer, "weights/best.pt, weights/last.pt, results.csv")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from qarep_det.checkpoint import load_detector
+from qarep_det.checkpoint import checkpoint_paths, load_detector
 from qarep_det.eval.ptq import model_name
 from qarep_det.quant.analysis import BN_OUTLIER_FACTOR, analyze, bn_scales, json_float, to_record
 from qarep_det.quant.calibration import CalibrationSet, calibration_set
@@ -222,12 +222,7 @@ def run_diagnose(
     progress: bool = True,
 ) -> tuple[dict[str, Any], list[Path]]:
     """Diagnose every checkpoint on one calibration set; returns the report and the files written."""
-    paths = [Path(w) for w in weights]
-    if not paths:
-        raise ValueError("no weights given")
-    for path in paths:
-        if not path.is_file():
-            raise FileNotFoundError(f"weights '{path}' not found")
+    paths = checkpoint_paths(weights)
     recipe = settings.recipe
     calib = calibration_set(settings.data, settings.imgsz, recipe.calib_images, recipe.seed, settings.batch, progress)
     models = [load_detector(p) for p in paths]  # every checkpoint readable before minutes of analysis

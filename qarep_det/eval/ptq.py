@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from qarep_det.checkpoint import load_detector
+from qarep_det.checkpoint import checkpoint_paths, load_detector
 from qarep_det.device import torch_device
 from qarep_det.eval.coco import load_ground_truth
 from qarep_det.eval.predict import evaluate_runner
@@ -236,12 +236,7 @@ def run_ptq_eval(
     images for calibration, unknown float layers or too large a ``keep_float`` fail with one clear error. Returns
     the rows and the two result paths.
     """
-    paths = [Path(w) for w in weights]
-    if not paths:
-        raise ValueError("no weights given")
-    for path in paths:
-        if not path.is_file():
-            raise FileNotFoundError(f"weights '{path}' not found")
+    paths = checkpoint_paths(weights)
     if settings.keep_float or settings.recipe.float_layers:
         for path in paths:
             model = load_detector(path)

@@ -20,6 +20,7 @@ import copy
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -545,3 +546,16 @@ def train(
     trainer = make_trainer(options, callbacks)
     trainer.train()
     return trainer
+
+
+def train_to_end(trainer: QARepTrainer, outputs: str) -> int:
+    """Run a tool's training to the end; returns its exit status: 0 done (naming the run and its ``outputs``), 130
+    on Ctrl-C, naming the ``--resume`` that continues from the last epoch saved."""
+    try:
+        trainer.train()
+    except KeyboardInterrupt:
+        if trainer.last.exists():
+            print(f"interrupted: continue with --resume {trainer.last}", file=sys.stderr)
+        return 130
+    print(f"done: {trainer.save_dir} ({outputs})")
+    return 0
