@@ -176,6 +176,9 @@ def test_ranges_are_pinned_and_half_keeps_float32(fp32_weights: Path, dataset: P
     pin_ranges(drifted, student)
     assert all(torch.equal(quantizer_ranges(drifted)[k], v) for k, v in ranges.items())
     assert student.half() is student and next(student.parameters()).dtype == torch.float32
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():  # a caller that halved the model and feeds float16 gets the float32 result
+        assert torch.equal(student.eval()(x.half())[0], student(x.half().float())[0])
 
 
 def test_ddp_worker_script_trains_the_packed_student(dataset: Path, fp32_weights: Path, tmp_path: Path) -> None:

@@ -55,6 +55,10 @@ class QATDetectionModel(DetectionModel):
         """Keep float32: rounding fine-tuned weights to float16 would move their INT8 codes (module docstring)."""
         return self
 
+    def predict(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        """Run float16 input (a caller that asked for ``half()``, e.g. ``val(half=True)``) in float32 too."""
+        return super().predict(x.float() if x.dtype == torch.float16 else x, *args, **kwargs)
+
 
 def quantizer_ranges(model: nn.Module) -> dict[str, Tensor]:
     """Every quantizer range (``amax``) of a ModelOpt-quantized model by state-dict key, detached copies."""
