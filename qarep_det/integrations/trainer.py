@@ -42,6 +42,7 @@ from qarep_det.data.dataset import resolve_dataset
 from qarep_det.data.images import list_images
 from qarep_det.integrations.ultralytics import RegistrationError
 from qarep_det.nn import RepVGGBlock
+from qarep_det.nn.fusion import bn_scale
 
 # YOLOv6-S's solver (its configs/yolov6s.py) and its train.py default of 15 final epochs without mosaic. The
 # optimizer is pinned: Ultralytics' default 'auto' picks MuSGD for a COCO-length run and then ignores lr0.
@@ -177,7 +178,7 @@ def _kernels(block: RepVGGBlock) -> tuple[Tensor, Tensor]:
 
 def _bn_scale(bn: nn.BatchNorm2d) -> Tensor:
     """``gamma / sqrt(var + eps)`` per channel, shaped to broadcast over a kernel; detached: kernels get penalized."""
-    return (bn.weight / (bn.running_var + bn.eps).sqrt()).detach().reshape(-1, 1, 1, 1)
+    return bn_scale(bn).detach().reshape(-1, 1, 1, 1)
 
 
 def rep_l2_penalty(block: RepVGGBlock) -> Tensor:

@@ -11,9 +11,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def bn_scale(bn: nn.BatchNorm2d) -> Tensor:
+    """``gamma / sqrt(running_var + eps)`` per channel: what a BN multiplies its input by, hence what folds into a
+    kernel (and what explodes on a dead channel under RepVGG's identity BN)."""
+    return bn.weight / torch.sqrt(bn.running_var + bn.eps)
+
+
 def fold_bn(kernel: Tensor, bn: nn.BatchNorm2d, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Fold ``bn(conv(x) + bias)`` into one kernel and bias: ``W * g/s`` and ``beta + (bias - mean) * g/s``."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    scale = bn_scale(bn)
     shift = -bn.running_mean if bias is None else bias - bn.running_mean
     return kernel * scale.reshape(-1, 1, 1, 1), bn.bias + shift * scale
 

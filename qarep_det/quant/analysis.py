@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from qarep_det.integrations.ultralytics import ForwardCache, RestartableForward
 from qarep_det.nn import ConvBNReLU, QARepBlock, Reparameterizable, RepVGGBlock
+from qarep_det.nn.fusion import bn_scale
 from qarep_det.quant.calibration import CalibrationSet
 from qarep_det.quant.diagnostics import NoisePower, db, max_to_median, weight_sqnr_db
 from qarep_det.quant.recipe import QuantRecipe
@@ -332,7 +333,7 @@ def bn_scales(model: nn.Module) -> list[BNScale]:
     rows = []
     for block_name, block in model.named_modules():
         for branch, bn in rep_block_bns(block).items():
-            scale = (bn.weight.detach().abs() / torch.sqrt(bn.running_var + bn.eps)).float().cpu()
+            scale = bn_scale(bn).detach().abs().float().cpu()
             median = float(scale.median())
             rows.append(
                 BNScale(
