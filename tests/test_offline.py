@@ -92,7 +92,7 @@ def run_audited(audit: Path, tmp_path: Path, tool: str, *args: str) -> list[str]
     """Run ``tools/<tool>`` outside CI with a fresh HOME under the audit hook; returns the logged network attempts."""
     log = tmp_path / "network.log"
     home = tmp_path / "home"
-    home.mkdir()
+    home.mkdir(exist_ok=True)  # a test may run several tools; their attempts share one log
     env = {
         k: v
         for k, v in os.environ.items()
@@ -155,5 +155,18 @@ def test_benchmark_int8_is_offline(audit: Path, data: Path, tmp_path: Path) -> N
     attempts = run_audited(
         audit, tmp_path, "benchmark.py", "int8", "--cfg", str(ROOT / "model_yamls/yolo_qarep_n.yaml"),
         "--data", str(data), "--imgsz", "64", "--calib-images", "2", "--runs", "1",
+    )  # fmt: skip
+    assert not attempts, "\n".join(attempts[:3])
+
+
+def test_qat_and_diagnose_are_offline(audit: Path, data: Path, weights: Path, tmp_path: Path) -> None:
+    """The two tools of this release that run ModelOpt and Ultralytics' trainer: one tiny QAT epoch, one diagnosis."""
+    attempts = run_audited(
+        audit, tmp_path, "qat.py", "--weights", str(weights), "--data", str(data), "--epochs", "1", "--imgsz", "64",
+        "--batch", "2", "--device", "cpu", "--workers", "0", "--calib-images", "2", "--project", str(tmp_path / "qat"),
+    )  # fmt: skip
+    attempts = run_audited(  # the shared log holds both runs' attempts
+        audit, tmp_path, "diagnose.py", "--weights", str(weights), "--data", str(data), "--imgsz", "64",
+        "--calib-images", "2", "--batch", "2", "--out", str(tmp_path / "diagnose"),
     )  # fmt: skip
     assert not attempts, "\n".join(attempts[:3])
