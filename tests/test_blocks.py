@@ -7,15 +7,21 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import randomize_bn
 from torch import nn
 
 from qarep_det import output_difference, reparameterize_model
 from qarep_det.nn import (
+    ACTIVATIONS,
+    SPPCSPC,
     ConvBNReLU,
     QARepBlock,
+    QARepBlockV2,
     QARepCSPStage,
+    QARepCSPStageV2,
     QARepStage,
+    QARepStageV2,
     RepBlock,
     RepVGGBlock,
     RepVGGCSPStage,
@@ -46,7 +52,10 @@ def assert_one_conv_per_block(fused: nn.Module) -> None:
         assert len(convs) == 1 and convs[0].kernel_size == (3, 3) and convs[0].bias is not None
 
 
-@pytest.mark.parametrize("cls", [QARepBlock, RepVGGBlock])
+BLOCKS = [QARepBlock, QARepBlockV2, RepVGGBlock]
+
+
+@pytest.mark.parametrize("cls", BLOCKS)
 @pytest.mark.parametrize(("s", "channels", "g"), GRID)
 def test_block_fusion(cls: type[RepBlock], s: int, channels: tuple[int, int], g: int) -> None:
     c1, c2 = channels
@@ -57,7 +66,7 @@ def test_block_fusion(cls: type[RepBlock], s: int, channels: tuple[int, int], g:
     assert fused.conv.stride == (s, s) and fused.conv.groups == g
 
 
-@pytest.mark.parametrize("cls", [QARepStage, RepVGGStage])
+@pytest.mark.parametrize("cls", [QARepStage, QARepStageV2, RepVGGStage])
 @pytest.mark.parametrize(("s", "channels", "g"), GRID)
 def test_stage_fusion(cls: type, s: int, channels: tuple[int, int], g: int) -> None:
     c1, c2 = channels
@@ -66,7 +75,7 @@ def test_stage_fusion(cls: type, s: int, channels: tuple[int, int], g: int) -> N
     assert_one_conv_per_block(assert_fused_equal(stage, c1))
 
 
-@pytest.mark.parametrize("cls", [QARepCSPStage, RepVGGCSPStage])
+@pytest.mark.parametrize("cls", [QARepCSPStage, QARepCSPStageV2, RepVGGCSPStage])
 @pytest.mark.parametrize("channels", [(16, 16), (8, 16)])
 @pytest.mark.parametrize("n", [1, 4])
 def test_csp_stage_fusion(cls: type, channels: tuple[int, int], n: int) -> None:
@@ -79,9 +88,83 @@ def test_csp_stage_fusion(cls: type, channels: tuple[int, int], n: int) -> None:
     assert not any(isinstance(m, ConvBNReLU) and not m.fused for m in fused.modules())
 
 
-@pytest.mark.parametrize(("module", "c1"), [(SimSPPF(16, 24), 16), (ConvBNReLU(8, 16, 3, 2, 4), 8)])
+@pytest.mark.parametrize(
+    ("module", "c1"), [(SimSPPF(16, 24), 16), (ConvBNReLU(8, 16, 3, 2, 4), 8), (SPPCSPC(16, 24, "silu"), 16)]
+)
 def test_plain_modules_fold_bn(module: nn.Module, c1: int) -> None:
     assert_fused_equal(module, c1, size=13)
+
+
+@pytest.mark.parametrize("s", [1, 2])
+@pytest.mark.parametrize(("c1", "c2"), [(8, 8), (8, 16)])
+@pytest.mark.parametrize("g", [1, 4])
+def test_v2_equals_an_independent_formula_of_the_block(s: int, c1: int, c2: int, g: int) -> None:
+    """YOLOv6's QARepVGGBlockV2 written out with functional ops: relu(bn_post(bn(conv3x3 x) + conv1x1 x + x +
+    avgpool3x3(x))), the last two only when c1 == c2 and s == 1; the pool counts its zero padding."""
+    block = randomize_bn(QARepBlockV2(c1, c2, s, g))
+    x = torch.randn(2, c1, 9, 9)
+    conv3, bn3 = block.branch_3x3
+    y = F.batch_norm(F.conv2d(x, conv3.weight, None, s, 1, 1, g), bn3.running_mean, bn3.running_var, bn3.weight,
+                     bn3.bias, False, 0.0, bn3.eps)  # fmt: skip
+    y = y + F.conv2d(x, block.branch_1x1.weight, None, s, 0, 1, g)
+    if c1 == c2 and s == 1:
+        y = y + x + F.avg_pool2d(x, 3, 1, 1, count_include_pad=True)
+    else:
+        assert block.branch_avg is None
+    bn = block.bn
+    expected = F.relu(F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps))
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+        fused = reparameterize_model(block)
+        torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_v2_fusion_is_exact_at_the_borders() -> None:
+    """A 1x1 map is all border: the average pool sees one real value and eight zero pads (x / 9)."""
+    block = randomize_bn(QARepBlockV2(4, 4))
+    assert_fused_equal(block, 4, size=1)
+    assert_fused_equal(block, 4, size=2)
+
+
+def test_v2_is_v1_plus_an_average_pool_on_identity_blocks_only() -> None:
+    assert isinstance(QARepBlockV2(8, 8).branch_avg, nn.AvgPool2d)
+    assert QARepBlockV2(8, 16).branch_avg is None and QARepBlockV2(8, 8, 2).branch_avg is None
+    v1, v2 = QARepBlock(8, 8), QARepBlockV2(8, 8)
+    assert [n for n, _ in v1.named_parameters()] == [n for n, _ in v2.named_parameters()]
+
+
+@pytest.mark.parametrize("act", list(ACTIVATIONS))
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda act: QARepBlock(8, 8, act=act),
+        lambda act: QARepBlockV2(8, 8, act=act),
+        lambda act: RepVGGBlock(8, 8, act=act),
+        lambda act: QARepStage(8, 8, 2, act=act),
+        lambda act: RepVGGCSPStage(8, 8, 2, act=act),
+        lambda act: ConvBNReLU(8, 8, 3, act=act),
+        lambda act: SimSPPF(8, 8, act=act),
+        lambda act: SPPCSPC(8, 8, act),
+    ],
+)
+def test_every_activation_fuses_exactly_and_is_used_everywhere(factory, act: str) -> None:
+    module = factory(act)
+    expected = type(ACTIVATIONS[act]())
+    acts = [m for m in module.modules() if isinstance(m, (nn.ReLU, nn.SiLU, nn.LeakyReLU))]
+    assert acts and all(type(m) is expected for m in acts)
+    if act == "lrelu":
+        assert all(m.negative_slope == 0.1 for m in acts)
+    fused = assert_fused_equal(module, 8)
+    assert all(type(m) is expected for m in fused.modules() if isinstance(m, (nn.ReLU, nn.SiLU, nn.LeakyReLU)))
+
+
+def test_sppcspc_has_yolov7s_shape() -> None:
+    """cv1 1x1 -> cv3 3x3 -> cv4 1x1, pools 5/9/13, cv5 1x1 (4c -> c) -> cv6 3x3, cv2 1x1 beside, cv7 1x1 (2c -> c2)."""
+    m = SPPCSPC(32, 16)
+    assert [m.get_submodule(f"cv{i}").branch[0].kernel_size[0] for i in range(1, 8)] == [1, 1, 3, 1, 1, 3, 1]
+    assert [p.kernel_size for p in m.m] == [5, 9, 13] and all(p.stride == 1 for p in m.m)
+    assert m.cv5.branch[0].in_channels == 64 and m.cv7.branch[0].in_channels == 32
+    assert m(torch.randn(1, 32, 7, 7)).shape == (1, 16, 7, 7)
 
 
 def test_qarep_structure_matches_paper() -> None:
@@ -134,6 +217,8 @@ def test_gradients_flow_through_every_branch() -> None:
         (lambda: QARepCSPStage(8, 8, 2, 1.5), "expansion e"),
         (lambda: SimSPPF(8, 8, 4), "pool size k"),
         (lambda: ConvBNReLU(8, 8, 2), "kernel size k"),
+        (lambda: QARepBlock(8, 8, act="gelu"), "act must be one of relu, silu, lrelu, got 'gelu'"),
+        (lambda: SPPCSPC(8, 8, "swish"), "act must be one of"),
     ],
 )
 def test_bad_arguments_raise_one_clear_error(factory, message: str) -> None:

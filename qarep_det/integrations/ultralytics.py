@@ -31,12 +31,16 @@ import qarep_det.nn as qnn
 # YAML name -> (class, takes a repeat count). Repeat modules get ``n`` as their third argument, like C2f.
 MODULES: dict[str, tuple[type[nn.Module], bool]] = {
     "QARepBlock": (qnn.QARepBlock, False),
+    "QARepBlockV2": (qnn.QARepBlockV2, False),
     "RepVGGBlock": (qnn.RepVGGBlock, False),
     "ConvBNReLU": (qnn.ConvBNReLU, False),
     "SimSPPF": (qnn.SimSPPF, False),
+    "SPPCSPC": (qnn.SPPCSPC, False),
     "QARepStage": (qnn.QARepStage, True),
+    "QARepStageV2": (qnn.QARepStageV2, True),
     "RepVGGStage": (qnn.RepVGGStage, True),
     "QARepCSPStage": (qnn.QARepCSPStage, True),
+    "QARepCSPStageV2": (qnn.QARepCSPStageV2, True),
     "RepVGGCSPStage": (qnn.RepVGGCSPStage, True),
 }
 

@@ -2,11 +2,15 @@
 
 from torch import nn
 
-from qarep_det.nn.blocks import ConvBNReLU, QARepBlock, Reparameterizable, RepBlock, RepVGGBlock
+from qarep_det.nn.activation import ACTIVATIONS, make_activation, positively_homogeneous
+from qarep_det.nn.blocks import ConvBNReLU, QARepBlock, QARepBlockV2, Reparameterizable, RepBlock, RepVGGBlock
 from qarep_det.nn.stages import (
+    SPPCSPC,
     CSPRepStage,
     QARepCSPStage,
+    QARepCSPStageV2,
     QARepStage,
+    QARepStageV2,
     RepStage,
     RepVGGCSPStage,
     RepVGGStage,
@@ -23,17 +27,24 @@ def reparameterize_modules(module: nn.Module) -> int:
 
 
 __all__ = [
+    "ACTIVATIONS",
     "ConvBNReLU",
     "CSPRepStage",
     "QARepBlock",
+    "QARepBlockV2",
     "QARepCSPStage",
+    "QARepCSPStageV2",
     "QARepStage",
+    "QARepStageV2",
     "RepBlock",
     "Reparameterizable",
     "RepStage",
     "RepVGGBlock",
     "RepVGGCSPStage",
     "RepVGGStage",
+    "SPPCSPC",
     "SimSPPF",
+    "make_activation",
+    "positively_homogeneous",
     "reparameterize_modules",
 ]

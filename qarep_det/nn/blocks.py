@@ -1,8 +1,9 @@
-"""Re-parameterizable blocks: RepVGG (the baseline) and QARepVGG (its quantization-friendly redesign).
+"""Re-parameterizable blocks: RepVGG (the baseline), QARepVGG (its quantization-friendly redesign) and QARepVGG V2.
 
-Both train as parallel 3x3 / 1x1 / identity branches and ``reparameterize()`` in place into one 3x3 conv with
-bias followed by ReLU. Fusion reads BatchNorm running statistics, as Ultralytics' own ``fuse()`` does, whatever
-the module's train/eval flag: a fused block has no BatchNorm left, so the flag no longer changes its output.
+All train as parallel 3x3 / 1x1 / identity (/ average-pool) branches and ``reparameterize()`` in place into one 3x3
+conv with bias followed by the block's activation (``act``: ReLU by default, see ``activation``). Fusion reads
+BatchNorm running statistics, as Ultralytics' own ``fuse()`` does, whatever the module's train/eval flag: a fused
+block has no BatchNorm left, so the flag no longer changes its output.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from qarep_det.nn.fusion import fold_bn, fused_conv, identity_kernel, pad_to_3x3
+from qarep_det.nn.activation import make_activation
+from qarep_det.nn.fusion import avg_pool_kernel, fold_bn, fused_conv, identity_kernel, pad_to_3x3
 
 
 def check_conv_args(name: str, c1: int, c2: int, s: int, g: int, strides: tuple[int, ...] = (1, 2)) -> None:
@@ -39,7 +41,7 @@ def fold_conv_bn(branch: nn.Sequential) -> tuple[Tensor, Tensor]:
 
 
 class Reparameterizable(nn.Module):
-    """A unit that trains in one form and fuses in place into a single conv with bias, followed by ReLU.
+    """A unit that trains in one form and fuses in place into a single conv with bias, followed by its activation.
 
     Subclasses build their branches (named in ``branch_names``, deleted on fusion), define ``forward_branches``
     (the pre-ReLU output in training form), ``fused_kernel_bias`` (that output as one kernel and bias) and
@@ -48,9 +50,9 @@ class Reparameterizable(nn.Module):
 
     branch_names: tuple[str, ...] = ()
 
-    def __init__(self) -> None:
+    def __init__(self, act: str = "relu") -> None:
         super().__init__()
-        self.act = nn.ReLU()
+        self.act = make_activation(act)
 
     @property
     def fused(self) -> bool:
@@ -83,8 +85,8 @@ class Reparameterizable(nn.Module):
 class RepBlock(Reparameterizable):
     """Shared shape of both block flavours: argument checks, the identity rule, the 3x3 branch's geometry."""
 
-    def __init__(self, c1: int, c2: int, s: int = 1, g: int = 1) -> None:
-        super().__init__()
+    def __init__(self, c1: int, c2: int, s: int = 1, g: int = 1, act: str = "relu") -> None:
+        super().__init__(act)
         check_conv_args(type(self).__name__, c1, c2, s, g)
         self.c1, self.c2, self.s, self.g = c1, c2, s, g
         self.has_identity = c1 == c2 and s == 1
@@ -109,8 +111,8 @@ class RepVGGBlock(RepBlock):
 
     branch_names = ("branch_3x3", "branch_1x1", "branch_identity")
 
-    def __init__(self, c1: int, c2: int, s: int = 1, g: int = 1) -> None:
-        super().__init__(c1, c2, s, g)
+    def __init__(self, c1: int, c2: int, s: int = 1, g: int = 1, act: str = "relu") -> None:
+        super().__init__(c1, c2, s, g, act)
         self.branch_3x3 = conv_bn(c1, c2, 3, s, g)
         self.branch_1x1 = conv_bn(c1, c2, 1, s, g)
         self.branch_identity = nn.BatchNorm2d(c2) if self.has_identity else None
@@ -139,31 +141,62 @@ class QARepBlock(RepBlock):
 
     branch_names = ("branch_3x3", "branch_1x1", "bn")
 
-    def __init__(self, c1: int, c2: int, s: int = 1, g: int = 1) -> None:
-        super().__init__(c1, c2, s, g)
+    def __init__(self, c1: int, c2: int, s: int = 1, g: int = 1, act: str = "relu") -> None:
+        super().__init__(c1, c2, s, g, act)
         self.branch_3x3 = conv_bn(c1, c2, 3, s, g)
         self.branch_1x1 = nn.Conv2d(c1, c2, 1, s, 0, groups=g, bias=False)
         self.bn = nn.BatchNorm2d(c2)
 
     def forward_branches(self, x: Tensor) -> Tensor:
         y = self.branch_3x3(x) + self.branch_1x1(x)
-        return self.bn(y + x if self.has_identity else y)
+        return self.bn(y + self.shortcut(x) if self.has_identity else y)
+
+    def shortcut(self, x: Tensor) -> Tensor:
+        """What an identity block adds to the two conv branches before the post-BN: ``x`` itself."""
+        return x
+
+    def shortcut_kernel(self, like: Tensor) -> Tensor:
+        """:meth:`shortcut` as a 3x3 kernel."""
+        return self.identity(like)
 
     def fused_kernel_bias(self) -> tuple[Tensor, Tensor]:
         kernel, bias = fold_conv_bn(self.branch_3x3)
         kernel = kernel + pad_to_3x3(self.branch_1x1.weight)
         if self.has_identity:
-            kernel = kernel + self.identity(kernel)
+            kernel = kernel + self.shortcut_kernel(kernel)
         return fold_bn(kernel, self.bn, bias)
 
 
+class QARepBlockV2(QARepBlock):
+    """QARepVGG V2 (YOLOv6's ``QARepVGGBlockV2``, the block of its published -qa models): V1 plus a 3x3 average
+    pool (stride 1, zero padding counted, no BN) on identity blocks, ``relu(bn_post(bn(conv3x3) + conv1x1 + x +
+    avgpool3x3(x)))``.
+
+    The pool is a fixed 3x3 kernel of 1/9 on the channel diagonal (``avg_pool_kernel``): a zero-padded conv counts
+    the padding exactly as ``AvgPool2d(3, 1, 1)`` does, so fusion stays exact at the borders too.
+    """
+
+    branch_names = (*QARepBlock.branch_names, "branch_avg")
+
+    def __init__(self, c1: int, c2: int, s: int = 1, g: int = 1, act: str = "relu") -> None:
+        super().__init__(c1, c2, s, g, act)
+        self.branch_avg = nn.AvgPool2d(3, 1, 1) if self.has_identity else None
+
+    def shortcut(self, x: Tensor) -> Tensor:
+        return x + self.branch_avg(x)
+
+    def shortcut_kernel(self, like: Tensor) -> Tensor:
+        return self.identity(like) + avg_pool_kernel(self.c1, self.g, like)
+
+
 class ConvBNReLU(Reparameterizable):
-    """Plain conv + BN + ReLU (YOLOv6's SimConv): the 1x1 mixers of CSP stages, SPPF and the neck's downsamplers."""
+    """Plain conv + BN + activation (YOLOv6's SimConv; ReLU unless ``act`` says otherwise): the 1x1 mixers of CSP
+    stages, the SPP blocks and the neck's downsamplers."""
 
     branch_names = ("branch",)
 
-    def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1, g: int = 1) -> None:
-        super().__init__()
+    def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1, g: int = 1, act: str = "relu") -> None:
+        super().__init__(act)
         check_conv_args(type(self).__name__, c1, c2, s, g)
         if not isinstance(k, int) or k < 1 or k % 2 == 0:
             raise ValueError(f"ConvBNReLU: kernel size k must be a positive odd int, got {k!r}")

@@ -29,16 +29,26 @@ def pad_to_3x3(kernel: Tensor) -> Tensor:
     return F.pad(kernel, [1, 1, 1, 1])
 
 
-def identity_kernel(channels: int, groups: int, like: Tensor) -> Tensor:
-    """The 3x3 kernel of an identity map on ``channels`` channels for a conv with ``groups`` groups.
-
-    Output channel ``i`` reads input ``i``, which sits at index ``i % (channels // groups)`` inside its group.
-    """
+def _channel_diagonal(channels: int, groups: int, taps: Tensor) -> Tensor:
+    """A 3x3 kernel on ``channels`` channels (``groups`` groups) where output channel ``i`` reads only input ``i``,
+    through the 3x3 ``taps``; input ``i`` sits at index ``i % (channels // groups)`` inside its group."""
     per_group = channels // groups
-    kernel = torch.zeros(channels, per_group, 3, 3, dtype=like.dtype, device=like.device)
-    index = torch.arange(channels, device=like.device)
-    kernel[index, index % per_group, 1, 1] = 1.0
+    kernel = taps.new_zeros(channels, per_group, 3, 3)
+    index = torch.arange(channels, device=taps.device)
+    kernel[index, index % per_group] = taps
     return kernel
+
+
+def identity_kernel(channels: int, groups: int, like: Tensor) -> Tensor:
+    """The 3x3 kernel of an identity map on ``channels`` channels for a conv with ``groups`` groups."""
+    taps = torch.zeros(3, 3, dtype=like.dtype, device=like.device)
+    taps[1, 1] = 1.0
+    return _channel_diagonal(channels, groups, taps)
+
+
+def avg_pool_kernel(channels: int, groups: int, like: Tensor) -> Tensor:
+    """The 3x3 kernel of ``AvgPool2d(3, 1, 1)`` (padding counted, its default): 1/9 on every tap of the diagonal."""
+    return _channel_diagonal(channels, groups, torch.full((3, 3), 1 / 9, dtype=like.dtype, device=like.device))
 
 
 def fused_conv(conv: nn.Conv2d, kernel: Tensor, bias: Tensor) -> nn.Conv2d:

@@ -1,9 +1,10 @@
-"""Stages that stack re-parameterizable blocks, in both flavours, plus a ReLU SPPF.
+"""Stages that stack re-parameterizable blocks, in every flavour, and the two SPP blocks of the detectors we build.
 
-Naming scheme: a generic class takes the block type (``RepStage(c1, c2, n, s, g, block=QARepBlock)``); each
-flavour has a named subclass so a YAML can say what it means: ``QARepStage`` / ``RepVGGStage`` and
-``QARepCSPStage`` / ``RepVGGCSPStage``. ``SimSPPF`` has no multi-branch conv, so one class serves both
-families (a flavoured twin would be the same module under two names).
+Naming scheme: a generic class takes the block type (``RepStage(c1, c2, n, s, g, act, block=QARepBlock)``); each
+flavour has a named subclass so a YAML can say what it means: ``QARepStage`` / ``QARepStageV2`` / ``RepVGGStage``
+and ``QARepCSPStage`` / ``QARepCSPStageV2`` / ``RepVGGCSPStage``. ``SimSPPF`` (YOLOv6) and ``SPPCSPC`` (YOLOv7) have
+no multi-branch conv, so one class each serves every family (a flavoured twin would be the same module under two
+names). Every module takes ``act`` last (see ``activation``); ReLU is the default.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from qarep_det.nn.blocks import ConvBNReLU, QARepBlock, RepBlock, RepVGGBlock
+from qarep_det.nn.blocks import ConvBNReLU, QARepBlock, QARepBlockV2, RepBlock, RepVGGBlock
 
 
 def check_repeats(name: str, n: int) -> None:
@@ -26,20 +27,27 @@ class RepStage(nn.Sequential):
     block: type[RepBlock] = QARepBlock
 
     def __init__(
-        self, c1: int, c2: int, n: int = 1, s: int = 1, g: int = 1, block: type[RepBlock] | None = None
+        self,
+        c1: int,
+        c2: int,
+        n: int = 1,
+        s: int = 1,
+        g: int = 1,
+        act: str = "relu",
+        block: type[RepBlock] | None = None,
     ) -> None:
         check_repeats(type(self).__name__, n)
         block = block or self.block
-        super().__init__(*(block(c1 if i == 0 else c2, c2, s if i == 0 else 1, g) for i in range(n)))
+        super().__init__(*(block(c1 if i == 0 else c2, c2, s if i == 0 else 1, g, act) for i in range(n)))
 
 
 class RepBottleneck(nn.Module):
     """Two blocks with a residual add (YOLOv6's BottleRep without the learnable weight)."""
 
-    def __init__(self, c: int, block: type[RepBlock]) -> None:
+    def __init__(self, c: int, block: type[RepBlock], act: str = "relu") -> None:
         super().__init__()
-        self.cv1 = block(c, c)
-        self.cv2 = block(c, c)
+        self.cv1 = block(c, c, act=act)
+        self.cv2 = block(c, c, act=act)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.cv2(self.cv1(x)) + x
@@ -53,17 +61,25 @@ class CSPRepStage(nn.Module):
 
     block: type[RepBlock] = QARepBlock
 
-    def __init__(self, c1: int, c2: int, n: int = 1, e: float = 0.5, block: type[RepBlock] | None = None) -> None:
+    def __init__(
+        self,
+        c1: int,
+        c2: int,
+        n: int = 1,
+        e: float = 0.5,
+        act: str = "relu",
+        block: type[RepBlock] | None = None,
+    ) -> None:
         super().__init__()
         check_repeats(type(self).__name__, n)
-        if not 0 < e <= 1:
+        if not isinstance(e, (int, float)) or not 0 < e <= 1:
             raise ValueError(f"{type(self).__name__}: expansion e must be in (0, 1], got {e!r}")
         block = block or self.block
         hidden = max(int(c2 * e), 1)
-        self.cv1 = ConvBNReLU(c1, hidden, 1)
-        self.cv2 = ConvBNReLU(c1, hidden, 1)
-        self.m = nn.Sequential(*(RepBottleneck(hidden, block) for _ in range(max(n // 2, 1))))
-        self.cv3 = ConvBNReLU(2 * hidden, c2, 1)
+        self.cv1 = ConvBNReLU(c1, hidden, 1, act=act)
+        self.cv2 = ConvBNReLU(c1, hidden, 1, act=act)
+        self.m = nn.Sequential(*(RepBottleneck(hidden, block, act) for _ in range(max(n // 2, 1))))
+        self.cv3 = ConvBNReLU(2 * hidden, c2, 1, act=act)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), dim=1))
@@ -72,13 +88,13 @@ class CSPRepStage(nn.Module):
 class SimSPPF(nn.Module):
     """SPPF with ReLU (YOLOv6's SimSPPF): 1x1 reduce, three chained max-pools, concat, 1x1 expand."""
 
-    def __init__(self, c1: int, c2: int, k: int = 5) -> None:
+    def __init__(self, c1: int, c2: int, k: int = 5, act: str = "relu") -> None:
         super().__init__()
         if not isinstance(k, int) or k < 1 or k % 2 == 0:
             raise ValueError(f"SimSPPF: pool size k must be a positive odd int, got {k!r}")
         hidden = max(c1 // 2, 1)
-        self.cv1 = ConvBNReLU(c1, hidden, 1)
-        self.cv2 = ConvBNReLU(hidden * 4, c2, 1)
+        self.cv1 = ConvBNReLU(c1, hidden, 1, act=act)
+        self.cv2 = ConvBNReLU(hidden * 4, c2, 1, act=act)
         self.pool = nn.MaxPool2d(k, 1, k // 2)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -87,10 +103,40 @@ class SimSPPF(nn.Module):
         return self.cv2(torch.cat(y, dim=1))
 
 
+class SPPCSPC(nn.Module):
+    """YOLOv7's SPP block in a CSP split: one half goes 1x1 -> 3x3 -> 1x1, max pools 5/9/13 next to it, concat,
+    1x1 -> 3x3; the other half is one 1x1; both are concatenated and mixed by a last 1x1. Hidden width = ``c2``
+    (YOLOv7's ``int(2 * c2 * 0.5)``). Ultralytics has no equivalent (its SPP, SPPF and SPPELAN differ)."""
+
+    POOLS = (5, 9, 13)
+
+    def __init__(self, c1: int, c2: int, act: str = "relu") -> None:
+        super().__init__()
+        self.cv1 = ConvBNReLU(c1, c2, 1, act=act)
+        self.cv2 = ConvBNReLU(c1, c2, 1, act=act)
+        self.cv3 = ConvBNReLU(c2, c2, 3, act=act)
+        self.cv4 = ConvBNReLU(c2, c2, 1, act=act)
+        self.m = nn.ModuleList(nn.MaxPool2d(k, 1, k // 2) for k in self.POOLS)
+        self.cv5 = ConvBNReLU(4 * c2, c2, 1, act=act)
+        self.cv6 = ConvBNReLU(c2, c2, 3, act=act)
+        self.cv7 = ConvBNReLU(2 * c2, c2, 1, act=act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.cv4(self.cv3(self.cv1(x)))
+        y = self.cv6(self.cv5(torch.cat([y, *(pool(y) for pool in self.m)], dim=1)))
+        return self.cv7(torch.cat((y, self.cv2(x)), dim=1))
+
+
 class QARepStage(RepStage):
     """``RepStage`` of ``QARepBlock``s."""
 
     block = QARepBlock
+
+
+class QARepStageV2(RepStage):
+    """``RepStage`` of ``QARepBlockV2``s (YOLOv6's -qa models)."""
+
+    block = QARepBlockV2
 
 
 class RepVGGStage(RepStage):
@@ -103,6 +149,12 @@ class QARepCSPStage(CSPRepStage):
     """``CSPRepStage`` of ``QARepBlock``s."""
 
     block = QARepBlock
+
+
+class QARepCSPStageV2(CSPRepStage):
+    """``CSPRepStage`` of ``QARepBlockV2``s (YOLOv6-M-qa's stages)."""
+
+    block = QARepBlockV2
 
 
 class RepVGGCSPStage(CSPRepStage):
