@@ -1,6 +1,7 @@
 """qarep_det: quantization-friendly re-parameterized (QARepVGG) blocks for YOLO-style detectors.
 
-Importing the package keeps Ultralytics offline and registers our blocks with its YAML parser.
+Importing the package keeps Ultralytics offline, registers our blocks with its YAML parser and makes the shipped
+model YAMLs loadable by name (``YOLO("yolo_qarep_s.yaml")``; :func:`model_yamls` lists them).
 """
 
 from qarep_det.integrations.offline import configure_offline
@@ -11,11 +12,16 @@ from qarep_det.integrations.ultralytics import register  # noqa: E402
 
 register()
 
+from qarep_det.models import model_yaml, model_yamls  # noqa: E402
 from qarep_det.nn import (  # noqa: E402
+    SPPCSPC,
     ConvBNReLU,
     QARepBlock,
+    QARepBlockV2,
     QARepCSPStage,
+    QARepCSPStageV2,
     QARepStage,
+    QARepStageV2,
     RepVGGBlock,
     RepVGGCSPStage,
     RepVGGStage,
@@ -23,17 +29,23 @@ from qarep_det.nn import (  # noqa: E402
 )
 from qarep_det.reparam import OutputDifference, output_difference, reparameterize_model  # noqa: E402
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
+    "SPPCSPC",
     "ConvBNReLU",
     "OutputDifference",
     "QARepBlock",
+    "QARepBlockV2",
     "QARepCSPStage",
+    "QARepCSPStageV2",
     "QARepStage",
+    "QARepStageV2",
     "RepVGGBlock",
     "RepVGGCSPStage",
     "RepVGGStage",
     "SimSPPF",
+    "model_yaml",
+    "model_yamls",
     "output_difference",
     "reparameterize_model",
 ]

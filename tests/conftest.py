@@ -55,3 +55,11 @@ def results_epochs(run: Path) -> list[int]:
     """The epochs an Ultralytics run has logged in its results.csv."""
     with open(run / "results.csv", newline="") as f:
         return [int(float(row["epoch"])) for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="session")
+def known_answer(tmp_path_factory: pytest.TempPathFactory):
+    """A self-labelled dataset, a fused detector and its planted twin (``helpers.known_answer_detector``)."""
+    from helpers import known_answer_detector
+
+    return known_answer_detector(tmp_path_factory.mktemp("known_answer"))

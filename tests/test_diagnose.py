@@ -14,6 +14,7 @@ import copy
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -23,12 +24,12 @@ from ultralytics import YOLO
 from ultralytics.nn.tasks import DetectionModel
 
 from qarep_det import reparameterize_model
-from qarep_det.checkpoint import load_detector
 from qarep_det.data.synthetic import make_dataset
-from qarep_det.integrations.ultralytics import RestartableForward
-from qarep_det.quant.analysis import analyze, enclosing_block
+from qarep_det.integrations.analysis import analyze, enclosing_block
+from qarep_det.integrations.checkpoint import load_detector, save_fused
+from qarep_det.integrations.restartable import RestartableForward
 from qarep_det.quant.calibration import calibration_set
-from qarep_det.quant.planted import plant_outlier, save_planted
+from qarep_det.quant.planted import plant_outlier
 from qarep_det.quant.recipe import QuantRecipe
 from qarep_det.quant.scope import quantized_conv_names
 
@@ -170,7 +171,7 @@ def test_planting_refuses_what_fp32_would_notice(fused, images):
 
 def test_planted_checkpoint_is_float32_and_loads_fused(planted, images, tmp_path):
     model, info = planted
-    path = save_planted(model, info, tmp_path / "planted.pt", images)
+    path = save_fused(model, tmp_path / "planted.pt", images, planted_outlier=asdict(info))
     checkpoint = torch.load(path, weights_only=False)
     assert all(p.dtype == torch.float32 for p in checkpoint["model"].parameters())  # fp16 would lose 2^-12 weights
     assert checkpoint["planted_outlier"]["consumer"] == CONSUMER
@@ -179,7 +180,7 @@ def test_planted_checkpoint_is_float32_and_loads_fused(planted, images, tmp_path
     with torch.no_grad():
         assert torch.equal(refused(images)[0], model(images)[0])
     with pytest.raises(FileExistsError):
-        save_planted(model, info, path, images)
+        save_fused(model, path, images)
 
 
 # --- the tools ------------------------------------------------------------------------------------------------

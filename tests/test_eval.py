@@ -30,7 +30,7 @@ SPECS: dict[str, tuple[int, int, list[tuple[int, tuple[float, float, float, floa
 
 
 def _write_dataset(root: Path) -> list[Path]:
-    """Images under images/val, YOLO labels under labels/val; b's label also has a polygon row and a duplicate."""
+    """Images under images/val, YOLO labels under labels/val; b's label holds polygons and a duplicate row."""
     (root / "images" / "val").mkdir(parents=True)
     (root / "labels" / "val").mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -43,9 +43,11 @@ def _write_dataset(root: Path) -> list[Path]:
             rows.append(
                 f"{cls} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}"
             )
-        if name == "b.png":  # the second object as a polygon, and the first object twice
-            x1, y1, x2, y2 = objects[1][1]
-            rows[1] = "0 " + " ".join(f"{x / w:.6f} {y / h:.6f}" for x, y in ((x1, y1), (x2, y1), (x2, y2), (x1, y2)))
+        if name == "b.png":  # polygons (a file holds boxes or polygons, not both), the first object twice
+            rows = [
+                f"{cls} " + " ".join(f"{x / w:.6f} {y / h:.6f}" for x, y in ((x1, y1), (x2, y1), (x2, y2), (x1, y2)))
+                for cls, (x1, y1, x2, y2) in objects
+            ]
             rows.append(rows[0])
         (root / "labels" / "val" / name).with_suffix(".txt").write_text("\n".join(rows) + "\n")
     return list_images(root / "images" / "val")
@@ -117,7 +119,7 @@ def test_ground_truth_from_labels(dataset: list[Path]) -> None:
         assert a["area"] == pytest.approx(a["bbox"][2] * a["bbox"][3]) and a["iscrowd"] == 0
     assert sorted(a["id"] for a in d["annotations"]) == list(range(1, len(d["annotations"]) + 1))
     for p in dataset:
-        objects = SPECS[p.name][2] or []  # b: polygon row boxed, duplicate row dropped; c: no label file
+        objects = SPECS[p.name][2] or []  # b: polygons boxed, duplicate row dropped; c: no label file
         got = sorted(by_image.get(gt.image_id(p), []))
         assert [c for c, _ in got] == sorted(c + 1 for c, _ in objects)
         expected = sorted((c + 1, _ltwh(xyxy)) for c, xyxy in objects)
@@ -139,8 +141,12 @@ def test_load_ground_truth_from_yaml(dataset: list[Path], tmp_path: Path) -> Non
 
 
 def test_bad_label_file_fails_loudly(dataset: list[Path]) -> None:
-    (dataset[0].parents[2] / "labels" / "val" / "a.txt").write_text("5 0.5 0.5 0.1 0.1\n")
-    with pytest.raises(ValueError, match="class ids"):
+    label = dataset[0].parents[2] / "labels" / "val" / "a.txt"
+    label.write_text("0 0.5 0.5 0.1 0.1\n5 0.5 0.5 0.1 0.1\n")
+    with pytest.raises(ValueError, match=r"a\.txt' line 2: class 5 is not an integer in 0\.\.1"):
+        ground_truth_from_labels(dataset, NAMES)
+    label.write_text("0 0.5 0.5 0.1 0.1\n1 0.1 0.1 0.2 0.1 0.2 0.2\n")  # the rule training applies too
+    with pytest.raises(ValueError, match="mixes boxes and polygons"):
         ground_truth_from_labels(dataset, NAMES)
 
 

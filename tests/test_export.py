@@ -1,4 +1,4 @@
-"""tools/export.py and qarep_det.export: fused check on real images, ONNX/OpenVINO export, failure paths."""
+"""tools/export.py and integrations.export: fused check on real images, ONNX/OpenVINO export, failure paths."""
 
 from __future__ import annotations
 
@@ -6,13 +6,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from ultralytics import YOLO
 
-import qarep_det.export as export_module
-from qarep_det.checkpoint import load_detector
-from qarep_det.export import FusionMismatchError, export
+import qarep_det.integrations.export as export_module
+from qarep_det import reparameterize_model
+from qarep_det.data.images import load_letterboxed
+from qarep_det.integrations.checkpoint import load_detector
+from qarep_det.integrations.export import FusionMismatchError, check_images, export
+from qarep_det.quant.runner import first_output
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,11 +28,36 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+ROUND_TRIP_TOLERANCE = 1e-4  # max |exported - fused torch| over max |fused torch|, per output (float32 rounding)
+
+
+def run_exported(path: Path, fmt: str, images: torch.Tensor) -> torch.Tensor:
+    """The exported file on its own runtime, one image at a time (the export has a static batch of 1)."""
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        run = lambda x: session.run(None, {session.get_inputs()[0].name: x})[0]  # noqa: E731
+    else:
+        import openvino as ov
+
+        compiled = ov.Core().compile_model(str(next(path.glob("*.xml"))), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        run = lambda x: compiled(x)[compiled.output(0)]  # noqa: E731
+    return torch.cat([torch.from_numpy(run(image[None].numpy())) for image in images])
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 def test_export_writes_checked_fused_model_and_never_overwrites(weights: Path, fmt: str) -> None:
     pytest.importorskip(fmt)
     path, diff = export(weights, fmt, imgsz=64)
     assert path.exists() and diff.max_rel < 1e-4
+    # the round trip: the exported file computes what the fused torch model computes, on real letterboxed images
+    images = torch.from_numpy(np.stack([load_letterboxed(f, 64)[0] for f in check_images(None)]))
+    with torch.no_grad():
+        expected = first_output(reparameterize_model(load_detector(weights))(images))
+    exported = run_exported(path, fmt, images)
+    assert exported.shape == expected.shape
+    assert float((exported - expected).abs().max() / expected.abs().max()) < ROUND_TRIP_TOLERANCE
     stamp = path.stat().st_mtime_ns
     with pytest.raises(FileExistsError, match="--overwrite"):
         export(weights, fmt, imgsz=64)

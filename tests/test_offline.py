@@ -98,7 +98,8 @@ def run_audited(audit: Path, tmp_path: Path, tool: str, *args: str) -> list[str]
         for k, v in os.environ.items()
         if k not in CI_MARKERS + OFFLINE_SETTINGS and not k.startswith(("XDG_", "PYTEST"))  # Ultralytics mutes in tests
     }
-    env |= {"HOME": str(home), "PYTHONPATH": str(audit), LOG_VARIABLE: str(log)}
+    python_path = os.pathsep.join(filter(None, [str(audit), os.environ.get("PYTHONPATH")]))  # the hook first
+    env |= {"HOME": str(home), "PYTHONPATH": python_path, LOG_VARIABLE: str(log)}
     result = subprocess.run(
         [sys.executable, str(ROOT / "tools" / tool), *args], env=env, cwd=tmp_path, capture_output=True, text=True
     )

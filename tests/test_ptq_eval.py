@@ -12,9 +12,9 @@ import torch
 import yaml
 from ultralytics import YOLO
 
-from qarep_det.checkpoint import load_detector
 from qarep_det.data.synthetic import make_dataset
 from qarep_det.eval.ptq import BACKENDS, PTQSettings, run_ptq_eval
+from qarep_det.integrations.checkpoint import load_detector
 from qarep_det.quant.calibration import calibration_set
 from qarep_det.quant.diagnostics import sqnr_db
 from qarep_det.quant.recipe import QuantRecipe
@@ -59,25 +59,28 @@ def installed(backend: str) -> bool:
     return True
 
 
-@pytest.mark.parametrize("backend", ("torch", "openvino"))  # onnxruntime: its own test, beside torch
-def test_ptq_eval_writes_one_row_per_model_and_backend(
-    data: Path, weights: list[Path], tmp_path: Path, backend: str
-) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int8_collapses_on_the_planted_outlier_and_nowhere_else(known_answer, tmp_path: Path, backend: str) -> None:
+    """On data labelled by the model itself FP32 scores high; the planted twin computes the same FP32 but its INT8
+    must collapse, while the clean model's INT8 stays close: a swapped or broken FP32/INT8 path fails here."""
     if not installed(backend):
         pytest.skip(f"{backend} backend packages not installed")
-    recipe = QuantRecipe(calib_images=20)  # more than the 12 train images: all are used, with a warning
-    settings = PTQSettings(data, recipe, (backend,), imgsz=64, batch=4)
-    models = weights if backend == "torch" else weights[:1]  # two models once is enough; OpenVINO is the slow one
-    with pytest.warns(UserWarning, match="only 12 are available"):
+    recipe = QuantRecipe(calib_images=40)  # more than the 24 train images: all are used, with a warning
+    settings = PTQSettings(known_answer.data, recipe, (backend,), imgsz=known_answer.imgsz, batch=4)
+    models = [known_answer.clean, known_answer.planted] if backend == "torch" else [known_answer.planted]
+    with pytest.warns(UserWarning, match="only 24 are available"):
         rows, json_path, md_path = run_ptq_eval(models, settings, tmp_path, progress=False)
-    assert [(r["model"], r["backend"]) for r in rows] == [("qarep", backend), ("repvgg", backend)][: len(models)]
-    stored = json.loads(json_path.read_text())
-    assert len(stored) == len(models)
-    for row in stored:
-        assert REQUIRED_KEYS <= row.keys()
-        assert row["calib_images"] == 12
-        assert 0.0 <= row["int8_map50_95"] <= 100.0 and 0.0 <= row["fp32_map50_95"] <= 100.0
-        assert Path(row["int8_file"]).exists()
+    assert [(r["model"], r["backend"]) for r in rows] == [(m.stem, backend) for m in models]
+    stored = {row["model"]: row for row in json.loads(json_path.read_text())}
+    for row in stored.values():
+        assert REQUIRED_KEYS <= row.keys() and row["calib_images"] == 24 and Path(row["int8_file"]).exists()
+    planted = stored["planted"]
+    assert planted["fp32_map50_95"] > 40  # measured 63: the labels are the model's own top detections
+    assert planted["int8_map50_95"] < 0.2 * planted["fp32_map50_95"]  # measured 1 (torch)
+    if backend == "torch":
+        clean = stored["clean"]
+        assert clean["fp32_map50_95"] == planted["fp32_map50_95"]  # the planting is FP32-exact
+        assert clean["int8_map50_95"] > 0.8 * clean["fp32_map50_95"]  # measured 65 against 63
     assert "INT8 mAP50-95" in md_path.read_text()
 
 
@@ -123,9 +126,9 @@ def test_no_readable_calibration_image_is_an_error(data: Path, weights: list[Pat
 def test_settings_reject_bad_values(data: Path) -> None:
     with pytest.raises(ValueError, match="unknown backend"):
         PTQSettings(data, backends=("tensorrt",))
-    with pytest.raises(ValueError, match="multiple of 32"):
+    with pytest.raises(ValueError, match="multiple of the models. stride 32"):
         PTQSettings(data, imgsz=100)
-    with pytest.raises(ValueError, match="not 'cpu' or a CUDA index"):
+    with pytest.raises(ValueError, match="is not a device"):
         PTQSettings(data, device="gpu")
 
 
@@ -179,9 +182,10 @@ def test_keep_float_keeps_the_most_sensitive_convs_float_in_the_int8_file(
 ) -> None:
     if not installed("torch"):
         pytest.skip("torch backend packages not installed")
+    from helpers import qdq_convs
+
     from qarep_det.eval.table import format_console
-    from qarep_det.quant.analysis import analyze
-    from qarep_det.quant.onnx_qdq import qdq_convs
+    from qarep_det.integrations.analysis import analyze
 
     recipe = QuantRecipe(calib_images=4)
     settings = PTQSettings(data, recipe, ("torch",), imgsz=64, batch=4, keep_float=2)

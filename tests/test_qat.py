@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import runpy
 import subprocess
 import sys
 from dataclasses import replace
@@ -13,20 +12,21 @@ import openvino as ov
 import pytest
 import torch
 from conftest import fresh_env, randomize_bn, results_epochs
+from helpers import qdq_convs
 from ultralytics.cfg import get_cfg
 from ultralytics.nn.tasks import DetectionModel, load_checkpoint
 from ultralytics.utils.dist import ddp_cleanup, generate_ddp_file
 from ultralytics.utils.patches import torch_load
 
 from qarep_det import reparameterize_model
-from qarep_det.checkpoint import load_detector
+from qarep_det.cli import qat as qat_cli
 from qarep_det.data.synthetic import make_dataset
 from qarep_det.eval.diagnose import DiagnoseSettings, run_diagnose
 from qarep_det.eval.ptq import PTQSettings, run_ptq_eval
+from qarep_det.integrations.checkpoint import load_detector
 from qarep_det.integrations.qat import QATOptions, QATTrainer, make_qat_trainer
-from qarep_det.integrations.trainer import TrainInputError
+from qarep_det.integrations.run_options import TrainInputError
 from qarep_det.quant.calibration import calibration_set
-from qarep_det.quant.onnx_qdq import qdq_convs
 from qarep_det.quant.qat import (
     FeatureDistillationLoss,
     QATDetectionModel,
@@ -43,7 +43,7 @@ QAREP_N = REPO / "model_yamls" / "yolo_qarep_n.yaml"
 RECIPE = QuantRecipe(calib_images=8)
 TINY = ["--imgsz", "64", "--batch", "8", "--device", "cpu", "--workers", "0"]
 
-main = runpy.run_path(str(TOOL))["main"]
+main = qat_cli.main
 
 
 @pytest.fixture(scope="module")

@@ -17,29 +17,18 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from helpers import int8_summary, qdq_convs
 from torch import nn
 
 import qarep_det  # noqa: F401  (offline settings before ultralytics)
 from qarep_det.data.images import load_letterboxed
-from qarep_det.quant import (
-    CalibrationSet,
-    QuantRecipe,
-    calibration_set,
-    conv_quant_states,
-    draw_calibration_images,
-    quantize_torch,
-    torch_runner,
-)
+from qarep_det.quant.calibration import CalibrationSet, calibration_set, draw_calibration_images
 from qarep_det.quant.calibrators import AbsHistogram, entropy_amax, mse_amax, percentile_amax
-from qarep_det.quant.diagnostics import (
-    detection_sqnr_db,
-    fake_quant_per_channel,
-    max_to_median,
-    sqnr_db,
-    weight_report,
-    weight_sqnr_db,
-)
+from qarep_det.quant.diagnostics import fake_quant_per_channel, max_to_median, sqnr_db, weight_sqnr_db
+from qarep_det.quant.recipe import QuantRecipe
+from qarep_det.quant.runner import torch_runner
 from qarep_det.quant.scope import check_float_layers, detect_heads, quantized_conv_names
+from qarep_det.quant.simulated import conv_quant_states, quantize_torch
 
 IMGSZ = 64
 NC = 2
@@ -210,7 +199,7 @@ def test_torch_backend_quantizes_but_keeps_output_close(model, qmodel, images):
     reference, quantized = torch_runner(model)(images), torch_runner(qmodel)(images)
     assert quantized.shape == reference.shape == (len(images), 4 + NC, sum((IMGSZ // s) ** 2 for s in (8, 16, 32)))
     assert not torch.equal(quantized, reference)
-    assert detection_sqnr_db(reference, quantized)["all"] > 15
+    assert sqnr_db(reference, quantized) > 15
 
 
 def test_quantize_head_false_keeps_detect_float(model, calib):
@@ -228,7 +217,7 @@ def test_histogram_calibration_methods_run(model, qmodel, calib, images, method)
     for name, m in q.named_modules():
         if isinstance(m, nn.Conv2d) and m.input_quantizer.is_enabled:
             assert 0 < float(m.input_quantizer.amax) <= by_max[name] * (1 + 1e-6)  # histogram ranges clip, never widen
-    assert detection_sqnr_db(torch_runner(model)(images), torch_runner(q)(images))["all"] > 10
+    assert sqnr_db(torch_runner(model)(images), torch_runner(q)(images)) > 10
 
 
 def test_histogram_calibration_needs_reiterable_batches(model, images):
@@ -311,7 +300,7 @@ def test_float_layers_stay_float_in_torch_and_in_the_qdq_onnx(model, calib, part
     assert sum(s.weight_quantized for s in states.values()) == len(states) - 1 - len(KEEP)  # 1: the DFL
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from qarep_det.quant.onnx_qdq import export_qdq_onnx, qdq_convs
+    from qarep_det.quant.onnx_qdq import export_qdq_onnx
 
     convs = qdq_convs(export_qdq_onnx(qpartial, tmp_path / "partial_qdq.onnx", IMGSZ))
     for name in KEEP:
@@ -340,7 +329,7 @@ def test_openvino_backend_is_int8_and_matches_the_simulated_ranges(model, qmodel
     from qarep_det.quant import openvino as qov
 
     ov_model = qov.quantize_openvino(model, calib, IMGSZ, QuantRecipe(calib_images=8))
-    summary = qov.int8_summary(ov_model)
+    summary = int8_summary(ov_model)
     n_quantized = sum(s.weight_quantized for s in conv_quant_states(qmodel))
     assert summary["fake_quantize"] > 0 and summary["int8_weights"] == n_quantized
     assert summary["weight_levels"] == (127 if qov.cpu_has_vnni() else 64)
@@ -380,8 +369,8 @@ def test_openvino_reuses_a_given_fp32_ir_and_runs_integer_kernels(model, calib):
 
     fp32 = qov.convert_openvino(model, IMGSZ)
     int8 = qov.quantize_openvino(model, calib, IMGSZ, QuantRecipe(calib_images=8), fp32=fp32)
-    assert qov.int8_summary(fp32)["fake_quantize"] == 0  # the caller's IR is left as it was
-    summary = qov.int8_summary(int8)
+    assert int8_summary(fp32)["fake_quantize"] == 0  # the caller's IR is left as it was
+    summary = int8_summary(int8)
     assert summary["fake_quantize"] > 0 and summary["int8_weights"] > 0
     fp32_kernels, int8_kernels = (qov.conv_kernels(qov.compile_cpu(m)) for m in (fp32, int8))
     assert all(k.startswith("f32 ") for k in fp32_kernels)
@@ -414,7 +403,7 @@ def test_openvino_head_float_percentile_and_unsupported_method(model, calib):
 def test_qdq_onnx_export_checks_runs_and_keeps_scales(qmodel, images, tmp_path):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from qarep_det.quant.onnx_qdq import check_qdq_onnx, export_qdq_onnx, qdq_convs
+    from qarep_det.quant.onnx_qdq import check_qdq_onnx, export_qdq_onnx
 
     path = export_qdq_onnx(qmodel, tmp_path / "int8_qdq.onnx", IMGSZ)
     with pytest.raises(FileExistsError):
@@ -449,9 +438,8 @@ def test_diagnostics_expose_identity_style_outliers(model):
     ratio, channel = max_to_median(spiked)
     assert channel == 2 and ratio > 100
     assert weight_sqnr_db(spiked) < clean - 10
-    rows = weight_report(model)
-    assert rows and not any(r.name.endswith("dfl.conv") for r in rows)
-    assert all(r.weight_sqnr_db > 20 and r.max_to_median >= 1 for r in rows)
+    convs = [m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and not n.endswith("dfl.conv")]
+    assert convs and all(weight_sqnr_db(m.weight) > 20 and max_to_median(m.weight)[0] >= 1 for m in convs)
 
 
 # --- missing optional packages --------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
+from qarep_det.cli import make_dataset as make_dataset_cli
 from qarep_det.data.synthetic import CLASS_NAMES, category_id, make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,7 +190,7 @@ def test_cli_help_shows_defaults(cli_runs):
 @pytest.fixture(scope="module")
 def cli_main():
     """The tool's ``main`` loaded in-process, for the cases that need no fresh interpreter."""
-    return runpy.run_path(str(REPO / "tools" / "make_dataset.py"))["main"]
+    return make_dataset_cli.main
 
 
 def test_cli_writes_dataset_and_prints_yaml(cli_main, tmp_path, capsys):

@@ -1,65 +1,8 @@
-"""Plant an FP32-exact INT8 outlier into a fused detector: a known answer for diagnose and ptq_eval --keep-float.
+"""'qarep-det plant-outlier' as a script: the same code and flags (qarep_det/cli/plant_outlier.py, --help)."""
 
-  python tools/plant_outlier.py --weights best.pt --producer model.8.0 --consumer model.8.1 --data DATA --out p.pt
-
-The busiest FRACTION of the producer block's output channels (largest mean activation on a few calibration images)
-are scaled by 2^-EXPONENT and the consumer's matching input weights by 2^+EXPONENT. ReLU is positively homogeneous,
-so the FP32 output is unchanged (checked; refused otherwise), while at INT8 the consumer's input scale rounds those
-channels away and its weight scales the other channels' weights. The output is an Ultralytics checkpoint of the
-fused model in float32.
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-import torch
-
-import qarep_det  # noqa: F401  (offline Ultralytics, module registration)
-from qarep_det.checkpoint import load_detector
-from qarep_det.cli import HelpFormatter, OneLineErrorParser
-from qarep_det.quant.calibration import calibration_set
-from qarep_det.quant.planted import plant_outlier, save_planted
-from qarep_det.reparam import reparameterize_model
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = OneLineErrorParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--weights", type=Path, required=True, help="trained checkpoint (.pt), fused or not")
-    parser.add_argument("--producer", required=True, help="fused block whose busiest output channels shrink")
-    parser.add_argument("--consumer", required=True, help="the block (or conv) that reads the producer's output")
-    parser.add_argument("--fraction", type=float, default=0.25, help="share of the producer's channels scaled")
-    parser.add_argument("--exponent", type=int, default=12, help="scale by 2^-exponent and 2^+exponent")
-    parser.add_argument("--data", type=Path, required=True, help="dataset YAML: train images pick the busiest channels")
-    parser.add_argument("--imgsz", type=int, default=640, help="square letterbox size of those images")
-    parser.add_argument("--images", type=int, default=8, help="how many train images (seeded draw)")
-    parser.add_argument("--seed", type=int, default=0, help="image draw")
-    parser.add_argument("--out", type=Path, required=True, help="checkpoint to write (.pt)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        if args.out.exists() and not args.overwrite:  # before any work
-            raise FileExistsError(f"'{args.out}' exists; pass --overwrite to replace it")
-        fused = reparameterize_model(load_detector(args.weights))
-        calib = calibration_set(args.data, args.imgsz, args.images, args.seed, batch_size=args.images, progress=False)
-        images = torch.cat(list(calib))
-        planted, info = plant_outlier(fused, args.producer, args.consumer, images, args.fraction, args.exponent)
-        path = save_planted(planted, info, args.out, images, overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(
-        f"planted: {len(info.channels)} channels of {info.producer} scaled by 2^-{info.exponent}, {info.consumer} "
-        f"inputs by 2^+{info.exponent}; FP32 output change {info.fp32_max_rel_change:.2g} (relative); wrote {path}"
-    )
-    return 0
-
+from qarep_det.cli.plant_outlier import main
 
 if __name__ == "__main__":
     sys.exit(main())

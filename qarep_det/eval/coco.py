@@ -24,17 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from ultralytics.data.converter import coco80_to_coco91_class
 from ultralytics.data.utils import exif_size, img2label_paths
 from ultralytics.utils import ROOT, YAML
-from ultralytics.utils.ops import clip_boxes, segments2boxes, xywhn2xyxy, xyxy2ltwh
+from ultralytics.utils.ops import clip_boxes, xywhn2xyxy, xyxy2ltwh
 
 from qarep_det.data.dataset import resolve_dataset
 from qarep_det.data.images import list_images
+from qarep_det.data.labels import read_yolo_label
 
 # COCOeval.stats indices of the numbers we report (see COCOeval.summarize)
 _STATS = {"map50_95": 0, "map50": 1, "map75": 2, "map_small": 3, "map_medium": 4, "map_large": 5}
@@ -109,39 +109,9 @@ class GroundTruth:
         return path
 
 
-def read_yolo_label(label_file: str | os.PathLike, nc: int) -> tuple[np.ndarray, np.ndarray]:
-    """Classes ``(N,)`` and normalized xywh boxes ``(N, 4)`` of one YOLO label file; a missing file means no objects.
-
-    Hand-written rather than Ultralytics' ``verify_image_label`` because that one also verifies (and may rewrite)
-    the image file, and evaluation must not touch user data. Same semantics otherwise: polygon rows become their
-    bounding boxes and duplicate rows are dropped, so the ground truth is what Ultralytics val sees. Raises
-    ``ValueError`` on a malformed file rather than silently dropping its objects (that would inflate mAP).
-    """
-    path = Path(label_file)
-    if not path.is_file():
-        return np.zeros(0, dtype=np.int64), np.zeros((0, 4), dtype=np.float32)
-    rows = [line.split() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
-    try:
-        labels = np.zeros((len(rows), 5), dtype=np.float32)
-        for i, row in enumerate(rows):
-            values = np.array(row, dtype=np.float32)
-            if len(values) == 5:
-                labels[i] = values
-            elif len(values) >= 7 and len(values) % 2 == 1:  # class, then a polygon of (x, y) points
-                labels[i, 0] = values[0]
-                labels[i, 1:] = segments2boxes([values[1:].reshape(-1, 2)])[0]
-            else:
-                raise ValueError(f"a row of {len(values)} numbers is neither a box (5) nor a polygon (odd, >= 7)")
-    except ValueError as e:
-        raise ValueError(f"bad label file '{path}': {e}") from None
-    labels = np.unique(labels, axis=0)
-    cls = labels[:, 0]
-    if len(cls) and ((cls % 1 != 0).any() or cls.min() < 0 or cls.max() >= nc):
-        raise ValueError(f"bad label file '{path}': class ids must be integers in [0, {nc - 1}]")
-    return cls.astype(np.int64), labels[:, 1:]
-
-
-def ground_truth_from_labels(image_files: Sequence[str | os.PathLike], names: Sequence[str]) -> GroundTruth:
+def ground_truth_from_labels(
+    image_files: Sequence[str | os.PathLike], names: Sequence[str], keypoint_fields: int = 0
+) -> GroundTruth:
     """COCO ground truth from the YOLO labels of ``image_files`` (labels found by Ultralytics' ``img2label_paths``).
 
     Image sizes come from the file header (EXIF orientation applied, as ``cv2.imread`` does), without decoding.
@@ -153,7 +123,7 @@ def ground_truth_from_labels(image_files: Sequence[str | os.PathLike], names: Se
         with Image.open(file) as im:
             w, h = exif_size(im)
         images.append({"id": image_id, "file_name": str(file), "width": w, "height": h})
-        cls, xywhn = read_yolo_label(label_file, len(names))
+        cls, xywhn = read_yolo_label(label_file, len(names), keypoint_fields=keypoint_fields)
         boxes = xyxy2ltwh(clip_boxes(xywhn2xyxy(xywhn, w, h), (h, w)))
         for c, box in zip(cls.tolist(), boxes.tolist(), strict=True):
             annotations.append(
@@ -201,7 +171,8 @@ def load_ground_truth(
         standard = Path(info["path"]) / "annotations" / f"instances_{Path(info[split]).name}.json"
         instances_json = standard if standard.is_file() else None
     if instances_json is None:
-        return ground_truth_from_labels(files, names)
+        nkpt, ndim = info.get("kpt_shape") or (0, 0)
+        return ground_truth_from_labels(files, names, keypoint_fields=nkpt * ndim)
     if not is_coco:
         raise ValueError("an instances json was given but the data's names are not COCO's 80 classes")
     if not Path(instances_json).is_file():

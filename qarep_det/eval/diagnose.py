@@ -1,29 +1,33 @@
 """Where INT8 accuracy goes, per model: the library behind ``tools/diagnose.py``.
 
 For each checkpoint: load, read the BN scale factors of its training form, re-parameterize, and run the per-conv
-analysis of :mod:`qarep_det.quant.analysis` with ptq_eval's recipe and calibration draw. All models share one
+analysis of :mod:`qarep_det.integrations.analysis` with ptq_eval's recipe and calibration draw. All models share one
 calibration set. Outputs: ``report.json`` (the dict below), ``report.md`` (top 10 per model, and a side-by-side
-summary for several models) and the PNGs of :mod:`qarep_det.quant.plots`, written together at the end so a
+summary for several models) and the PNGs of :mod:`qarep_det.eval.plots`, written together at the end so a
 failure leaves nothing half-written.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from qarep_det.checkpoint import checkpoint_paths, load_detector
+from qarep_det.checks import check_count, check_imgsz
+from qarep_det.eval.plots import save_plots
 from qarep_det.eval.ptq import model_name
-from qarep_det.quant.analysis import BN_OUTLIER_FACTOR, analyze, bn_scales, json_float, to_record
+from qarep_det.eval.table import markdown_table
+from qarep_det.integrations.analysis import analyze
+from qarep_det.integrations.checkpoint import checkpoint_paths, load_detector
 from qarep_det.quant.calibration import CalibrationSet, calibration_set
-from qarep_det.quant.plots import save_plots
+from qarep_det.quant.diagnostics import BN_OUTLIER_FACTOR, bn_scales
 from qarep_det.quant.qat import qat_student
 from qarep_det.quant.recipe import QuantRecipe
 from qarep_det.reparam import reparameterize_model
@@ -49,10 +53,18 @@ class DiagnoseSettings:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.imgsz < 32 or self.imgsz % 32:
-            raise ValueError(f"imgsz must be a multiple of 32, got {self.imgsz}")
-        if self.batch < 1:
-            raise ValueError(f"batch must be >= 1, got {self.batch}")
+        check_imgsz(self.imgsz)
+        check_count("batch", self.batch)
+
+
+def json_float(value: float) -> float | None:
+    """None for inf and NaN, which JSON cannot hold (an infinite SQNR means no error)."""
+    return value if math.isfinite(value) else None
+
+
+def to_record(row: Any) -> dict[str, object]:
+    """A dataclass row (a conv's analysis, a BN's scales) as a JSON-ready dict: non-finite floats become None."""
+    return {k: json_float(v) if isinstance(v, float) else v for k, v in asdict(row).items()}
 
 
 def diagnose_checkpoint(
@@ -106,15 +118,10 @@ LAYER_COLUMNS: dict[str, Callable[[dict[str, Any]], str]] = {
 ADDED_COLUMNS = ("conv", "added", "cumulative in -> out", "isolated", "weight SQNR", "act SQNR")
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
-
-
 def _ranked(layers: dict[str, dict[str, Any]], ranking: Sequence[str], columns: Sequence[str]) -> list[str]:
     """The first TOP convs of a ranking as a table of ``columns``."""
     rows = [[str(i), *(LAYER_COLUMNS[c](layers[n]) for c in columns)] for i, n in enumerate(ranking[:TOP], 1)]
-    return _table(["#", *columns], rows)
+    return markdown_table(["#", *columns], rows)
 
 
 def _model_section(m: dict[str, Any]) -> list[str]:
@@ -154,7 +161,7 @@ def _bn_section(m: dict[str, Any]) -> list[str]:
         f"BN scale factors |gamma| / sqrt(var + eps) of the training form: {len(m['bn_scales'])} BNs, "
         f"{len(outliers)} with an outlier channel (> {m['bn_outlier_factor']:g}x its BN's median). Largest:",
         "",
-        *_table(["block", "branch", "max", "median", "max channel", "outlier channels"], rows),
+        *markdown_table(["block", "branch", "max", "median", "max channel", "outlier channels"], rows),
         "",
     ]
 
@@ -179,7 +186,7 @@ def _summary(models: Sequence[dict[str, Any]]) -> list[str]:
         ])  # fmt: skip
     header = ["model", "INT8 output SQNR", "most harmful (isolated dB)", "most noise added (dB)",
               "min weight SQNR", "max w max/median", "max BN scale", "outlier BNs"]  # fmt: skip
-    return ["## Summary", "", *_table(header, rows), ""]
+    return ["## Summary", "", *markdown_table(header, rows), ""]
 
 
 def format_markdown(report: dict[str, Any], plots: Sequence[str] = ()) -> str:

@@ -27,7 +27,7 @@ from ultralytics.utils.ops import scale_boxes, xyxy2ltwh
 from qarep_det.data.images import load_letterboxed
 from qarep_det.eval.coco import GroundTruth, evaluate_coco
 from qarep_det.eval.protocol import EvalProtocol
-from qarep_det.quant.runner import Runner
+from qarep_det.quant.runner import Runner, first_output
 
 RatioPad = tuple[tuple[float, float], tuple[float, float]]
 
@@ -54,8 +54,7 @@ def _load_batch(files: Sequence[Path], imgsz: int) -> tuple[torch.Tensor, list[t
 def _timed_call(runner: Runner, images: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Run and time one batch; waits for CUDA so asynchronous kernels are counted."""
     start = time.perf_counter()
-    preds = runner(images)
-    preds = preds[0] if isinstance(preds, (tuple, list)) else preds
+    preds = first_output(runner(images))
     if preds.is_cuda:
         torch.cuda.synchronize(preds.device)
     return preds, time.perf_counter() - start

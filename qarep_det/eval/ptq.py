@@ -4,7 +4,7 @@ For each checkpoint: load, re-parameterize (every branch and BN folded), evaluat
 on the train split, quantize with each requested backend, evaluate the INT8 model the same way, and emit one row
 per (model, backend). Every model and backend is scored by the same streaming prediction and pycocotools code.
 Partial quantization keeps convs float in every backend: the recipe's ``float_layers``, or the ``keep_float`` most
-sensitive ones by :mod:`qarep_det.quant.analysis` on the same calibration images (the ranking diagnose reports).
+sensitive ones by :mod:`qarep_det.integrations.analysis` on the same calibration images (the ranking diagnose reports).
 
 A QAT checkpoint (``tools/qat.py``) is recognised and scored differently (``method: qat``): its FP32 model is the one
 the fine-tuning started from, its INT8 model is the fine-tuned student with its learned weights and frozen ranges,
@@ -25,12 +25,14 @@ from typing import Any
 
 from torch import nn
 
-from qarep_det.checkpoint import checkpoint_paths, load_detector
+from qarep_det.checks import check_count, check_imgsz
 from qarep_det.device import torch_device
 from qarep_det.eval.coco import load_ground_truth
 from qarep_det.eval.predict import evaluate_runner
 from qarep_det.eval.protocol import EvalProtocol
 from qarep_det.eval.table import write_results
+from qarep_det.integrations.analysis import keep_most_sensitive
+from qarep_det.integrations.checkpoint import checkpoint_paths, load_detector
 from qarep_det.quant.calibration import CalibrationSet, calibration_set
 from qarep_det.quant.qat import qat_student
 from qarep_det.quant.recipe import QuantRecipe
@@ -63,10 +65,8 @@ class PTQSettings:
             raise ValueError("keep the K most sensitive convs float or name them, not both")
         if unknown := [b for b in self.backends if b not in BACKENDS]:
             raise ValueError(f"unknown backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}")
-        if self.imgsz < 32 or self.imgsz % 32:
-            raise ValueError(f"imgsz must be a multiple of 32, got {self.imgsz}")
-        if self.batch < 1:
-            raise ValueError(f"batch must be >= 1, got {self.batch}")
+        check_imgsz(self.imgsz)
+        check_count("batch", self.batch)
         torch_device(self.device)  # fails now, in one line, rather than at the first .to(device)
 
 
@@ -178,8 +178,6 @@ def evaluate_checkpoint(
     evaluate = dict(ground_truth=ground_truth, protocol=protocol, batch=settings.batch, progress=progress)
     fp32 = evaluate_runner(torch_runner(fused, settings.device), out_json=out_dir / f"{name}_fp32.json", **evaluate)
     if student is None:
-        from qarep_det.quant.analysis import keep_most_sensitive  # imports the analysis only when needed
-
         recipe = keep_most_sensitive(fused, calib, settings.recipe, settings.keep_float, settings.device, progress)
         settings = replace(settings, keep_float=0, recipe=recipe)
         calib_images = None  # the images the calibration could read, known once it ran

@@ -102,16 +102,25 @@ def format_console(rows: Sequence[dict[str, Any]], protocol: EvalProtocol | str 
     return "\n".join(out + _footnotes(rows, protocol)) + "\n"
 
 
+def markdown_table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], right_aligned: Sequence[bool] | None = None
+) -> list[str]:
+    """The lines of a GitHub Markdown table; ``right_aligned`` marks numeric columns (default: none)."""
+    right_aligned = right_aligned or [False] * len(header)
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---:" if right else "---" for right in right_aligned) + "|",
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+
+
 def format_markdown(rows: Sequence[dict[str, Any]], protocol: EvalProtocol | str | None = None) -> str:
     """GitHub Markdown table, protocol as a note below it."""
     rows = normalize_rows(rows)
     columns = _columns(rows)
     numeric = [all(isinstance(row.get(k), (int, float)) or row.get(k) is None for row in rows) for k, _ in columns]
-    out = [
-        "| " + " | ".join(h for _, h in columns) + " |",
-        "|" + "|".join("---:" if num else "---" for num in numeric) + "|",
-        *("| " + " | ".join(_cell(k, row.get(k)) for k, _ in columns) + " |" for row in rows),
-    ]
+    cells = [[_cell(k, row.get(k)) for k, _ in columns] for row in rows]
+    out = markdown_table([h for _, h in columns], cells, numeric)
     notes = _footnotes(rows, protocol)
     return "\n".join(out + ([""] + notes if notes else [])) + "\n"
 

@@ -23,18 +23,19 @@ from ultralytics.cfg import get_cfg
 from ultralytics.utils import DEFAULT_CFG_DICT
 from ultralytics.utils.torch_utils import qat_state, restore_qat, strip_qat, unwrap_model
 
-from qarep_det.checkpoint import load_detector
-from qarep_det.integrations.trainer import (
+from qarep_det.device import torch_device
+from qarep_det.integrations.analysis import keep_most_sensitive
+from qarep_det.integrations.checkpoint import load_detector
+from qarep_det.integrations.run_options import (
     RECIPE,
-    QARepTrainer,
     RunOptions,
     TrainInputError,
     check_dataset,
     check_run_settings,
-    make_trainer,
+    one_line,
     run_overrides,
 )
-from qarep_det.quant.analysis import keep_most_sensitive
+from qarep_det.integrations.trainer import QARepTrainer, make_trainer, register_trainer
 from qarep_det.quant.calibration import calibration_set
 from qarep_det.quant.qat import FeatureDistillationLoss, QATDetectionModel, is_qat_model, make_student, pin_ranges
 from qarep_det.quant.recipe import QuantRecipe
@@ -103,6 +104,9 @@ class QATTrainer(QARepTrainer):
         pin_ranges(self.ema.ema, unwrap_model(self.model))
 
 
+register_trainer(QATTrainer, lambda checkpoint: bool(checkpoint.get("modelopt")))
+
+
 def pack_student(student: QATDetectionModel) -> QATDetectionModel:
     """A copy of the student that pickles (plain convs) and carries its ModelOpt state for :meth:`setup_model`."""
     state = qat_state(student)
@@ -131,16 +135,16 @@ def _start_student(options: QATOptions, device: str) -> QATDetectionModel:
     fused, recipe = reparameterize_model(model), options.recipe
     check_partial(fused, recipe, options.keep_float)  # before minutes of calibration
     calib = calibration_set(options.data, options.imgsz, recipe.calib_images, recipe.seed, batch_size=8)
-    torch_device = "cpu" if device == "cpu" else f"cuda:{device.split(',')[0]}"
-    recipe = keep_most_sensitive(fused, calib, recipe, options.keep_float, torch_device)
-    return make_student(fused, calib, recipe, torch_device, options.distill).cpu()
+    main_device = torch_device(device, first=True)  # DDP: the main process calibrates on its own device
+    recipe = keep_most_sensitive(fused, calib, recipe, options.keep_float, main_device)
+    return make_student(fused, calib, recipe, main_device, options.distill).cpu()
 
 
 def make_qat_trainer(options: QATOptions) -> QATTrainer:
     """Check every input, calibrate the student (or take the checkpoint's), then build the trainer.
 
     Raises ``TrainInputError`` with a one-line reason before anything is written; a resumed run is handed to
-    :func:`qarep_det.integrations.trainer.make_trainer`, which recognises QAT checkpoints.
+    :func:`qarep_det.integrations.trainer.make_trainer`, which recognises QAT checkpoints (registered above).
     """
     if options.resume:
         trainer = make_trainer(options)
@@ -166,7 +170,7 @@ def make_qat_trainer(options: QATOptions) -> QATTrainer:
         get_cfg(dict(DEFAULT_CFG_DICT), overrides)  # Ultralytics' own checks, before calibrating or writing
         student = _start_student(options, device)
     except (TypeError, ValueError, SyntaxError, FileNotFoundError) as e:
-        raise TrainInputError(" ".join(str(e).split())) from e
+        raise TrainInputError(one_line(e)) from e
     trainer = QATTrainer(overrides=overrides)
     trainer.model = pack_student(student)
     return trainer

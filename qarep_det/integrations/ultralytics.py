@@ -1,4 +1,4 @@
-"""The one place that touches Ultralytics internals: YAML registration of our modules and ``fuse()`` support.
+"""Registration with Ultralytics: our module names in its YAMLs, our model YAMLs by name, ``fuse()`` support.
 
 Ultralytics has no registration API. Its ``parse_model`` resolves a YAML name with ``globals()`` of
 ``ultralytics.nn.tasks`` and scales channels (c1 from the previous layer, c2 by width and max channels)
@@ -7,26 +7,28 @@ layers is first stood in for by a 1x1 ``Conv``, a built-in base module, which ma
 c1 and the scaled c2 exactly as for its own layers; we then build our module with those channels and the
 depth-scaled repeat count, and put it in the stand-in's place. Everything else (Detect, Concat, the
 save list, the scale logic) stays Ultralytics' own. ``BaseModel.fuse`` and ``is_fused`` are wrapped so
-that Ultralytics' val and export fuse our blocks too. ``self_test()`` guards all of this.
+that Ultralytics' val and export fuse our blocks too. Ultralytics finds a model YAML given by name (``yolov8s.yaml``)
+by searching its own package in ``ultralytics.utils.checks.check_file``; that function is wrapped so our shipped
+YAMLs (``qarep_det.models``) are found by name the same way, a path that exists still winning. A YAML written for
+YOLOv7 fails on its first YOLOv7-only construct with one line saying what to write instead (:data:`YOLOV7_HINTS`).
+``self_test()`` guards all of this.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-from collections import ChainMap
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+import os
+from collections.abc import Callable
 from typing import Any
 
-import torch
 import ultralytics
 from torch import nn
 from ultralytics.nn import tasks
-from ultralytics.nn.modules.head import Detect
-from ultralytics.utils import LOGGER
+from ultralytics.utils import LOGGER, checks
 
 import qarep_det.nn as qnn
+from qarep_det.models import shipped_name
 
 # YAML name -> (class, takes a repeat count). Repeat modules get ``n`` as their third argument, like C2f.
 MODULES: dict[str, tuple[type[nn.Module], bool]] = {
@@ -57,16 +59,44 @@ def _scaled_depth(d: dict[str, Any]) -> float:
     return d.get("depth_multiple", 1.0)
 
 
-def _check_names(d: dict[str, Any]) -> None:
-    """Fail early, naming the layer, for a module name neither Ultralytics nor qarep_det knows."""
-    for i, (_, _, name, _) in enumerate(d["backbone"] + d["head"]):
+YOLOV7_HINTS: dict[str, str] = {
+    "MP": "YOLOv7's MP is a 2x2 max pool: write [-1, 1, nn.MaxPool2d, [2, 2]]",
+    "SP": "YOLOv7's SP [k] is a stride-1 max pool (k=3 if omitted): write [-1, 1, nn.MaxPool2d, [k, 1, k // 2]], "
+    "e.g. [5, 1, 2]",
+    "IDetect": "YOLOv7's anchor-based IDetect has no counterpart here: write [[P3, P4, P5], 1, Detect, [nc]] "
+    "(Ultralytics' anchor-free head)",
+    "IAuxDetect": "YOLOv7's auxiliary-head IAuxDetect has no counterpart here: write [[P3, P4, P5], 1, Detect, [nc]]",
+    "RepConv": "YOLOv7's RepConv [c2, k, s] is QARepBlock [c2, s, g, act] here (RepVGGBlock for the baseline), e.g. "
+    "RepConv [256, 3, 1] -> QARepBlock [256, 1, 1, silu] (Ultralytics' own RepConv cannot be built from a YAML)",
+}
+"""What to write instead of the YOLOv7 modules a YAML taken from YOLOv7 uses (WongKinYiu/yolov7 models/common.py)."""
+
+
+def _check_layers(d: dict[str, Any]) -> None:
+    """Fail early, naming the layer, for a module name neither Ultralytics nor qarep_det knows (with what to write
+    instead of a YOLOv7 module) and for YOLOv7's Conv arguments, whose activation Ultralytics reads as a dilation."""
+    for i, (_, _, name, args) in enumerate(d["backbone"] + d["head"]):
         if not isinstance(name, str) or name.startswith(("nn.", "torchvision.ops.")):
             continue
+        if name in YOLOV7_HINTS:
+            raise KeyError(f"layer {i}: {name} is a YOLOv7 module; {YOLOV7_HINTS[name]}")
         if name not in MODULES and name not in vars(tasks):
             raise KeyError(
                 f"layer {i}: unknown module '{name}' (not an Ultralytics module; qarep_det provides: "
                 f"{', '.join(MODULES)})"
             )
+        if name == "Conv" and isinstance(args, list) and len(args) == 6 and str(args[5]).startswith("nn."):
+            raise ValueError(
+                f"layer {i} (Conv, args {args}): Ultralytics' Conv takes [c2, k, s, p, g, d, act], so YOLOv7's "
+                f"activation would land in the dilation slot; drop it and set the YAML's 'activation: {args[5]}'"
+            )
+
+
+def _yolov7_args_hint(cls: type[nn.Module], args: list) -> str:
+    """A hint when a block of ours got YOLOv7 RepConv's ``[c2, k, s]`` (a stride of 3 is its kernel size)."""
+    if issubclass(cls, qnn.RepBlock) and len(args) >= 2 and args[1] == 3:
+        return f" (YOLOv7's RepConv [c2, k, s]? ours is [c2, s, g, act]: write [{args[0]}, 1, 1, silu])"
+    return ""
 
 
 def _build(i: int, name: str, f: Any, n: int, args: list, stand_in: nn.Module) -> nn.Module:
@@ -80,7 +110,7 @@ def _build(i: int, name: str, f: Any, n: int, args: list, stand_in: nn.Module) -
         else:  # a base module with n > 1 becomes n copies, as Ultralytics does for its own
             module = nn.Sequential(*(cls(*full_args) for _ in range(n)))
     except (TypeError, ValueError) as e:
-        raise ValueError(f"layer {i} ({name}, args {args}): {e}") from e
+        raise ValueError(f"layer {i} ({name}, args {args}): {e}{_yolov7_args_hint(cls, args)}") from e
     module.np = sum(p.numel() for p in module.parameters())
     module.i, module.f, module.type = i, f, f"{cls.__module__}.{cls.__name__}"
     module.args = full_args  # shown in the model table, like the arguments Ultralytics prints for its own layers
@@ -89,7 +119,7 @@ def _build(i: int, name: str, f: Any, n: int, args: list, stand_in: nn.Module) -
 
 def parse_model_with_qarep(parse_model: Callable, d: dict, ch: int, verbose: bool = True):
     """``parse_model`` that also understands our module names (see the module docstring)."""
-    _check_names(d)
+    _check_layers(d)
     layers_spec = d["backbone"] + d["head"]
     ours = {i: spec for i, spec in enumerate(layers_spec) if spec[2] in MODULES}
     if not ours:
@@ -133,6 +163,27 @@ def _is_fused_with_qarep(is_fused: Callable) -> Callable:
     return wrapper
 
 
+def _check_file_with_shipped(check_file: Callable) -> Callable:
+    @functools.wraps(check_file)
+    def wrapper(file: Any, *args: Any, **kwargs: Any) -> Any:
+        shipped = shipped_name(file) if isinstance(file, (str, os.PathLike)) else None
+        return check_file(str(shipped) if shipped else file, *args, **kwargs)
+
+    wrapper.__qarep_wrapped__ = check_file
+    return wrapper
+
+
+def find_model_yaml(cfg: str | os.PathLike) -> None:
+    """Check that a ``--cfg`` names a model YAML Ultralytics will find (a file, one of its own names such as
+    ``yolov6s.yaml``, or, once registered, a shipped name of ours), else ``FileNotFoundError`` in one line."""
+    try:
+        tasks.yaml_model_load(cfg)  # Ultralytics' own lookup, scale suffixes included; reads the YAML only
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"model YAML '{cfg}' not found (a file, or a shipped name such as yolo_qarep_s.yaml)"
+        ) from None
+
+
 def register() -> None:
     """Install the wrappers (idempotent) and run ``self_test()``."""
     if not hasattr(tasks.parse_model, "__qarep_wrapped__"):
@@ -144,11 +195,14 @@ def register() -> None:
         tasks.BaseModel.fuse = _fuse_with_qarep(tasks.BaseModel.fuse)
     if not hasattr(tasks.BaseModel.is_fused, "__qarep_wrapped__"):
         tasks.BaseModel.is_fused = _is_fused_with_qarep(tasks.BaseModel.is_fused)
+    if not hasattr(checks.check_file, "__qarep_wrapped__"):
+        checks.check_file = _check_file_with_shipped(checks.check_file)
     self_test()
 
 
 def self_test() -> None:
-    """Check on a tiny YAML that our layers get the same c1/c2/repeat scaling as Ultralytics' Conv and C2f.
+    """Check on a tiny YAML that our layers get the same c1/c2/repeat scaling as Ultralytics' Conv and C2f, that
+    fuse() fuses them, and that a shipped model YAML loads by name.
 
     Raises ``RegistrationError`` naming the Ultralytics version when its internals changed under us.
     """
@@ -183,6 +237,7 @@ def self_test() -> None:
             ok = not stand_alone.is_fused()
             stand_alone.fuse(verbose=False)
             ok = ok and block.fused and all(b.fused for b in stage) and stand_alone.is_fused()
+        ok = ok and tasks.yaml_model_load("yolo_qarep_n.yaml")["backbone"][0][2] == "QARepBlock"
     except Exception as e:  # any failure here means the internals moved
         raise RegistrationError(
             f"qarep_det cannot register its modules with ultralytics {ultralytics.__version__}: {e!r}. "
@@ -190,124 +245,7 @@ def self_test() -> None:
         ) from e
     if not ok:
         raise RegistrationError(
-            f"qarep_det cannot register its modules with ultralytics {ultralytics.__version__}: channel or "
-            "repeat scaling of our layers differs from Ultralytics' own. Tested with ultralytics 8.4.190."
+            f"qarep_det cannot register its modules with ultralytics {ultralytics.__version__}: the scaling or "
+            "fusion of our layers, or loading a model YAML by name, differs from Ultralytics' own. Tested with "
+            "ultralytics 8.4.190."
         )
-
-
-@dataclass
-class ForwardCache:
-    """One forward pass, kept: every node's input and output (for ``nn.Sequential`` nodes each child's output too,
-    under ``<node>.<j>``), and the decoded ``(B, 4 + nc, A)`` predictions."""
-
-    inputs: dict[str, Any] = field(default_factory=dict)
-    outputs: dict[str, Any] = field(default_factory=dict)
-    output: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class _Branch:
-    """One per-level branch of the Detect head: a node of its own."""
-
-    name: str
-    level: int
-    module: nn.Module
-
-
-class RestartableForward:
-    """A detector's forward pass as a graph of nodes that can restart anywhere.
-
-    Nodes are the top-level layers ``model.<i>`` (walked with their ``f`` and ``i`` like ``_predict_once``) and the
-    ``Detect`` head's per-level box and class branches ``model.<k>.cv2.<l>`` / ``model.<k>.cv3.<l>``, followed by
-    the decode. :meth:`restart` recomputes the node holding one module with the node of another model of the same
-    structure (e.g. a fake-quantized copy), only the child holding the module when the node is an ``nn.Sequential``,
-    then only what depends on it with this model: a conv in the last stage costs that stage's tail and the head, a
-    head conv one branch and the decode.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        head = model.model[-1]
-        if type(head) is not Detect or head.end2end:
-            raise ValueError(f"restartable forward needs a plain Ultralytics Detect head, got {type(head).__name__}")
-        self.model, self.head = model, head
-        self.layers = list(model.model)[:-1]
-        prefix = f"model.{head.i}"
-        self.branches = [
-            _Branch(f"{prefix}.{kind}.{level}", level, modules[level])
-            for kind, modules in (("cv2", head.cv2), ("cv3", head.cv3))
-            for level in range(head.nl)
-        ]
-
-    def node_of(self, module_name: str) -> str:
-        """The node holding a module given by qualified name (``model.6.3.conv`` -> ``model.6``)."""
-        for node in [b.name for b in self.branches] + [f"model.{m.i}" for m in self.layers]:
-            if module_name == node or module_name.startswith(f"{node}."):
-                return node
-        raise ValueError(f"'{module_name}' is in no restartable node (the DFL and the decode are not)")
-
-    @staticmethod
-    def _run(module: nn.Module, x: Any, node: str, cache: ForwardCache | None, start: int = 0) -> Any:
-        """A node's module on ``x``; a Sequential runs from child ``start``, keeping children's outputs in ``cache``."""
-        if not isinstance(module, nn.Sequential):
-            return module(x)
-        for j in range(start, len(module)):
-            x = module[j](x)
-            if cache is not None:
-                cache.outputs[f"{node}.{j}"] = x
-        return x
-
-    @staticmethod
-    def _sources(m: nn.Module) -> list[str]:
-        """The nodes a layer reads, from its ``f`` (-1: the previous layer; ``model.-1`` is the image)."""
-        return [f"model.{m.i - 1 if j == -1 else j}" for j in ([m.f] if isinstance(m.f, int) else m.f)]
-
-    def _input(self, m: nn.Module, outputs: Mapping[str, Any]) -> Any:
-        """A layer's input: one tensor for an int ``f``, else a list, as ``_predict_once`` builds it."""
-        xs = [outputs[name] for name in self._sources(m)]
-        return xs[0] if isinstance(m.f, int) else xs
-
-    def _decode(self, feats: list[torch.Tensor], outputs: Mapping[str, Any]) -> torch.Tensor:
-        """``Detect.forward_head`` and ``_inference`` on the branches' outputs."""
-        bs, head = feats[0].shape[0], self.head
-        raw = [outputs[b.name] for b in self.branches]
-        boxes = torch.cat([r.view(bs, 4 * head.reg_max, -1) for r in raw[: head.nl]], dim=-1)
-        scores = torch.cat([r.view(bs, head.nc, -1) for r in raw[head.nl :]], dim=-1)
-        return head._inference({"boxes": boxes, "scores": scores, "feats": feats})
-
-    def forward(self, x: torch.Tensor) -> ForwardCache:
-        """The model's eval-mode forward pass, keeping every node's input and output."""
-        cache = ForwardCache(outputs={"model.-1": x})
-        for m in self.layers:
-            name = f"model.{m.i}"
-            cache.inputs[name] = self._input(m, cache.outputs)
-            cache.outputs[name] = self._run(m, cache.inputs[name], name, cache)
-        feats = self._input(self.head, cache.outputs)
-        for b in self.branches:
-            cache.inputs[b.name] = feats[b.level]
-            cache.outputs[b.name] = self._run(b.module, feats[b.level], b.name, cache)
-        cache.output = self._decode(feats, cache.outputs)
-        return cache
-
-    def restart(self, cache: ForwardCache, module_name: str, source: nn.Module) -> torch.Tensor:
-        """Decoded predictions when the part of a node holding ``module_name`` (the child of a Sequential node, else
-        the whole node) is computed by ``source``'s same-named module from its cached input, and everything after it
-        by this model; ``cache`` is not modified."""
-        node = self.node_of(module_name)
-        module = self.model.get_submodule(node)
-        child = module_name[len(node) + 1 :].split(".")[0]
-        if child and isinstance(module, nn.Sequential):
-            j = int(child)
-            x = source.get_submodule(f"{node}.{j}")(cache.inputs[node] if j == 0 else cache.outputs[f"{node}.{j - 1}"])
-            changed = {node: self._run(module, x, node, None, j + 1)}
-        else:
-            changed = {node: source.get_submodule(node)(cache.inputs[node])}
-        outputs = ChainMap(changed, cache.outputs)  # changed outputs first, the cache's for the rest (no copy)
-        for m in self.layers:
-            if any(name in changed for name in self._sources(m)):
-                changed[f"model.{m.i}"] = m(self._input(m, outputs))
-        feats = self._input(self.head, outputs)
-        head_sources = self._sources(self.head)
-        for b in self.branches:
-            if head_sources[b.level] in changed:
-                changed[b.name] = b.module(feats[b.level])
-        return self._decode(feats, outputs)

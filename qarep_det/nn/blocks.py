@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from qarep_det.nn.activation import make_activation
-from qarep_det.nn.fusion import avg_pool_kernel, fold_bn, fused_conv, identity_kernel, pad_to_3x3
+from qarep_det.nn.fusion import avg_pool_kernel, bn_scale, fold_bn, fused_conv, identity_kernel, pad_to_3x3
 
 
 def check_conv_args(name: str, c1: int, c2: int, s: int, g: int, strides: tuple[int, ...] = (1, 2)) -> None:
@@ -71,6 +71,10 @@ class Reparameterizable(nn.Module):
     def geometry(self) -> nn.Conv2d:
         raise NotImplementedError
 
+    def branch_bns(self) -> dict[str, nn.BatchNorm2d]:
+        """The training form's BatchNorms by branch name (what a diagnosis reads the BN scales of); none once fused."""
+        return {}
+
     @torch.no_grad()
     def reparameterize(self) -> None:
         """Replace the branches by one conv with bias, in place. Calling it again does nothing."""
@@ -121,6 +125,31 @@ class RepVGGBlock(RepBlock):
         y = self.branch_3x3(x) + self.branch_1x1(x)
         return y + self.branch_identity(x) if self.branch_identity is not None else y
 
+    def branch_bns(self) -> dict[str, nn.BatchNorm2d]:
+        if self.fused:
+            return {}
+        bns = {"3x3": self.branch_3x3[1], "1x1": self.branch_1x1[1], "identity": self.branch_identity}
+        return {k: v for k, v in bns.items() if v is not None}
+
+    def custom_l2_kernels(self) -> tuple[Tensor, Tensor]:
+        """The 3x3 and 1x1 conv weights: what RepVGG's custom L2 penalizes instead of weight decay."""
+        return self.branch_3x3[0].weight, self.branch_1x1[0].weight
+
+    def custom_l2(self) -> Tensor:
+        """RepVGG's custom L2 (Ding et al., CVPR 2021): a squared norm of the *equivalent* kernel.
+
+        The 3x3 kernel's ring (non-centre taps) counts as is. At the centre, where the 1x1 branch adds in, the term
+        is ``(K3c * t3 + K1 * t1)^2 / (t3^2 + t1^2)`` with ``t = gamma / sqrt(var + eps)`` of each branch's BN
+        (detached: kernels get penalized): the fused centre, normalized so that the penalty equals plain L2 when one
+        branch is absent.
+        """
+        k3, k1 = self.custom_l2_kernels()
+        t3, t1 = (bn_scale(branch[1]).detach().reshape(-1, 1, 1, 1) for branch in (self.branch_3x3, self.branch_1x1))
+        centre = k3[:, :, 1:2, 1:2]
+        ring = k3.square().sum() - centre.square().sum()
+        equivalent = centre * t3 + k1 * t1
+        return ring + (equivalent.square() / (t3.square() + t1.square())).sum()
+
     def fused_kernel_bias(self) -> tuple[Tensor, Tensor]:
         k3, b3 = fold_conv_bn(self.branch_3x3)
         k1, b1 = fold_conv_bn(self.branch_1x1)
@@ -150,6 +179,9 @@ class QARepBlock(RepBlock):
     def forward_branches(self, x: Tensor) -> Tensor:
         y = self.branch_3x3(x) + self.branch_1x1(x)
         return self.bn(y + self.shortcut(x) if self.has_identity else y)
+
+    def branch_bns(self) -> dict[str, nn.BatchNorm2d]:
+        return {} if self.fused else {"3x3": self.branch_3x3[1], "post": self.bn}
 
     def shortcut(self, x: Tensor) -> Tensor:
         """What an identity block adds to the two conv branches before the post-BN: ``x`` itself."""
@@ -207,6 +239,9 @@ class ConvBNReLU(Reparameterizable):
 
     def fused_kernel_bias(self) -> tuple[Tensor, Tensor]:
         return fold_conv_bn(self.branch)
+
+    def branch_bns(self) -> dict[str, nn.BatchNorm2d]:
+        return {} if self.fused else {"conv": self.branch[1]}
 
     def geometry(self) -> nn.Conv2d:
         return self.branch[0]

@@ -1,9 +1,9 @@
 """Histogram calibrators for symmetric INT8 activations: percentile, MSE and entropy (KL), vectorized in torch.
 
-Why not ModelOpt's own ``HistogramCalibrator`` (measured with nvidia-modelopt 0.47.0 on this 2-core CPU): its MSE
-and entropy searches loop in Python over every candidate bin and are O(bins^2): 0.4 s (MSE) and 4 s (entropy) per
-quantizer at 2048 bins, and its fixed-width histogram grows whenever a later batch exceeds the first batch's max
-(up to 35 000 bins on yolov8n with two batches), which pushed a single MSE search past minutes. Here the range is
+Why not ModelOpt's own ``HistogramCalibrator`` (nvidia-modelopt 0.47.0): its MSE and entropy searches loop in Python
+over every candidate bin and are O(bins^2), seconds per quantizer at 2048 bins (README, "The INT8 recipe"), and its
+fixed-width histogram grows whenever a later batch exceeds the first batch's max (up to 35 000 bins on yolov8n with
+two batches), which pushed a single MSE search past minutes. Here the range is
 known first (a max-calibration pass, as TensorRT does), each activation gets a 2048-bin histogram of |x| over
 [0, max], and all candidate ranges are scored at once: milliseconds per quantizer.
 

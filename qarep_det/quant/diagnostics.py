@@ -1,19 +1,28 @@
-"""Why a model quantizes well or badly, in numbers: weight SQNR, weight outliers, output SQNR. Pure torch.
+"""Why a model quantizes well or badly, in numbers: weight SQNR, weight outliers, output SQNR, BN scales. Pure torch.
 
-RepVGG-style fusion can leave one huge tap per output channel (the identity's centre tap, FACTS.md section 7); per
-channel INT8 then spends its whole range on that tap and rounds the rest coarsely. ``max_to_median`` exposes the
-outlier and ``weight_sqnr_db`` its cost, layer by layer; ``sqnr_db`` on outputs measures what reaches the detector,
-and ``NoisePower`` accumulates the same ratio over many batches (signal and noise summed first, then divided).
+RepVGG-style fusion can leave one huge tap per output channel (the identity's centre tap, measured 60-220x its
+channel's median in the README's "Where INT8 goes"); per-channel INT8 then spends its whole range on that tap and
+rounds the rest coarsely. ``max_to_median`` exposes the outlier and ``weight_sqnr_db`` its cost, layer by layer;
+``sqnr_db`` on outputs measures what reaches the detector, and ``NoisePower`` accumulates the same ratio over many
+batches (signal and noise summed first, then divided). :func:`bn_scales` reads the paper's mechanism in the training
+form: ``|gamma| / sqrt(var + eps)`` per BN of every block of ours (a dead channel under RepVGG's identity BN explodes).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from qarep_det.nn import Reparameterizable
+from qarep_det.nn.fusion import bn_scale
+
+BN_OUTLIER_FACTOR = 10.0
+"""A BN channel is an outlier when its ``|gamma| / sigma`` exceeds this multiple of its BN's median. A dead channel
+(running var -> 0) reaches ``|gamma| / sqrt(eps)``: about 30x a typical channel with Ultralytics' eps 1e-3, the
+paper's 692 and 1477 with eps 1e-5; healthy BNs trained here stay within ~3x (README, "Where INT8 goes")."""
 
 
 def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
@@ -43,7 +52,8 @@ class NoisePower:
     def add(self, reference: torch.Tensor, test: torch.Tensor) -> None:
         """Accumulate ``sum ref^2`` and ``sum (ref - test)^2`` (any device).
 
-        Summed in float32: torch's cascade summation keeps ~1e-7 relative error on 26M values, and it was 5x faster
+        Summed in float32: torch's cascade summation keeps ~1e-7 relative error on 26M values, and it was several
+        times faster
         on the 2-core CPU than ``sum(dtype=float64)``, which dominated a diagnosis at 640 px.
         """
         reference, test = reference.detach().float(), test.detach().float()
@@ -93,34 +103,40 @@ def max_to_median(weight: torch.Tensor) -> tuple[float, int]:
 
 
 @dataclass(frozen=True)
-class ConvWeightStats:
-    """Quantization-relevant facts about one conv's weights."""
+class BNScale:
+    """``|gamma| / sqrt(running_var + eps)`` of one BatchNorm of a block of ours, summarised over its channels."""
 
-    name: str
-    shape: tuple[int, ...]
-    weight_sqnr_db: float
-    max_to_median: float
-    outlier_channel: int
+    block: str
+    block_type: str
+    branch: str
+    max: float
+    median: float
+    channel: int  # where the max is
+    outliers: int  # channels above BN_OUTLIER_FACTOR x median
+    outlier: bool  # outliers > 0
 
 
-def weight_report(model: nn.Module, exclude: Iterable[str] = ("dfl.conv",)) -> list[ConvWeightStats]:
-    """Stats for every ``Conv2d`` of a (fused) model, skipping names that end with an ``exclude`` entry (the DFL)."""
-    exclude = tuple(exclude)
+def bn_scales(model: nn.Module) -> list[BNScale]:
+    """BN scale factors of every training-form block of ours (each block names its BNs by branch: ``branch_bns``),
+    in module order; empty for a fused model, which has no BN left."""
     rows = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d) and not name.endswith(exclude):
-            ratio, channel = max_to_median(m.weight)
-            rows.append(ConvWeightStats(name, tuple(m.weight.shape), weight_sqnr_db(m.weight), ratio, channel))
+    for block_name, block in model.named_modules():
+        if not isinstance(block, Reparameterizable):
+            continue
+        for branch, bn in block.branch_bns().items():
+            scale = bn_scale(bn).detach().abs().float().cpu()
+            median = float(scale.median())
+            outliers = int((scale > BN_OUTLIER_FACTOR * median).sum())
+            rows.append(
+                BNScale(
+                    block=block_name,
+                    block_type=type(block).__name__,
+                    branch=branch,
+                    max=float(scale.max()),
+                    median=median,
+                    channel=int(scale.argmax()),
+                    outliers=outliers,
+                    outlier=outliers > 0,
+                )
+            )
     return rows
-
-
-def detection_sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> dict[str, float]:
-    """Output SQNR of ``(B, 4 + nc, A)`` detector outputs, overall and split into boxes and scores.
-
-    The split matters: pixel-scale boxes dominate the overall energy, so a crushed score channel hides in the total.
-    """
-    return {
-        "all": sqnr_db(reference, test),
-        "boxes": sqnr_db(reference[:, :4], test[:, :4]),
-        "scores": sqnr_db(reference[:, 4:], test[:, 4:]),
-    }

@@ -19,7 +19,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -66,48 +65,6 @@ def export_qdq_onnx(qmodel: nn.Module, path: str | Path, imgsz: int, overwrite: 
         )
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     return path
-
-
-@dataclass(frozen=True)
-class QDQPair:
-    """One exported quantizer: scale(s), zero point(s) and axis (None = per-tensor)."""
-
-    scale: np.ndarray
-    zero_point: np.ndarray
-    axis: int | None
-
-
-def qdq_convs(path: str | Path) -> dict[str, tuple[QDQPair | None, QDQPair | None]]:
-    """The ``(input, weight)`` quantizers of every Conv in a QDQ file, keyed by torch module name (``model.0.conv``).
-
-    Convs are named through their weight initializer (``model.<module>.weight``, ``model.`` being the export
-    wrapper), since TorchScript's node scopes do not spell module paths unambiguously.
-    """
-    onnx, _ = _require()
-    from onnx import numpy_helper
-
-    graph = onnx.load(str(path)).graph
-    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    values |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
-    producer = {out: n for n in graph.node for out in n.output}
-
-    def quantizer(tensor: str) -> tuple[QDQPair | None, str]:
-        """The Q/DQ pair feeding ``tensor`` (or None) and the tensor it quantizes."""
-        dq = producer.get(tensor)
-        if dq is None or dq.op_type != "DequantizeLinear":
-            return None, tensor
-        q = producer[dq.input[0]]
-        scale, zero_point = values[q.input[1]], values[q.input[2]]
-        axis = next((a.i for a in q.attribute if a.name == "axis"), 1) if scale.size > 1 else None
-        return QDQPair(scale, zero_point, axis), q.input[0]
-
-    convs = {}
-    for node in graph.node:
-        if node.op_type == "Conv":
-            weight_pair, weight_name = quantizer(node.input[1])
-            input_pair, _ = quantizer(node.input[0])
-            convs[weight_name.removeprefix("model.").removesuffix(".weight")] = (input_pair, weight_pair)
-    return convs
 
 
 def onnx_runner(path: str | Path) -> Runner:

@@ -1,10 +1,9 @@
 """Real INT8 on CPU: OpenVINO IR quantized by NNCF, configured to the reference recipe.
 
 Why OpenVINO + NNCF: OpenVINO is the maintained CPU runtime with real INT8 kernels and NNCF is its own post-training
-quantizer, so the IR runs integer convolutions, not simulated ones. Speed depends on the CPU: measured here (2-core
-AMD EPYC, AVX2 without VNNI, OpenVINO 2026.4, yolov8n at 320 px, batch 1, a busy host) INT8 ran no faster than
-FP32, since FP32 convs use ``brgconv_avx2_f32`` kernels and INT8 convs ``jit_avx2_I8``; Ultralytics' own INT8 export
-measured the same. The IR is 3.5x smaller either way; VNNI/AMX CPUs are where INT8 pays off in time.
+quantizer, so the IR runs integer convolutions, not simulated ones. Speed depends on the CPU (README, "Speed"): on
+an AVX2 CPU without VNNI, INT8 convs run ``jit_avx2_I8`` kernels no faster than FP32's ``brgconv_avx2_f32``; CPUs
+with int8 dot products (VNNI, AMX) are where INT8 pays off in time. The IR is about 4x smaller either way.
 
 How NNCF is pinned to the recipe (nncf 3.4): preset PERFORMANCE (symmetric activations, symmetric per-channel
 weights), bias correction off (``disable_bias_correction=True``; NNCF's default would hide structural problems), and
@@ -29,7 +28,7 @@ on one 64-channel 3x3 conv: with full 8-bit weights OpenVINO's output was 19 dB 
 emulation of the same IR; with NNCF's overflow fix (a 7-bit weight grid, step 2 max/127, codes in [-63, 64]) it was
 bit-exact (127 dB). So ``overflow_fix=None`` (auto) turns the fix on for every layer when the CPU has no VNNI
 (``/proc/cpuinfo``) and off otherwise, where the IR's weights equal the reference's exactly. With the fix on, the
-OpenVINO model is one weight bit coarser than the reference; :func:`int8_summary` reports ``weight_levels``.
+OpenVINO model is one weight bit coarser than the reference (weight codes in [-64, 64] instead of [-127, 127]).
 """
 
 from __future__ import annotations
@@ -278,16 +277,3 @@ def openvino_runner(model: ov.Model | ov.CompiledModel | str | Path, num_threads
         return torch.from_numpy(np.array(result[compiled.output(0)]))  # copy: the request reuses its buffer
 
     return run
-
-
-def int8_summary(ov_model: ov.Model) -> dict[str, int]:
-    """What makes an IR INT8: FakeQuantize ops (activations), int8 weight constants, and the largest |int8 weight|
-    (``weight_levels``: 127 for 8-bit weights, 64 when NNCF's overflow fix halved them)."""
-    ops = ov_model.get_ordered_ops()
-    int8_weights = [o for o in ops if o.get_type_name() == "Constant" and o.get_element_type().get_type_name() == "i8"]
-    return {
-        "fake_quantize": sum(op.get_type_name() == "FakeQuantize" for op in ops),
-        "int8_weights": len(int8_weights),
-        "weight_levels": max((int(np.abs(op.get_data().astype(np.int32)).max()) for op in int8_weights), default=0),
-        "convolutions": sum(op.get_type_name() in CONV_TYPES for op in ops),
-    }

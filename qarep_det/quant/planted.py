@@ -10,24 +10,22 @@ weights, rounds the untouched channels' weights to zero. This is how real outlie
 magnitude sharing one scale), made exact and attributable to one conv; the energy-weighted input and weight SQNRs
 barely show it (measured: 31-36 dB), the consumer's output does.
 
-The result is saved as an Ultralytics-style checkpoint holding the fused model in float32: fp16, Ultralytics'
-checkpoint default, would flush 2^-12-scaled weights towards zero and change the FP32 model.
+The producer's activation must be positively homogeneous: ReLU and LeakyReLU qualify (``lrelu(a z) = a lrelu(z)``),
+SiLU does not and is refused before anything is changed. The planted model is saved by
+:func:`qarep_det.integrations.checkpoint.save_fused` in float32: fp16, Ultralytics' checkpoint default, would flush
+2^-12-scaled weights towards zero and change the FP32 model.
 """
 
 from __future__ import annotations
 
 import copy
-import os
-from dataclasses import asdict, dataclass
-from datetime import datetime
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
-import ultralytics
 from torch import nn
 
-from qarep_det.checkpoint import load_detector
-from qarep_det.reparam import output_difference, reparameterize_model
+from qarep_det.nn import positively_homogeneous
+from qarep_det.reparam import output_difference
 
 MAX_REL_CHANGE = 1e-5  # FP32 output change (relative to its largest value) above which planting is refused
 
@@ -56,6 +54,16 @@ def block_conv(model: nn.Module, name: str) -> tuple[str, nn.Conv2d]:
     raise ValueError(f"'{name}' is a {type(module).__name__}, neither a Conv2d nor a fused block with a .conv")
 
 
+def check_producer_activation(model: nn.Module, producer: str) -> None:
+    """``ValueError`` in one line when the producer's activation would not pass a channel scale through exactly."""
+    act = getattr(model.get_submodule(producer), "act", None)  # a bare Conv2d is linear: no activation
+    if act is not None and not positively_homogeneous(act):
+        raise ValueError(
+            f"'{producer}' ends in {type(act).__name__}, which is not positively homogeneous (act(a z) != a act(z)), "
+            "so scaling its channels would change the FP32 model; plant after a ReLU or LeakyReLU"
+        )
+
+
 @torch.no_grad()
 def busiest_channels(model: nn.Module, producer: str, images: torch.Tensor, k: int) -> list[int]:
     """The ``k`` output channels of ``producer`` with the largest mean activation on ``images``, sorted."""
@@ -80,8 +88,8 @@ def plant_outlier(
     """A float32 copy of the float32 detector ``fused`` with the outlier planted between ``producer`` (a fused
     block) and ``consumer`` (a fused block or conv); ``fused`` is untouched.
 
-    Raises ``ValueError`` for bad names, shapes or arguments, and when the FP32 output on ``images`` changes (the
-    producer's output also feeds something else, or its activation is not positively homogeneous like SiLU).
+    Raises ``ValueError`` for bad names, shapes or arguments, a producer whose activation is not positively
+    homogeneous (SiLU), and when the FP32 output on ``images`` changes (the producer's output feeds something else).
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
@@ -89,6 +97,7 @@ def plant_outlier(
         raise ValueError(f"exponent must be an int in [1, 30], got {exponent!r}")
     planted = copy.deepcopy(fused).float().eval()
     _, producer_conv = block_conv(planted, producer)
+    check_producer_activation(planted, producer)
     consumer_name, consumer_conv = block_conv(planted, consumer)
     if producer_conv.bias is None:
         raise ValueError(f"'{producer}' has no fused bias; plant into a fused (re-parameterized) model")
@@ -109,29 +118,3 @@ def plant_outlier(
             "only, through a positively homogeneous activation such as ReLU"
         )
     return planted, PlantedOutlier(producer, consumer_name, tuple(channels), exponent, change)
-
-
-def save_planted(
-    planted: nn.Module, info: PlantedOutlier, path: str | os.PathLike, images: torch.Tensor, overwrite: bool = False
-) -> Path:
-    """Write a float32 Ultralytics checkpoint of the planted fused model, then check that it loads with
-    :func:`load_detector` and that fusing it again changes nothing (as ptq_eval and diagnose will do)."""
-    path = Path(path)
-    if path.suffix != ".pt":
-        raise ValueError(f"checkpoint path must end with .pt, got '{path}'")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"'{path}' exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint = {
-        "model": copy.deepcopy(planted).float().cpu(),
-        "ema": None,
-        "date": datetime.now().astimezone().isoformat(),
-        "version": ultralytics.__version__,
-        "planted_outlier": asdict(info),
-    }
-    torch.save(checkpoint, path)
-    diff = output_difference(planted.cpu(), reparameterize_model(load_detector(path)), images.cpu()).max_abs
-    if diff != 0:
-        path.unlink()
-        raise RuntimeError(f"the saved checkpoint does not reproduce the planted model (max abs diff {diff:.3g})")
-    return path

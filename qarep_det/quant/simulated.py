@@ -12,7 +12,7 @@ Measured here (torch 2.14.1 CPU build, nvidia-modelopt 0.47.0): the base wheel i
 
 CUDA: ModelOpt fake-quantizes a CUDA tensor with ``modelopt_cuda_ext``, a kernel that ``get_cuda_ext()``
 (``modelopt/torch/quantization/extensions.py``) JIT-compiles with nvcc on first use and caches under
-``~/.cache/torch_extensions``; the first GPU run sat for 73 s on an H100 with no word of why. We skip the build:
+``~/.cache/torch_extensions``; a first GPU run sat for over a minute with no word of why (README). We skip it:
 :func:`import_modelopt` stores ``None`` in ``get_cuda_ext``'s own memo, the state ModelOpt records itself when a build
 fails, so ``fake_quant_impl`` raises ``AttributeError`` and ``FakeTensorQuantFunction.forward`` takes its documented
 fallback, ``_tensor_quant``: the very pure-torch code that runs on the CPU. So CPU and CUDA run one quantization code

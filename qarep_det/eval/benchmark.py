@@ -315,17 +315,19 @@ def fp32_consistency(weights: str, data: str, imgsz: int, batch: int = 8) -> Con
     """Evaluate one checkpoint with Ultralytics' val and with our pycocotools route, fused and unfused."""
     from ultralytics import YOLO
 
-    from qarep_det.checkpoint import load_detector
     from qarep_det.eval.coco import load_ground_truth
     from qarep_det.eval.predict import evaluate_runner
     from qarep_det.eval.protocol import EvalProtocol
+    from qarep_det.integrations.checkpoint import load_detector
     from qarep_det.quant.runner import torch_runner
 
-    val = YOLO(weights).val(data=data, imgsz=imgsz, batch=batch, plots=False, verbose=False, device="cpu")
-    model = load_detector(weights)
+    model = load_detector(weights)  # a missing or bad file fails here, before Ultralytics could try to fetch it
     ground_truth = load_ground_truth(data)
     results = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:  # Ultralytics' val writes a run folder: keep it out of the user's
+        val = YOLO(weights).val(
+            data=data, imgsz=imgsz, batch=batch, plots=False, verbose=False, device="cpu", project=tmp, name="val"
+        )
         for i, candidate in enumerate((reparameterize_model(model), model)):
             out = Path(tmp) / f"{i}.json"
             metrics = evaluate_runner(torch_runner(candidate), ground_truth, out, EvalProtocol(imgsz=imgsz), batch)

@@ -16,9 +16,9 @@ import torch
 from ultralytics import YOLO
 from ultralytics.utils import ASSETS
 
-from qarep_det.checkpoint import load_detector
 from qarep_det.data.dataset import resolve_dataset
 from qarep_det.data.images import list_images, load_letterboxed
+from qarep_det.integrations.checkpoint import load_detector
 from qarep_det.reparam import OutputDifference, output_difference, reparameterize_model
 
 FORMATS = ("onnx", "openvino")

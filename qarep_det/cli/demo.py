@@ -1,7 +1,8 @@
 """The embedded demo: a synthetic dataset and two briefly trained detectors (QARep and its RepVGG twin).
 
-``tools/ptq_eval.py`` with no ``--weights`` and no ``--data`` runs this, then compares FP32 and INT8, so anyone
-can see the whole pipeline on a CPU in minutes with nothing downloaded.
+``qarep-det ptq-eval`` (or ``tools/ptq_eval.py``) with no ``--weights`` and no ``--data`` runs this, then compares
+FP32 and INT8, so anyone can see the whole pipeline on a CPU in minutes with nothing downloaded. The models are the
+shipped YAMLs, so the demo runs from an installed wheel in any folder.
 
 The two models train side by side, one process each: Ultralytics trains on the CPU with ``cpu_count - 1`` threads
 and loads data in the training process, so one run leaves one of two cores idle. Each run writes its console
@@ -18,18 +19,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
+from ultralytics.nn.tasks import DetectionModel
 
-from qarep_det.data.synthetic import make_dataset
-from qarep_det.integrations.trainer import TrainOptions, train
-
-MODEL_YAMLS = Path(__file__).resolve().parents[1] / "model_yamls"
+from qarep_det.data.synthetic import CLASS_NAMES, make_dataset
+from qarep_det.integrations.run_options import TrainOptions
+from qarep_det.integrations.trainer import train
+from qarep_det.models import model_yaml
+from qarep_det.quant.recipe import QuantRecipe
+from qarep_det.quant.scope import check_partial
+from qarep_det.reparam import reparameterize_model
 
 
 @dataclass(frozen=True)
 class DemoSettings:
     """Small enough for a 2-core CPU in minutes, large enough for non-trivial mAP.
 
-    Ultralytics trains on one thread on a 2-core CPU (about 20 images/s at 96 px for these models), so the demo
+    Ultralytics trains on one thread on a 2-core CPU (a few dozen images/s at 96 px for these models), so the demo
     buys optimizer steps: small images, batch 8 with no gradient accumulation (Ultralytics would otherwise
     accumulate up to 64 images per step, leaving a few dozen steps in the whole run), AdamW instead of the recipe's
     SGD, and a short warmup. Measured: 10 epochs of 256 images with the recipe (about 40 optimizer steps) left both
@@ -39,7 +44,7 @@ class DemoSettings:
     train_images: int = 512
     val_images: int = 64
     imgsz: int = 96
-    epochs: int = 6  # 8 took 133 s more for +1.5 mAP50-95 on RepVGG and none on QARep (one run each)
+    epochs: int = 6  # 8 took a third longer for +1.5 mAP50-95 on RepVGG and none on QARep (one run each)
     batch: int = 8
     seed: int = 0
     calib_images: int = 64  # ptq_eval's demo calibration; its evaluation half costs about a minute per model
@@ -72,6 +77,14 @@ def _epochs_done(run: Path) -> int:
         return 0
 
 
+def check_demo(settings: DemoSettings, recipe: QuantRecipe, keep_float: int = 0) -> None:
+    """Everything about the demo that can be checked before it writes its dataset and trains: its model YAMLs
+    exist and the partial-quantization choice fits them (on untrained models of the same structure)."""
+    for name in settings.models:
+        model = DetectionModel(str(model_yaml(name)), nc=len(CLASS_NAMES), verbose=False)
+        check_partial(reparameterize_model(model), recipe, keep_float)
+
+
 def run_demo(work_dir: Path, settings: DemoSettings = DemoSettings()) -> tuple[Path, list[Path]]:
     """Generate the dataset and train the demo models side by side; returns the data YAML and the last checkpoints."""
     data = make_dataset(
@@ -79,11 +92,8 @@ def run_demo(work_dir: Path, settings: DemoSettings = DemoSettings()) -> tuple[P
     )
     runs = {}
     for name in settings.models:
-        cfg = MODEL_YAMLS / f"{name}.yaml"
-        if not cfg.is_file():  # model_yamls/ ships beside the package in a source checkout
-            raise FileNotFoundError(f"demo model YAML '{cfg}' not found; run the demo from a source checkout")
         runs[name] = TrainOptions(
-            cfg=cfg,
+            cfg=model_yaml(name),
             data=data,
             epochs=settings.epochs,
             imgsz=settings.imgsz,

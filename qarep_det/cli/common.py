@@ -1,10 +1,13 @@
-"""What the ``tools/`` scripts share: a parser whose errors are one ``error: ...`` line, and the flags of one idea."""
+"""What the tools share: a parser whose errors are one ``error: ...`` line, the flags of one idea, and the exit
+status of a training run."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from qarep_det.quant.recipe import CALIB_METHODS, QuantRecipe
 
@@ -19,6 +22,12 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults shown after each flag; the description's usage examples keep their lines."""
+
+
+def tool_parser(doc: str | None, prog: str | None, **kwargs: Any) -> OneLineErrorParser:
+    """A tool's parser: its module docstring as the description, ``prog`` as it was invoked (``tools/train.py`` or
+    ``qarep-det train``), defaults shown, one-line errors."""
+    return OneLineErrorParser(prog=prog, description=doc, formatter_class=HelpFormatter, **kwargs)
 
 
 def explicit_flags(argv: Sequence[str]) -> set[str]:
@@ -91,3 +100,16 @@ def add_run_args(parser: argparse.ArgumentParser, project: str) -> None:
         help="continue an interrupted run from its weights/last.pt (the newest under --project if no path), with "
         "the run's own settings; only --device, --workers and --data may be given again",
     )
+
+
+def train_to_end(trainer: Any, outputs: str) -> int:
+    """Run a tool's training to the end; returns its exit status: 0 done (naming the run and its ``outputs``), 130
+    on Ctrl-C, naming the ``--resume`` that continues from the last epoch saved."""
+    try:
+        trainer.train()
+    except KeyboardInterrupt:
+        if trainer.last.exists():
+            print(f"interrupted: continue with --resume {trainer.last}", file=sys.stderr)
+        return 130
+    print(f"done: {trainer.save_dir} ({outputs})")
+    return 0

@@ -24,26 +24,25 @@ Speed: batches outside, convs inside. Per batch one FP32 pass keeps every node's
 recomputes only what lies downstream of it, with that conv's quantizers toggled on in one quantized copy (never
 re-quantized): about 17 full passes per batch for yolo_qarep_s instead of 59.
 
-BN scales (the paper's mechanism) need the training form: :func:`bn_scales` reads ``|gamma| / sqrt(var + eps)``
-per branch of every Rep block of an unfused model.
+It lives in ``integrations/`` because the restartable forward re-walks Ultralytics' graph, and because QAT's
+``--keep-float`` (an integration with Ultralytics' trainer) ranks with it too. BN scales, the paper's mechanism,
+are read in the training form by :func:`qarep_det.quant.diagnostics.bn_scales`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from qarep_det.integrations.ultralytics import ForwardCache, RestartableForward
-from qarep_det.nn import ConvBNReLU, QARepBlock, Reparameterizable, RepVGGBlock
-from qarep_det.nn.fusion import bn_scale
+from qarep_det.integrations.restartable import ForwardCache, RestartableForward
+from qarep_det.nn import Reparameterizable
 from qarep_det.quant.calibration import CalibrationSet
 from qarep_det.quant.diagnostics import NoisePower, db, max_to_median, weight_sqnr_db
 from qarep_det.quant.recipe import QuantRecipe
@@ -51,11 +50,7 @@ from qarep_det.quant.runner import first_output
 from qarep_det.quant.scope import quantized_conv_names
 from qarep_det.quant.simulated import quantize_torch
 
-FAST_LAYOUT = torch.channels_last  # measured 1.2x faster than NCHW for yolo_qarep_s at 640 on the 2-core CPU
-BN_OUTLIER_FACTOR = 10.0
-"""A BN channel is an outlier when its ``|gamma| / sigma`` exceeds this multiple of its BN's median. A dead channel
-(running var -> 0) reaches ``|gamma| / sqrt(eps)``: about 30x a typical channel with Ultralytics' eps 1e-3, the
-paper's 692 and 1477 with eps 1e-5; healthy BNs trained here stay within ~3x (FACTS.md section 8)."""
+FAST_LAYOUT = torch.channels_last  # faster than NCHW on the CPUs measured (README, diagnosis speed)
 
 
 @dataclass(frozen=True)
@@ -295,68 +290,3 @@ def _layer(fused: nn.Module, name: str, qconv: nn.Module, e: _Errors) -> LayerAn
         cumulative_sqnr_db=e.cum_out.sqnr_db,
         cumulative_added_sqnr_db=e.added.sqnr_db,
     )
-
-
-@dataclass(frozen=True)
-class BNScale:
-    """``|gamma| / sqrt(running_var + eps)`` of one BatchNorm of a Rep block, summarised over its channels."""
-
-    block: str
-    block_type: str
-    branch: str
-    max: float
-    median: float
-    channel: int  # where the max is
-    outliers: int  # channels above BN_OUTLIER_FACTOR x median
-
-    @property
-    def outlier(self) -> bool:
-        return self.outliers > 0
-
-
-def rep_block_bns(block: nn.Module) -> dict[str, nn.BatchNorm2d]:
-    """The BatchNorms of a training-form block by branch (RepVGG: 3x3, 1x1, identity; QARep: 3x3, post;
-    ConvBNReLU: conv); none once fused."""
-    if isinstance(block, RepVGGBlock) and not block.fused:
-        bns = {"3x3": block.branch_3x3[1], "1x1": block.branch_1x1[1], "identity": block.branch_identity}
-        return {k: v for k, v in bns.items() if v is not None}
-    if isinstance(block, QARepBlock) and not block.fused:
-        return {"3x3": block.branch_3x3[1], "post": block.bn}
-    if isinstance(block, ConvBNReLU) and not block.fused:
-        return {"conv": block.branch[1]}
-    return {}
-
-
-def bn_scales(model: nn.Module) -> list[BNScale]:
-    """BN scale factors of every training-form block of ours (Rep blocks and ConvBNReLU), in module order; empty
-    for a fused model, which has no BN left."""
-    rows = []
-    for block_name, block in model.named_modules():
-        for branch, bn in rep_block_bns(block).items():
-            scale = bn_scale(bn).detach().abs().float().cpu()
-            median = float(scale.median())
-            rows.append(
-                BNScale(
-                    block=block_name,
-                    block_type=type(block).__name__,
-                    branch=branch,
-                    max=float(scale.max()),
-                    median=median,
-                    channel=int(scale.argmax()),
-                    outliers=int((scale > BN_OUTLIER_FACTOR * median).sum()),
-                )
-            )
-    return rows
-
-
-def json_float(value: float) -> float | None:
-    """None for inf and NaN, which JSON cannot hold (an infinite SQNR means no error)."""
-    return value if math.isfinite(value) else None
-
-
-def to_record(row: LayerAnalysis | BNScale) -> dict[str, object]:
-    """A JSON-ready dict: non-finite floats become None, BN rows get their ``outlier`` flag."""
-    record = {k: json_float(v) if isinstance(v, float) else v for k, v in asdict(row).items()}
-    if isinstance(row, BNScale):
-        record["outlier"] = row.outlier
-    return record

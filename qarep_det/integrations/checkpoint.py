@@ -1,15 +1,22 @@
-"""Load a trained detector checkpoint with one clear error for each way it can be wrong."""
+"""Detector checkpoints: load one with one clear error for each way it can be wrong, save a fused one exactly."""
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
+import torch
+import ultralytics
+from torch import nn
 from ultralytics.nn.modules import Detect
 from ultralytics.nn.tasks import DetectionModel, load_checkpoint
 
 from qarep_det.quant.simulated import modelopt_quiet
+from qarep_det.reparam import output_difference, reparameterize_model
 
 
 def load_detector(weights: str | os.PathLike) -> DetectionModel:
@@ -45,3 +52,36 @@ def checkpoint_paths(weights: Sequence[str | os.PathLike]) -> list[Path]:
         if not path.is_file():
             raise FileNotFoundError(f"weights '{path}' not found")
     return paths
+
+
+def save_fused(
+    model: nn.Module,
+    path: str | os.PathLike,
+    images: torch.Tensor,
+    overwrite: bool = False,
+    **extra: Any,
+) -> Path:
+    """Write a float32 Ultralytics checkpoint of a fused detector (``extra`` keys stored beside it), then check that
+    it loads with :func:`load_detector` and that fusing it again changes nothing on ``images`` (as ptq_eval and
+    diagnose will do); a checkpoint that fails the check is deleted. Float32 because Ultralytics' fp16 default
+    would flush small weights, e.g. a planted outlier's (``quant.planted``).
+    """
+    path = Path(path)
+    if path.suffix != ".pt":
+        raise ValueError(f"checkpoint path must end with .pt, got '{path}'")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"'{path}' exists; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = {
+        "model": copy.deepcopy(model).float().cpu(),
+        "ema": None,
+        "date": datetime.now().astimezone().isoformat(),
+        "version": ultralytics.__version__,
+        **extra,
+    }
+    torch.save(checkpoint, path)
+    diff = output_difference(model.cpu(), reparameterize_model(load_detector(path)), images.cpu()).max_abs
+    if diff != 0:
+        path.unlink()
+        raise RuntimeError(f"the saved checkpoint does not reproduce the model (max abs diff {diff:.3g})")
+    return path

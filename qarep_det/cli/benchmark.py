@@ -1,0 +1,176 @@
+"""Benchmarks that print ratios measured in one run.
+
+  qarep-det benchmark fusion [--cfg yolo_qarep_s.yaml --imgsz 640 --runs 20 --device cpu|0]
+  qarep-det benchmark train --device 0 --imgsz 640 --batch 64
+  qarep-det benchmark int8 --data DATA [--cfg yolo_qarep_s.yaml --imgsz 640 --calib-images 512]
+  qarep-det benchmark consistency --weights best.pt --data DATA
+
+(python tools/benchmark.py takes the same arguments.) Model YAMLs are files or the names of shipped ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from qarep_det.checks import check_count, check_imgsz
+from qarep_det.cli.common import tool_parser
+from qarep_det.data.dataset import resolve_dataset
+from qarep_det.device import torch_device
+from qarep_det.eval.benchmark import (
+    CUDA_GRID,
+    PLAIN_CONV_LIMIT,
+    FusionTiming,
+    fp32_consistency,
+    fusion_latency,
+    openvino_int8,
+    train_throughput,
+)
+from qarep_det.integrations.checkpoint import checkpoint_paths
+from qarep_det.integrations.ultralytics import find_model_yaml
+
+TRAIN_CFGS = ["yolo_qarep_s.yaml", "yolo_repvgg_s.yaml", "yolov8s.yaml"]  # shipped names and Ultralytics' own
+
+
+def _hardware(device: torch.device, threads: int) -> str:
+    """The machine a timing belongs to, for its header line."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {threads} threads"
+
+
+def _print_cpu_fusion(t: FusionTiming, threads: int, runs: int) -> None:
+    print(f"fusion latency, {t.cfg}, {t.imgsz}x{t.imgsz}, batch 1, CPU, {threads} threads, median of {runs}")
+    print(f"  unfused {t.unfused_ms:8.1f} ms")
+    print(f"  fused   {t.fused_ms:8.1f} ms")
+    print(f"  speedup {t.speedup:8.2f}x")
+    print("where the time goes (torch profiler, CPU ms per image, profiled after the timing)")
+    for group, unfused_ms in t.unfused_ops.items():
+        print(f"  {group:<12} unfused {unfused_ms:8.1f}   fused {t.fused_ops[group]:8.1f}")
+
+
+def _print_grid_fusion(timings: list[FusionTiming], hardware: str, runs: int, limit: str) -> None:
+    t0 = timings[0]
+    print(
+        f"fusion latency, {t0.cfg}, {t0.imgsz}x{t0.imgsz}, {hardware}, synchronized medians of {runs} interleaved "
+        f"runs; fp16 = autocast (AMP); limit = {limit} fused by Ultralytics (the same topology from plain convs)"
+    )
+    print("  dtype  batch  unfused ms  fused ms  speed-up  fused img/s  limit ms  limit img/s  fused/limit")
+    for t in timings:
+        print(
+            f"  {t.precision:<5}  {t.batch:5d}  {t.unfused_ms:10.2f}  {t.fused_ms:8.2f}  {t.speedup:7.2f}x  "
+            f"{t.fused_images_per_s:11.0f}  {t.limit_ms:8.2f}  {t.batch * 1e3 / t.limit_ms:11.0f}  "
+            f"{t.fused_ms / t.limit_ms:10.2f}x"
+        )
+
+
+def fusion(args: argparse.Namespace) -> None:
+    device = torch_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+        (t,) = fusion_latency(args.cfg, args.imgsz, args.runs)
+        _print_cpu_fusion(t, args.threads, args.runs)
+    else:
+        timings = fusion_latency(args.cfg, args.imgsz, args.runs, device=device, grid=CUDA_GRID, limit_cfg=args.limit)
+        _print_grid_fusion(timings, _hardware(device, args.threads), args.runs, args.limit)
+
+
+def train(args: argparse.Namespace) -> None:
+    device = torch_device(args.device)
+    torch.set_num_threads(args.threads)
+    results = train_throughput(args.cfgs, args.imgsz, args.batch, args.steps, device=device)
+    step = "forward + loss + backward + SGD step"
+    step = f"AMP: fp16 autocast {step}, scaled gradients" if results[0].amp else step
+    print(
+        f"training throughput, {args.imgsz}x{args.imgsz}, batch {args.batch}, {_hardware(device, args.threads)}, "
+        f"median of {args.steps} interleaved steps ({step}, no data loading)"
+    )
+    base = results[0].images_per_s
+    for r in results:
+        print(f"  {r.cfg:<36} {r.step_ms:8.0f} ms/step {r.images_per_s:7.2f} img/s  {r.images_per_s / base:5.2f}x")
+
+
+def _kernels(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} x {kernel}" for kernel, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def int8(args: argparse.Namespace) -> None:
+    r = openvino_int8(args.cfg, args.data, args.imgsz, args.calib_images, args.runs)
+    print(f"OpenVINO FP32 vs NNCF INT8, {r.cfg}, {r.imgsz}x{r.imgsz}, batch 1, CPU, median of {args.runs} interleaved")
+    print(f"  latency  FP32 {r.fp32_ms:8.1f} ms   INT8 {r.int8_ms:8.1f} ms   speed-up {r.fp32_ms / r.int8_ms:5.2f}x")
+    print(f"  IR size  FP32 {r.fp32_mb:8.1f} MB   INT8 {r.int8_mb:8.1f} MB   ratio {r.int8_mb / r.fp32_mb:5.2f}")
+    print(f"  calibration of {r.calib_images} images: {r.calib_s:.1f} s")
+    print(f"  FP32 convs run as: {_kernels(r.fp32_kernels)}")
+    print(f"  INT8 convs run as: {_kernels(r.int8_kernels)}")
+    vnni = "yes" if r.vnni else "no: INT8 convs use u8 x s8 -> int16 multiply-adds, often no faster than FP32"
+    print(f"  CPU int8 dot-product instruction (VNNI/AMX): {vnni}")
+
+
+def consistency(args: argparse.Namespace) -> None:
+    c = fp32_consistency(args.weights, args.data, args.imgsz, args.batch)
+    print(f"FP32 mAP50-95 of {args.weights} at {args.imgsz} px, three routes")
+    print(f"  Ultralytics val            {c.ultralytics_val:6.2f}")
+    print(f"  ptq_eval route, fused      {c.fused:6.2f}   (vs Ultralytics {c.fused - c.ultralytics_val:+.2f})")
+    print(f"  ptq_eval route, unfused    {c.unfused:6.2f}   (fused - unfused {c.fused - c.unfused:+.3f})")
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Every file, size and device a subcommand names, checked before minutes of work (and before anything that
+    writes): a bad one fails in one line."""
+    for cfg in [*getattr(args, "cfgs", []), *[getattr(args, k) for k in ("cfg", "limit") if hasattr(args, k)]]:
+        find_model_yaml(cfg)
+    if hasattr(args, "weights"):
+        checkpoint_paths([args.weights])
+    if hasattr(args, "data"):
+        resolve_dataset(args.data)
+    check_imgsz(args.imgsz, "--imgsz")
+    for name in ("runs", "steps", "batch", "calib_images", "threads"):
+        if hasattr(args, name):
+            check_count(f"--{name.replace('_', '-')}", getattr(args, name))
+    if hasattr(args, "device"):
+        torch_device(args.device)
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = tool_parser(__doc__, prog)
+    sub = parser.add_subparsers(dest="command", required=True)
+    device_help = "cpu, or a CUDA index such as 0"
+    p = sub.add_parser("fusion", help="latency unfused vs fused", formatter_class=parser.formatter_class)
+    p.add_argument("--cfg", default="yolo_qarep_s.yaml", help="model YAML (file or shipped name)")
+    p.add_argument("--imgsz", type=int, default=640, help="square input size")
+    p.add_argument("--runs", type=int, default=20, help="timed runs per model")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    p.add_argument(
+        "--device", default="cpu", help=f"{device_help}; CUDA times fp32 and fp16 at batch 1 and 32, and --limit"
+    )
+    p.add_argument("--limit", default=PLAIN_CONV_LIMIT, help="plain-conv model YAML timed beside them on CUDA")
+    p.set_defaults(func=fusion)
+    p = sub.add_parser("train", help="training images/s, side by side", formatter_class=parser.formatter_class)
+    p.add_argument("--cfgs", nargs="+", default=TRAIN_CFGS, help="model YAMLs (first is the ratio's base)")
+    p.add_argument("--imgsz", type=int, default=320, help="square input size")
+    p.add_argument("--batch", type=int, default=8, help="images per step")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per model")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help=f"{device_help}; CUDA trains with AMP, as Ultralytics does")
+    p.set_defaults(func=train)
+    p = sub.add_parser("int8", help="OpenVINO FP32 vs INT8 latency and size", formatter_class=parser.formatter_class)
+    p.add_argument("--cfg", default="yolo_qarep_s.yaml", help="model YAML (file or shipped name)")
+    p.add_argument("--data", required=True, help="dataset YAML whose train split calibrates")
+    p.add_argument("--imgsz", type=int, default=640, help="square input size")
+    p.add_argument("--calib-images", type=int, default=512, help="calibration images")
+    p.add_argument("--runs", type=int, default=20, help="timed runs per model")
+    p.set_defaults(func=int8)
+    p = sub.add_parser("consistency", help="FP32 mAP: Ultralytics val vs ours", formatter_class=parser.formatter_class)
+    p.add_argument("--weights", required=True, help="trained checkpoint")
+    p.add_argument("--data", required=True, help="dataset YAML")
+    p.add_argument("--imgsz", type=int, default=640, help="square input size")
+    p.add_argument("--batch", type=int, default=8, help="batch size")
+    p.set_defaults(func=consistency)
+    args = parser.parse_args(argv)
+    try:
+        check_inputs(args)
+        args.func(args)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

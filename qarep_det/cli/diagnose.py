@@ -1,0 +1,57 @@
+"""Where INT8 accuracy goes, conv by conv, for one or more detectors, with ptq_eval's recipe.
+
+  qarep-det diagnose --weights runs/qarep_s/weights/best.pt runs/repvgg_s/weights/best.pt --data coco.yaml
+
+(python tools/diagnose.py takes the same flags.)
+
+Each model is fused and quantized exactly as ptq_eval does (same calibration draw, same quantized convs, same head
+treatment); for every quantized conv it measures the weight and input INT8 SQNR, the detector's output SQNR with
+only that conv INT8 (isolated) and that conv's SQNR in the fully INT8 model (cumulative), plus the BN scale
+factors of the training form. Writes OUT/report.json, OUT/report.md and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from qarep_det.cli.common import add_recipe_args, recipe_from_args, tool_parser
+from qarep_det.device import torch_device
+from qarep_det.eval.diagnose import DiagnoseSettings, run_diagnose
+
+
+def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
+    parser = tool_parser(__doc__, prog)
+    parser.add_argument("--weights", nargs="+", type=Path, required=True, help="trained checkpoints (.pt)")
+    parser.add_argument("--data", type=Path, required=True, help="dataset YAML; calibration images come from train")
+    parser.add_argument("--imgsz", type=int, default=640, help="square letterbox size")
+    add_recipe_args(parser, 64, "calibration images from the train split (also the analysed ones)")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu or a CUDA index such as 0")
+    parser.add_argument("--batch", type=int, default=8, help="images per forward pass")
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/diagnose/exp"), help="output folder (incremented if it exists)"
+    )
+    parser.add_argument("--exist-ok", action="store_true", help="write into --out even if it exists, replacing files")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
+    from ultralytics.utils.files import increment_path
+
+    out = Path(increment_path(args.out, exist_ok=args.exist_ok))
+    try:
+        recipe = recipe_from_args(args)
+        settings = DiagnoseSettings(args.data, recipe, args.imgsz, args.batch, str(torch_device(args.device)))
+        report, files = run_diagnose(args.weights, settings, out, overwrite=args.exist_ok)
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for m in report["models"]:
+        print(
+            f"{m['model']}: most harmful conv {m['ranking'][0]} (isolated), {m['cumulative_ranking'][0]} "
+            f"(cumulative); {m['calibrate_s'] + m['analyze_s']:.0f} s"
+        )
+    print(f"report: {files[0]}, {files[1]}; plots: {', '.join(f.name for f in files[2:])}")
+    return 0

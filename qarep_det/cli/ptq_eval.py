@@ -1,0 +1,98 @@
+"""COCO mAP at FP32 versus INT8 (post-training quantization), side by side, for one or more detectors.
+
+  qarep-det ptq-eval --weights runs/qarep_s/weights/best.pt runs/repvgg_s/weights/best.pt --data coco.yaml
+  qarep-det ptq-eval            # the embedded demo: synthetic data, two briefly trained detectors, CPU
+
+(python tools/ptq_eval.py takes the same flags.)
+Each model is re-parameterized (fused), evaluated at FP32, calibrated on seeded train images letterboxed like
+evaluation, quantized (INT8 symmetric, per-channel weights, per-tensor activations at every conv input) and
+evaluated again with pycocotools. Results go to OUT/results.json and OUT/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from qarep_det.cli.common import add_partial_args, add_recipe_args, recipe_from_args, tool_parser
+from qarep_det.cli.demo import DemoSettings, check_demo, run_demo
+from qarep_det.device import torch_device
+from qarep_det.eval.protocol import EvalProtocol
+from qarep_det.eval.ptq import BACKENDS, PTQSettings, run_ptq_eval
+from qarep_det.eval.table import format_console
+
+DEMO = DemoSettings()
+
+
+def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
+    parser = tool_parser(__doc__, prog)
+    parser.add_argument("--weights", nargs="+", type=Path, help="trained checkpoints (.pt); none: run the demo")
+    parser.add_argument("--data", type=Path, help="dataset YAML with train and val splits; none: run the demo")
+    parser.add_argument("--imgsz", type=int, help=f"square letterbox size (default 640, demo {DEMO.imgsz})")
+    add_recipe_args(parser, None, f"calibration images from the train split (default 512, demo {DEMO.calib_images})")
+    add_partial_args(parser)
+    parser.add_argument(
+        "--backend",
+        nargs="+",
+        choices=BACKENDS,
+        default=["torch"],
+        help="INT8 backends: torch (simulated), openvino (real INT8, CPU), onnxruntime (the torch backend's QDQ ONNX, "
+        "CPU; shares its calibration)",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="device of the FP32 and simulated (torch) INT8 models: cpu or a CUDA index"
+    )
+    parser.add_argument("--batch", type=int, default=8, help="evaluation and calibration batch size")
+    parser.add_argument("--instances-json", type=Path, help="COCO val instances json (default: found beside COCO)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/ptq/exp"), help="output folder (incremented if it exists)"
+    )
+    parser.add_argument("--exist-ok", action="store_true", help="write into --out even if it exists, replacing files")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
+    demo = args.weights is None and args.data is None
+    if (args.weights is None) != (args.data is None):
+        print("error: give both --weights and --data, or neither (to run the demo)", file=sys.stderr)
+        return 2
+    imgsz = args.imgsz or (DEMO.imgsz if demo else 640)
+    calib_images = args.calib_images or (DEMO.calib_images if demo else 512)
+    from ultralytics.utils.files import increment_path
+
+    out = Path(increment_path(args.out, exist_ok=args.exist_ok))
+    try:  # every input is checked before anything is written (the demo writes a dataset and trains)
+        settings = PTQSettings(
+            data=args.data or Path(),
+            recipe=recipe_from_args(args, calib_images),
+            backends=tuple(args.backend),
+            imgsz=imgsz,
+            batch=args.batch,
+            device=str(torch_device(args.device)),
+            instances_json=args.instances_json,
+            overwrite=args.exist_ok,
+            keep_float=args.keep_float,
+        )
+        weights = args.weights
+        if demo:
+            demo_settings = replace(DEMO, imgsz=imgsz)
+            check_demo(demo_settings, settings.recipe, settings.keep_float)
+            print(f"demo: synthetic data and two briefly trained detectors in {out}")
+            data, weights = run_demo(out / "demo", demo_settings)
+            settings = replace(settings, data=data)
+        with warnings.catch_warnings():  # keep our own warnings (e.g. fewer calibration images), drop tracer noise
+            for category in (DeprecationWarning, FutureWarning, torch.jit.TracerWarning):
+                warnings.simplefilter("ignore", category)
+            rows, json_path, md_path = run_ptq_eval(weights, settings, out)
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(format_console(rows, EvalProtocol(imgsz=imgsz)))
+    print(f"results: {json_path}, {md_path}")
+    return 0

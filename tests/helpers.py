@@ -1,0 +1,139 @@
+"""Readers of exported INT8 files that only the tests need: which convs carry Q/DQ pairs and with which scales, and
+what makes an OpenVINO IR INT8."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class QDQPair:
+    """One exported quantizer: scale(s), zero point(s) and axis (None = per-tensor)."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int | None
+
+
+def qdq_convs(path: str | Path) -> dict[str, tuple[QDQPair | None, QDQPair | None]]:
+    """The ``(input, weight)`` quantizers of every Conv in a QDQ file, keyed by torch module name (``model.0.conv``).
+
+    Convs are named through their weight initializer (``model.<module>.weight``, ``model.`` being the export
+    wrapper), since TorchScript's node scopes do not spell module paths unambiguously.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    values |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
+    producer = {out: n for n in graph.node for out in n.output}
+
+    def quantizer(tensor: str) -> tuple[QDQPair | None, str]:
+        """The Q/DQ pair feeding ``tensor`` (or None) and the tensor it quantizes."""
+        dq = producer.get(tensor)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            return None, tensor
+        q = producer[dq.input[0]]
+        scale, zero_point = values[q.input[1]], values[q.input[2]]
+        axis = next((a.i for a in q.attribute if a.name == "axis"), 1) if scale.size > 1 else None
+        return QDQPair(scale, zero_point, axis), q.input[0]
+
+    convs = {}
+    for node in graph.node:
+        if node.op_type == "Conv":
+            weight_pair, weight_name = quantizer(node.input[1])
+            input_pair, _ = quantizer(node.input[0])
+            convs[weight_name.removeprefix("model.").removesuffix(".weight")] = (input_pair, weight_pair)
+    return convs
+
+
+def int8_summary(ov_model) -> dict[str, int]:
+    """What makes an IR INT8: FakeQuantize ops (activations), int8 weight constants, and the largest |int8 weight|
+    (``weight_levels``: 127 for 8-bit weights, 64 when NNCF's overflow fix halved them)."""
+    ops = ov_model.get_ordered_ops()
+    int8_weights = [o for o in ops if o.get_type_name() == "Constant" and o.get_element_type().get_type_name() == "i8"]
+    return {
+        "fake_quantize": sum(op.get_type_name() == "FakeQuantize" for op in ops),
+        "int8_weights": len(int8_weights),
+        "weight_levels": max((int(np.abs(op.get_data().astype(np.int32)).max()) for op in int8_weights), default=0),
+        "convolutions": sum(op.get_type_name() in ("Convolution", "GroupConvolution") for op in ops),
+    }
+
+
+PLANT = ("model.2.0", "model.2.1")  # producer -> consumer inside yolo_qarep_n's first stage (fused, ReLU between)
+
+
+@dataclass(frozen=True)
+class KnownAnswer:
+    """A dataset labelled by a detector itself, that detector as a fused checkpoint, and its twin with an FP32-exact
+    planted outlier: on it FP32 scores well by construction, and which INT8 score must collapse is known."""
+
+    data: Path
+    clean: Path
+    planted: Path
+    consumer: str  # the planted conv (module path in the fused model)
+    imgsz: int
+
+
+def known_answer_detector(root: Path, imgsz: int = 96, n_train: int = 24, n_val: int = 8) -> KnownAnswer:
+    """Build :class:`KnownAnswer` under ``root``.
+
+    An untrained detector's scores barely differ (Ultralytics initialises the class bias to about -10) and its boxes
+    are ~120 px, so its Detect outputs are rescaled first: class logits x10 around 0, box bins peaked at small
+    distances. Its top 3 detections per image then become that image's YOLO labels (train and val), so FP32 mAP is
+    high (63 on the val split at 96 px, measured), the clean model's INT8 stays close, and the planted consumer's
+    INT8 collapses it (to about 1).
+    """
+    import json
+
+    import torch
+    from PIL import Image
+    from ultralytics.data.utils import img2label_paths
+    from ultralytics.nn.tasks import DetectionModel
+
+    from qarep_det.data.images import list_images
+    from qarep_det.data.synthetic import make_dataset
+    from qarep_det.eval.predict import predict_to_json
+    from qarep_det.integrations.checkpoint import save_fused
+    from qarep_det.quant.calibration import calibration_set
+    from qarep_det.quant.planted import plant_outlier
+    from qarep_det.quant.runner import torch_runner
+    from qarep_det.reparam import reparameterize_model
+
+    data = make_dataset(root / "data", n_train=n_train, n_val=n_val, imgsz=imgsz, seed=3)
+    torch.manual_seed(0)
+    model = DetectionModel("yolo_qarep_n.yaml", nc=6, verbose=False)
+    head = model.model[-1]
+    with torch.no_grad():
+        for branch in head.cv3:
+            branch[-1].weight.mul_(10.0)
+            branch[-1].bias.zero_()
+        for branch in head.cv2:
+            branch[-1].weight.mul_(0.3)
+            branch[-1].bias.copy_((-0.5 * torch.arange(head.reg_max, dtype=torch.float32)).repeat(4))
+    fused = reparameterize_model(model)
+    images = list_images(root / "data" / "images")
+    ids = {path: i for i, path in enumerate(images)}
+    predictions = root / "self_labels.json"
+    predict_to_json(torch_runner(fused), images, imgsz, predictions, image_id_fn=ids.__getitem__,
+                    category_id_fn=int, max_det=3, multi_label=False, progress=False)  # fmt: skip
+    by_image: dict[int, list[dict]] = {}
+    for det in json.loads(predictions.read_text()):
+        by_image.setdefault(det["image_id"], []).append(det)
+    for path, label in zip(images, img2label_paths([str(p) for p in images]), strict=True):
+        with Image.open(path) as im:
+            w, h = im.size
+        rows = [
+            f"{d['category_id']} {(x + bw / 2) / w:.6f} {(y + bh / 2) / h:.6f} {bw / w:.6f} {bh / h:.6f}"
+            for d in by_image.get(ids[path], [])
+            for x, y, bw, bh in [d["bbox"]]
+        ]
+        Path(label).write_text("\n".join(rows) + "\n")
+    calib = torch.cat(list(calibration_set(data, imgsz, 8, batch_size=8, progress=False)))
+    clean = save_fused(fused, root / "clean.pt", calib)
+    planted, info = plant_outlier(fused, *PLANT, calib)
+    return KnownAnswer(data, clean, save_fused(planted, root / "planted.pt", calib), info.consumer, imgsz)
