@@ -13,9 +13,9 @@ from conftest import randomize_bn
 from torch import nn
 
 from qarep_det import reparameterize_model
-from qarep_det.nn import QARepBlock, RepVGGBlock
-from qarep_det.quant.analysis import BN_OUTLIER_FACTOR, bn_scales
-from qarep_det.quant.diagnostics import fake_quant_per_channel, max_to_median, sqnr_db
+from qarep_det.nn import QARepBlock, QARepBlockV2, RepVGGBlock
+from qarep_det.quant.diagnostics import BN_OUTLIER_FACTOR, bn_scales, fake_quant_per_channel, max_to_median, sqnr_db
+from qarep_det.quant.planted import plant_outlier
 
 CHANNELS, DEAD = 16, [2, 5, 9, 13]  # a quarter of the channels dead, as in long-trained RepVGG layers
 
@@ -64,3 +64,34 @@ def test_dead_identity_channel_makes_an_outlier_only_in_repvgg() -> None:
     sqnr_repvgg, sqnr_qarep = int8_output_sqnr(fused_repvgg, x), int8_output_sqnr(fused_qarep, x)
     assert sqnr_qarep > 25
     assert sqnr_qarep - sqnr_repvgg > 10, (sqnr_repvgg, sqnr_qarep)
+
+
+def test_v2_blocks_name_the_same_bns_as_v1() -> None:
+    """V2 adds a parameter-free pool: its BNs (3x3, post) are V1's, read without any per-type code."""
+    rows = bn_scales(nn.Sequential(QARepBlockV2(8, 8), QARepBlockV2(8, 16, 2)))
+    assert [(r.block, r.block_type, r.branch) for r in rows] == [
+        ("0", "QARepBlockV2", "3x3"), ("0", "QARepBlockV2", "post"), ("1", "QARepBlockV2", "3x3"),
+        ("1", "QARepBlockV2", "post"),
+    ]  # fmt: skip
+
+
+class Pair(nn.Sequential):
+    """Two fused blocks returning a tuple, as a detector does: what plant_outlier compares."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (super().forward(x),)
+
+
+def test_planting_needs_a_positively_homogeneous_producer() -> None:
+    x = torch.rand(2, 8, 9, 9)
+    for act in ("relu", "lrelu"):  # act(a z) = a act(z) for a > 0: the planted model is FP32-exact
+        fused = reparameterize_model(randomize_bn(Pair(QARepBlock(8, 8, act=act), QARepBlockV2(8, 8))))
+        planted, info = plant_outlier(fused, "0", "1", x, exponent=12)
+        assert info.fp32_max_rel_change == 0 and info.consumer == "1.conv"
+    silu = reparameterize_model(randomize_bn(Pair(QARepBlock(8, 8, act="silu"), QARepBlock(8, 8))))
+    try:
+        plant_outlier(silu, "0", "1", x)
+    except ValueError as e:
+        assert "'0' ends in SiLU, which is not positively homogeneous" in str(e) and "\n" not in str(e)
+    else:
+        raise AssertionError("a SiLU producer was planted")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pickle
 import re
-import runpy
 import shutil
 import subprocess
 import sys
@@ -18,18 +17,11 @@ from ultralytics.engine import trainer as engine_trainer
 from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils.dist import ddp_cleanup, generate_ddp_file
 
+from qarep_det.cli import train as train_cli
 from qarep_det.data.synthetic import make_dataset
-from qarep_det.integrations import trainer as qtrainer
-from qarep_det.integrations.trainer import (
-    CustomL2Trainer,
-    QARepTrainer,
-    TrainInputError,
-    TrainOptions,
-    make_trainer,
-    rep_blocks,
-    rep_l2_penalty,
-    train,
-)
+from qarep_det.integrations import amp as qamp
+from qarep_det.integrations.run_options import TrainInputError, TrainOptions
+from qarep_det.integrations.trainer import CustomL2Trainer, QARepTrainer, make_trainer, rep_blocks, train
 from qarep_det.nn import RepVGGBlock
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +49,7 @@ sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
-main = runpy.run_path(str(TOOL))["main"]
+main = train_cli.main
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +136,8 @@ def test_ddp_worker_script_trains_our_model(dataset: Path, tmp_path: Path) -> No
 def test_resume_finishes_an_interrupted_run(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """RepVGG with the custom L2 (an extra optimizer group must survive the checkpoint), stopped after epoch 1."""
     amp_checks = []
-    check = qtrainer.check_amp_offline
-    monkeypatch.setattr(qtrainer, "check_amp_offline", lambda model: amp_checks.append(model) or check(model))
+    check = qamp.check_amp_offline
+    monkeypatch.setattr(qamp, "check_amp_offline", lambda model: amp_checks.append(model) or check(model))
 
     class Interrupted(Exception):
         pass
@@ -160,7 +152,7 @@ def test_resume_finishes_an_interrupted_run(dataset: Path, tmp_path: Path, monke
         train(options, callbacks={"on_model_save": [interrupt]})
     run = tmp_path / "resume"
     assert results_epochs(run) == [1]
-    assert amp_checks and engine_trainer.check_amp is not qtrainer.check_amp_offline  # ours ran, then was undone
+    assert amp_checks and engine_trainer.check_amp is not qamp.check_amp_offline  # ours ran, then was undone
 
     resumed = train(TrainOptions(resume=run / "weights" / "last.pt", workers=0))
     assert type(resumed) is CustomL2Trainer and resumed.start_epoch == 1 and resumed.save_dir == run
@@ -298,7 +290,7 @@ def test_custom_l2_matches_hand_computation() -> None:
                     if (u, v) != (1, 1):
                         expected += float(k3[o, i, u, v]) ** 2
             expected += (float(k3[o, i, 1, 1]) * t3 + float(k1[o, i, 0, 0]) * t1) ** 2 / (t3**2 + t1**2)
-    assert float(rep_l2_penalty(block).detach()) == pytest.approx(expected, rel=1e-5)
+    assert float(block.custom_l2().detach()) == pytest.approx(expected, rel=1e-5)
 
 
 def test_custom_l2_replaces_weight_decay_on_block_kernels(dataset: Path, tmp_path: Path) -> None:
@@ -318,7 +310,7 @@ def test_custom_l2_replaces_weight_decay_on_block_kernels(dataset: Path, tmp_pat
     optimizer.step()  # lr 0: the parameters stay, the pre-step hook adds the penalty's gradient
     block = blocks[0]
     k3, k1 = block.branch_3x3[0].weight, block.branch_1x1[0].weight
-    g3, g1 = torch.autograd.grad(rep_l2_penalty(block), [k3, k1])
+    g3, g1 = torch.autograd.grad(block.custom_l2(), [k3, k1])
     torch.testing.assert_close(k3.grad, 0.5 * decay * g3)
     torch.testing.assert_close(k1.grad, 0.5 * decay * g1)
     ring = torch.ones_like(k3, dtype=torch.bool)
@@ -328,8 +320,32 @@ def test_custom_l2_replaces_weight_decay_on_block_kernels(dataset: Path, tmp_pat
 
 def test_offline_amp_check_compares_autocast_with_fp32() -> None:
     model = DetectionModel(str(QAREP_N), nc=2, verbose=False)
-    assert qtrainer.amp_matches_fp32(model, imgsz=64)  # CPU autocast runs FP16 convs too
+    assert qamp.amp_matches_fp32(model, imgsz=64)  # CPU autocast runs FP16 convs too
     overflowing = torch.nn.Conv2d(3, 2, 1)
     torch.nn.init.constant_(overflowing.weight, 1e5)
-    assert not qtrainer.amp_matches_fp32(overflowing, imgsz=64)  # FP16 overflows to inf
-    assert not qtrainer.check_amp_offline(model)  # no AMP on CPU, as in Ultralytics
+    assert not qamp.amp_matches_fp32(overflowing, imgsz=64)  # FP16 overflows to inf
+    assert not qamp.check_amp_offline(model)  # no AMP on CPU, as in Ultralytics
+
+
+@pytest.mark.parametrize(
+    "cfg", ["yolo_qarepv2_n.yaml", "yolov7_tiny_qarep.yaml", "yolov7_tiny_repvgg.yaml", "yolov7_qarep.yaml",
+            "yolov7_repvgg.yaml"],
+)  # fmt: skip
+def test_new_models_train_fuse_export_and_quantize(cfg: str, dataset: Path, tmp_path: Path) -> None:
+    """Each new YAML, by its shipped name: one tiny epoch, then the fused export (checked against the trained model
+    on real images) and the simulated INT8 model with its scheme verified."""
+    from qarep_det.integrations.checkpoint import load_detector
+    from qarep_det.integrations.export import export
+    from qarep_det.quant.calibration import calibration_set
+    from qarep_det.quant.recipe import QuantRecipe
+    from qarep_det.quant.simulated import quantize_torch
+    from qarep_det.reparam import reparameterize_model
+
+    trainer = train(TrainOptions(cfg=Path(cfg), data=dataset, project=tmp_path, **{**TINY, "hyp": {"plots": False}}))
+    path, diff = export(trainer.last, "onnx", imgsz=64, data=dataset)
+    assert path.is_file() and diff.max_rel < 1e-4
+    fused = reparameterize_model(load_detector(trainer.last))
+    calib = calibration_set(dataset, 64, 4, batch_size=4, progress=False)
+    quantized = quantize_torch(fused, calib, QuantRecipe(calib_images=4))  # raises if the scheme deviates
+    images = next(iter(calib))
+    assert torch.isfinite(quantized(images)[0]).all()

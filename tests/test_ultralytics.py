@@ -47,11 +47,11 @@ def blocks_in(layer: nn.Module) -> int:
     return len(layer)
 
 
-@pytest.mark.parametrize("family", ["qarep", "repvgg"])
+@pytest.mark.parametrize("family", ["qarep", "qarepv2", "repvgg"])
 @pytest.mark.parametrize("size", ["n", "s", "m"])
 def test_channels_and_repeats_follow_width_and_depth(family: str, size: str) -> None:
     model = DetectionModel(str(YAMLS / f"yolo_{family}_{size}.yaml"), nc=80, verbose=False)
-    block = {"qarep": "QARepBlock", "repvgg": "RepVGGBlock"}[family]
+    block = {"qarep": "QARepBlock", "qarepv2": "QARepBlockV2", "repvgg": "RepVGGBlock"}[family]
     for i, channels, blocks in EXPECTED[size]:
         layer = model.model[i]
         assert out_channels(layer) == channels, f"layer {i}"
@@ -100,7 +100,7 @@ def test_fused_detector_exports_to_onnx_without_batchnorm(tmp_path: Path, monkey
 
 def test_unknown_module_is_named_with_our_list() -> None:
     cfg = {"nc": 2, "backbone": [[-1, 1, "QARepBlok", [64, 2]]], "head": [[[-1], 1, "Detect", ["nc"]]]}
-    with pytest.raises(KeyError, match=r"layer 0: unknown module 'QARepBlok'.*QARepBlock, RepVGGBlock"):
+    with pytest.raises(KeyError, match=r"layer 0: unknown module 'QARepBlok'.*QARepBlock, QARepBlockV2, RepVGGBlock"):
         DetectionModel(cfg, verbose=False)
 
 
@@ -139,3 +139,44 @@ def test_checkpoint_loads_in_fresh_process_without_importing_qarep_det(tmp_path:
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ok torch.Size([1, 84, 84])" in result.stdout
+
+
+def activations(model: nn.Module) -> set[str]:
+    return {type(m).__name__ for m in model.modules() if isinstance(m, (nn.ReLU, nn.SiLU, nn.LeakyReLU))}
+
+
+@pytest.mark.parametrize(("family", "block"), [("qarep", "QARepBlock"), ("repvgg", "RepVGGBlock")])
+def test_yolov7_style_models_have_yolov7s_structure(family: str, block: str) -> None:
+    v7 = DetectionModel(f"yolov7_{family}.yaml", verbose=False)
+    assert activations(v7) == {"SiLU"}  # one activation throughout, our blocks and SPPCSPC included
+    assert type(v7.model[51]).__name__ == "SPPCSPC"
+    heads = [v7.model[i] for i in (102, 103, 104)]  # YOLOv7's RepConv positions
+    assert [type(m).__name__ for m in heads] == [block] * 3 and [m.c2 for m in heads] == [256, 512, 1024]
+    assert not any(m.has_identity for m in heads) and v7.model[-1].f == [102, 103, 104]
+    tiny = DetectionModel(f"yolov7_tiny_{family}.yaml", verbose=False)
+    assert activations(tiny) == {"LeakyReLU"}
+    assert {m.negative_slope for m in tiny.modules() if isinstance(m, nn.LeakyReLU)} == {0.1}
+    assert [type(tiny.model[i]).__name__ for i in (74, 75, 76)] == [block] * 3
+    assert activations(DetectionModel("yolov8n.yaml", verbose=False)) == {"SiLU"}  # tiny's activation: not global
+
+
+YOLOV7_CASES = {
+    "MP": ([-1, 1, "MP", []], r"layer 1: MP is a YOLOv7 module; .*write \[-1, 1, nn\.MaxPool2d, \[2, 2\]\]"),
+    "SP": ([-1, 1, "SP", [5]], r"layer 1: SP is a YOLOv7 module; .*nn\.MaxPool2d, \[k, 1, k // 2\]"),
+    "IDetect": ([[0], 1, "IDetect", ["nc", "anchors"]], r"layer 1: IDetect is a YOLOv7 module; .*Detect, \[nc\]"),
+    "RepConv": ([-1, 1, "RepConv", [32, 3, 1]], r"RepConv \[256, 3, 1\] -> QARepBlock \[256, 1, 1, silu\]"),
+    "Conv act": ([-1, 1, "Conv", [32, 3, 1, None, 1, "nn.LeakyReLU(0.1)"]], r"'activation: nn\.LeakyReLU\(0\.1\)'"),
+    "block args": ([-1, 1, "QARepBlock", [32, 3, 1]],
+                   r"RepConv \[c2, k, s\]\? ours is \[c2, s, g, act\]: write \[32, 1, 1, silu\]"),
+    "act": ([-1, 1, "QARepBlock", [32, 1, 1, "mish"]],
+            r"layer 1 \(QARepBlock.*act must be one of relu, silu, lrelu, got 'mish'"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(YOLOV7_CASES))
+def test_yolov7_constructs_fail_with_what_to_write_instead(case: str) -> None:
+    layer, message = YOLOV7_CASES[case]
+    cfg = {"nc": 2, "backbone": [[-1, 1, "Conv", [16, 3, 2]], layer], "head": []}
+    with pytest.raises((KeyError, ValueError), match=message) as error:
+        DetectionModel(cfg, verbose=False)
+    assert "\n" not in str(error.value)  # one line
