@@ -180,3 +180,23 @@ def test_yolov7_constructs_fail_with_what_to_write_instead(case: str) -> None:
     with pytest.raises((KeyError, ValueError), match=message) as error:
         DetectionModel(cfg, verbose=False)
     assert "\n" not in str(error.value)  # one line
+
+
+def test_sppcspc_and_act_arguments_scale_like_built_ins() -> None:
+    cfg = {
+        "nc": 2,
+        "depth_multiple": 0.5,
+        "width_multiple": 0.5,
+        "backbone": [
+            [-1, 1, "Conv", [64, 3, 2]],
+            [-1, 4, "QARepStage", [128, 2, 1, "lrelu"]],
+            [-1, 1, "SPPCSPC", [512, "silu"]],
+            [-1, 1, "SPPCSPC", [128]],
+        ],
+        "head": [],
+    }
+    model = DetectionModel(cfg, verbose=False).model
+    stage, spp, spp_relu = model[1], model[2], model[3]
+    assert len(stage) == 2 and stage[0].s == 2 and activations(stage) == {"LeakyReLU"}
+    assert spp.cv7.branch[0].out_channels == 256 and spp.cv1.branch[0].in_channels == 64  # c2 x width, c1 from before
+    assert activations(spp) == {"SiLU"} and activations(spp_relu) == {"ReLU"}  # act last and optional
