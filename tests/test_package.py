@@ -143,6 +143,9 @@ def test_the_wheel_works_outside_the_checkout(installed_wheel: Path, tiny_data: 
 
     result = run_from_wheel(installed_wheel, tmp_path, "qarep-det", "--help")
     assert result.returncode == 0 and "ptq-eval" in result.stdout, result.stderr[-2000:]
+    bench = ["qarep-det", "benchmark", "fusion", "--cfg", "yolo_qarep_n.yaml", "--imgsz", "64", "--runs", "1"]
+    result = run_from_wheel(installed_wheel, tmp_path, *bench)  # a shipped name, from a folder without model_yamls/
+    assert result.returncode == 0 and "speedup" in result.stdout, result.stderr[-2000:]
 
     train = ["--cfg", "yolo_qarep_n.yaml", "--data", str(tiny_data), "--epochs", "1", "--imgsz", "64", "--batch",
              "4", "--workers", "0", "--device", "cpu", "--project", "runs", "--hyp"]  # fmt: skip
