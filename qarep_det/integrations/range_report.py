@@ -18,7 +18,8 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 from qarep_det.quant.qat import QATDetectionModel, range_moves
 
 TOP = 3  # ranges named in the summary line
-TICKS = (0.01, 0.1, 0.25, 0.5, 0.8, 0.9, 1.0, 1.1, 1.25, 2.0, 4.0, 10.0, 100.0)  # ratios marked on the log axis
+FINE_TICKS = (0.5, 0.8, 0.9, 1.0, 1.1, 1.25, 2.0)  # ratios marked on the log axis: small moves
+COARSE_TICKS = (0.01, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0, 100.0)  # wider ones
 
 
 def _ratio(value: float) -> str:
@@ -59,7 +60,8 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         ax.errorbar(x, ratio, yerr=[low, high], fmt="o", ms=3, color=colour, elinewidth=0.8, label=label)
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_yscale("log")
-    ax.yaxis.set_major_locator(FixedLocator(TICKS))
+    smallest, largest = min(r["ratio_min"] for r in rows), max(r["ratio_max"] for r in rows)
+    ax.yaxis.set_major_locator(FixedLocator(FINE_TICKS if 0.5 <= smallest and largest <= 2.0 else COARSE_TICKS))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: _ratio(value)))
     ax.yaxis.set_minor_locator(NullLocator())
     ax.set_ylabel("learned range / calibrated range")
