@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import csv
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import openvino as ov
 import pytest
@@ -17,6 +19,7 @@ from ultralytics.cfg import get_cfg
 from ultralytics.nn.tasks import DetectionModel, load_checkpoint
 from ultralytics.utils.dist import ddp_cleanup, generate_ddp_file
 from ultralytics.utils.patches import torch_load
+from ultralytics.utils.torch_utils import unwrap_model
 
 from qarep_det import reparameterize_model
 from qarep_det.cli import qat as qat_cli
@@ -27,6 +30,7 @@ from qarep_det.integrations.checkpoint import load_detector
 from qarep_det.integrations.qat import QATOptions, QATTrainer, make_qat_trainer
 from qarep_det.integrations.run_options import TrainInputError
 from qarep_det.quant.calibration import calibration_set
+from qarep_det.quant.lsq import range_parameters
 from qarep_det.quant.qat import (
     FeatureDistillationLoss,
     QATDetectionModel,
@@ -60,17 +64,40 @@ def fp32_weights(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> Pat
     return path
 
 
-@pytest.fixture(scope="module")
-def qat_run(tmp_path_factory: pytest.TempPathFactory, dataset: Path, fp32_weights: Path) -> Path:
+def cli_run(project: Path, fp32_weights: Path, dataset: Path, ranges: str) -> Path:
     """One QAT epoch through the CLI in a fresh process (as a user runs it)."""
-    project = tmp_path_factory.mktemp("qat")
     argv = ["--weights", fp32_weights, "--data", dataset, "--epochs", "1", *TINY, "--calib-images", "8",
-            "--project", project, "--name", "run"]  # fmt: skip
+            "--ranges", ranges, "--project", project, "--name", "run"]  # fmt: skip
     result = subprocess.run([sys.executable, str(TOOL), *map(str, argv)], env=fresh_env(), cwd=project,
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"done: {project / 'run'}" in result.stdout
     return project / "run"
+
+
+@pytest.fixture(scope="module")
+def qat_run(tmp_path_factory: pytest.TempPathFactory, dataset: Path, fp32_weights: Path) -> Path:
+    return cli_run(tmp_path_factory.mktemp("qat"), fp32_weights, dataset, "frozen")
+
+
+@pytest.fixture(scope="module")
+def learned_run(tmp_path_factory: pytest.TempPathFactory, dataset: Path, fp32_weights: Path) -> Path:
+    """Its one optimizer step (2 batches, accumulated) comes at the end of the epoch: the ranges move there."""
+    return cli_run(tmp_path_factory.mktemp("qat_learned"), fp32_weights, dataset, "learned")
+
+
+def tiny_options(weights: Path, data: Path, project: Path, **changes: Any) -> QATOptions:
+    """One epoch at 64 px, batch 8, on the CPU, with ``changes``."""
+    options = QATOptions(weights=weights, data=data, epochs=1, imgsz=64, batch=8, device="cpu", workers=0,
+                         project=project, recipe=RECIPE)  # fmt: skip
+    return replace(options, **changes)
+
+
+def trainer_with_steps(options: QATOptions) -> QATTrainer:
+    """A QAT trainer that steps after every batch (nominal batch = batch), so tiny runs train."""
+    trainer = make_qat_trainer(options)
+    trainer.args.nbs = options.batch
+    return trainer
 
 
 def calibrated_ranges(fp32_weights: Path, dataset: Path) -> dict[str, torch.Tensor]:
@@ -82,7 +109,7 @@ def calibrated_ranges(fp32_weights: Path, dataset: Path) -> dict[str, torch.Tens
 def test_one_cpu_epoch_keeps_the_calibrated_ranges_and_float32_weights(
     qat_run: Path, fp32_weights: Path, dataset: Path
 ) -> None:
-    assert results_epochs(qat_run) == [1]
+    assert results_epochs(qat_run) == [0, 1]  # the start (epoch 0), then the epoch trained
     ckpt = torch_load(qat_run / "weights" / "best.pt", map_location="cpu")
     assert ckpt["modelopt"]["ranges"] and all(v.dtype == torch.float32 for v in ckpt["modelopt"]["ranges"].values())
     student = ckpt["model"]
@@ -97,24 +124,53 @@ def test_one_cpu_epoch_keeps_the_calibrated_ranges_and_float32_weights(
         torch.testing.assert_close(ckpt["modelopt"]["ranges"][key], value, rtol=1e-6, atol=0, msg=key)
 
 
-def test_checkpoint_reloads_as_int8_in_a_fresh_process_without_importing_qarep_det(qat_run: Path) -> None:
+def test_learned_ranges_train_and_are_saved_in_float32(learned_run: Path, fp32_weights: Path, dataset: Path) -> None:
+    assert results_epochs(learned_run) == [0, 1]
+    saved = torch_load(learned_run / "weights" / "last.pt", map_location="cpu")["modelopt"]["ranges"]
+    expected = calibrated_ranges(fp32_weights, dataset)
+    assert saved.keys() == expected.keys() and all(v.dtype == torch.float32 for v in saved.values())
+    moved = [k for k, v in expected.items() if not torch.allclose(saved[k], v, rtol=1e-5, atol=0)]
+    assert len(moved) > len(expected) // 2, len(moved)
+    best = torch_load(learned_run / "weights" / "best.pt", map_location="cpu")["modelopt"]["ranges"]
+    with open(learned_run / "ranges.csv", newline="") as f:  # the report: best.pt's ranges against calibration
+        report = {(row["conv"], row["quantizer"]): row for row in csv.DictReader(f)}
+    assert len(report) == len(expected) and (learned_run / "ranges.png").stat().st_size > 10_000
+    for key, value in expected.items():
+        conv, quantizer = key.removesuffix("_quantizer._amax").rsplit(".", 1)
+        ratio = (best[key] / value).flatten()
+        assert float(report[conv, quantizer]["ratio"]) == pytest.approx(float(ratio.median()), rel=1e-5)
+
+
+@pytest.mark.parametrize("run", ["qat_run", "learned_run"])
+def test_checkpoint_reloads_as_int8_in_a_fresh_process_without_importing_qarep_det(
+    run: str, request: pytest.FixtureRequest
+) -> None:
+    weights = request.getfixturevalue(run) / "weights" / "best.pt"
     code = (
         "import sys, torch\n"
         "from ultralytics import YOLO\n"
         "model = YOLO(sys.argv[1])\n"
         "assert 'qarep_det' in sys.modules  # imported by unpickling the checkpoint\n"
+        "assert 'qarep_det.quant.lsq' not in sys.modules  # learned ranges are saved as plain ModelOpt ones\n"
         "on = [q for q in model.model.modules() if type(q).__name__ == 'TensorQuantizer' and q.is_enabled]\n"
+        "assert {q.backend for q in on} == {None} and not any(isinstance(q._amax, torch.nn.Parameter) for q in on)\n"
         "model.predict(torch.rand(1, 3, 64, 64), verbose=False)\n"
+        "ranges = {k: v for k, v in model.model.state_dict().items() if k.endswith('_amax')}\n"
+        "torch.save(ranges, sys.argv[2])\n"
         "print(type(model.model).__name__, len(on))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code, str(qat_run / "weights" / "best.pt")], env=fresh_env(),
-                            cwd=qat_run, capture_output=True, text=True, timeout=300)  # fmt: skip
+    loaded = weights.parent / "loaded_ranges.pt"
+    result = subprocess.run([sys.executable, "-c", code, str(weights), str(loaded)], env=fresh_env(),
+                            cwd=weights.parent, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     name, quantizers = result.stdout.split()[-2:]
     assert name == "QATDetectionModel" and int(quantizers) > 100  # weight + input quantizer of every conv but DFL
+    saved = torch_load(weights, map_location="cpu")["modelopt"]["ranges"]
+    assert all(torch.equal(v, saved[k]) for k, v in torch.load(loaded).items())  # exactly, float32
 
 
-def test_resume_finishes_an_interrupted_run(dataset: Path, fp32_weights: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("ranges", ["frozen", "learned"])
+def test_resume_finishes_an_interrupted_run(ranges: str, dataset: Path, fp32_weights: Path, tmp_path: Path) -> None:
     class Interrupted(Exception):
         pass
 
@@ -122,20 +178,33 @@ def test_resume_finishes_an_interrupted_run(dataset: Path, fp32_weights: Path, t
         if trainer.epoch == 0:
             raise Interrupted
 
-    options = QATOptions(weights=fp32_weights, data=dataset, epochs=2, imgsz=64, batch=8, device="cpu", workers=0,
-                         project=tmp_path, name="resume", recipe=RECIPE)  # fmt: skip
-    trainer = make_qat_trainer(options)
+    options = tiny_options(fp32_weights, dataset, tmp_path, epochs=2, name="resume", ranges=ranges)
+    trainer = trainer_with_steps(options)
     trainer.add_callback("on_model_save", interrupt)
     with pytest.raises(Interrupted):
         trainer.train()
     run = tmp_path / "resume"
-    assert results_epochs(run) == [1]
-    first = torch_load(run / "weights" / "last.pt", map_location="cpu")["modelopt"]["ranges"]
+    assert results_epochs(run) == [0, 1]
+    saved = torch_load(run / "weights" / "last.pt", map_location="cpu")
+    first = saved["modelopt"]["ranges"]
+    groups = [g.get("param_group") for g in saved["optimizer"]["param_groups"]]
+    assert ("ranges" in groups) == (ranges == "learned")
 
-    assert main(["--resume", str(run / "weights" / "last.pt"), "--workers", "0"]) == 0
-    assert results_epochs(run) == [1, 2]
-    last = torch_load(run / "weights" / "last.pt", map_location="cpu")
-    assert all(torch.equal(last["modelopt"]["ranges"][k], v) for k, v in first.items())
+    resumed: dict[str, Any] = {}
+
+    def record(trainer: QATTrainer) -> None:  # what the resumed run trains from
+        resumed["ranges"] = quantizer_ranges(unwrap_model(trainer.model))
+        resumed["learned"] = len(range_parameters(unwrap_model(trainer.model)))
+
+    trainer = make_qat_trainer(QATOptions(resume=run / "weights" / "last.pt", workers=0))
+    trainer.add_callback("on_pretrain_routine_end", record)
+    trainer.train()
+    assert results_epochs(run) == [0, 1, 2]
+    assert all(torch.equal(resumed["ranges"][k], v) for k, v in first.items())  # the saved ranges, exactly
+    assert resumed["learned"] == (len(first) if ranges == "learned" else 0)
+    last = torch_load(run / "weights" / "last.pt", map_location="cpu")["modelopt"]["ranges"]
+    unchanged = all(torch.equal(last[k], v) for k, v in first.items())
+    assert unchanged == (ranges == "frozen")  # learned ranges kept learning after the resume
 
 
 def test_qat_checkpoint_as_weights_continues_with_its_own_ranges(qat_run: Path, dataset: Path, tmp_path: Path) -> None:
@@ -183,9 +252,8 @@ def test_ranges_are_pinned_and_half_keeps_float32(fp32_weights: Path, dataset: P
 
 def test_ddp_worker_script_trains_the_packed_student(dataset: Path, fp32_weights: Path, tmp_path: Path) -> None:
     """Ultralytics' generated DDP worker script, run as is: outside torchrun it trains in one process."""
-    options = QATOptions(weights=fp32_weights, data=dataset, epochs=1, imgsz=64, batch=8, device="cpu", workers=0,
-                         project=tmp_path, name="ddp", recipe=RECIPE)  # fmt: skip
-    trainer = make_qat_trainer(options)
+    trainer = trainer_with_steps(tiny_options(fp32_weights, dataset, tmp_path, name="ddp", ranges="learned"))
+    start = trainer.model.__dict__["qat_state"]["ranges"]
     script = generate_ddp_file(trainer)
     try:
         result = subprocess.run([sys.executable, script], env=fresh_env(), cwd=tmp_path, capture_output=True,
@@ -193,12 +261,23 @@ def test_ddp_worker_script_trains_the_packed_student(dataset: Path, fp32_weights
     finally:
         ddp_cleanup(trainer, script)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "learning 118 quantizer ranges" in result.stderr + result.stdout
     assert is_qat_model(load_checkpoint(trainer.save_dir / "weights" / "best.pt")[0])
+    last = torch_load(trainer.save_dir / "weights" / "last.pt", map_location="cpu")["modelopt"]["ranges"]
+    assert not all(torch.equal(last[k], v) for k, v in start.items())
 
 
 @pytest.mark.parametrize(
     "case",
-    ["not a detector", "no epochs", "qat weights with recipe flags", "distill without teacher", "missing weights"],
+    [
+        "not a detector",
+        "no epochs",
+        "qat weights with recipe flags",
+        "distill without teacher",
+        "missing weights",
+        "range lr without learned ranges",
+        "negative range lr",
+    ],
 )
 def test_bad_input_fails_with_one_line_and_writes_nothing(
     case: str, qat_run: Path, dataset: Path, fp32_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture
@@ -218,6 +297,10 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(
         weights = tmp_path / "no_teacher.pt"
         torch.save(ckpt, weights)
         extra, message = ["--distill"], "holds no FP32 teacher"
+    elif case == "range lr without learned ranges":
+        extra, message = ["--ranges", "frozen", "--lr-ranges", "0.01"], "--lr-ranges applies to --ranges learned only"
+    elif case == "negative range lr":
+        extra, message = ["--ranges", "learned", "--lr-ranges", "-1"], "--lr-ranges must be > 0, got -1.0"
     else:
         weights, message = tmp_path / "missing.pt", "not found"
     project = tmp_path / "runs"
@@ -229,13 +312,16 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(
 
 
 def test_ptq_eval_scores_the_student_with_its_learned_scales_in_every_artefact(
-    qat_run: Path, dataset: Path, tmp_path: Path
+    learned_run: Path, dataset: Path, tmp_path: Path
 ) -> None:
     backends = ("torch", "onnxruntime", "openvino")
     settings = PTQSettings(dataset, QuantRecipe(calib_images=1), backends, imgsz=64, batch=4)
-    rows, _, _ = run_ptq_eval([qat_run / "weights" / "best.pt"], settings, tmp_path, progress=False)
-    assert [(r["backend"], r["method"], r["calib_images"]) for r in rows] == [(b, "qat", 8) for b in backends]
-    student = load_detector(qat_run / "weights" / "best.pt")
+    weights = learned_run / "weights" / "last.pt"  # its ranges were trained (test_learned_ranges_train_...)
+    rows, _, _ = run_ptq_eval([weights], settings, tmp_path, progress=False)
+    assert [(r["backend"], r["method"], r["ranges"], r["calib_images"]) for r in rows] == [
+        (b, "qat", "learned", 8) for b in backends
+    ]
+    student = load_detector(weights)
     quantized = {n: m for n, m in student.named_modules() if getattr(m, "input_quantizer", None) is not None}
     quantized = {n: m for n, m in quantized.items() if m.input_quantizer.is_enabled}
 
@@ -243,8 +329,12 @@ def test_ptq_eval_scores_the_student_with_its_learned_scales_in_every_artefact(
     assert {n for n, (i, w) in convs.items() if i and w} == set(quantized)
     for name, conv in quantized.items():
         (inputs, weights) = convs[name]
-        torch.testing.assert_close(torch.tensor(inputs.scale), conv.input_quantizer.amax.float().cpu() / 127)
-        torch.testing.assert_close(torch.tensor(weights.scale), conv.weight_quantizer.amax.flatten().cpu() / 127)
+        torch.testing.assert_close(
+            torch.tensor(inputs.scale), conv.input_quantizer.amax.float() / 127, rtol=1e-7, atol=0
+        )
+        torch.testing.assert_close(
+            torch.tensor(weights.scale), conv.weight_quantizer.amax.flatten() / 127, rtol=1e-7, atol=0
+        )
 
     ir = ov.Core().read_model(rows[2]["int8_file"])  # the OpenVINO IR: FakeQuantize at the learned input ranges
     highs = {f"{op.input_value(2).get_node().get_data().max():.6g}" for op in ir.get_ordered_ops()
@@ -261,15 +351,87 @@ def test_ptq_eval_and_diagnose_refuse_what_does_not_apply_to_a_qat_checkpoint(qa
         run_diagnose(weights, DiagnoseSettings(dataset, imgsz=64), "unused", progress=False)
 
 
-def test_keep_float_keeps_the_most_sensitive_conv_float_in_the_student(
+def test_keep_float_keeps_the_most_sensitive_conv_float_in_the_student_and_out_of_learning(
     dataset: Path, fp32_weights: Path, tmp_path: Path
 ) -> None:
-    options = QATOptions(weights=fp32_weights, data=dataset, epochs=1, imgsz=64, batch=8, device="cpu", workers=0,
-                         project=tmp_path, recipe=RECIPE, keep_float=1)  # fmt: skip
-    packed = make_qat_trainer(options).model
+    options = tiny_options(fp32_weights, dataset, tmp_path, keep_float=1, ranges="learned")
+    trainer = trainer_with_steps(options)
+    packed = trainer.model
     (kept,) = packed.qat_recipe["float_layers"]
     ranges = packed.__dict__["qat_state"]["ranges"]
     assert f"{kept}.weight_quantizer._amax" not in ranges and f"{kept}.input_quantizer._amax" not in ranges
     assert sum(k.endswith("weight_quantizer._amax") for k in ranges) > 50  # the others stay quantized
+
+    stepped: dict[str, Any] = {}
+
+    def record(trainer: QATTrainer) -> None:  # after the run's steps
+        student = unwrap_model(trainer.model)
+        stepped["state"] = student.state_dict()
+        stepped["group"] = next(g["params"] for g in trainer.optimizer.param_groups if g["param_group"] == "ranges")
+        stepped["ranges"] = range_parameters(student)
+
+    trainer.add_callback("on_train_end", record)
+    trainer.train()
+    assert not any(k.startswith(f"{kept}.") and k.endswith("_amax") for k in stepped["state"])
+    assert stepped["group"] == stepped["ranges"] and len(stepped["ranges"]) == len(ranges)  # the kept conv's: none
+    moved = [k for k, v in ranges.items() if not torch.equal(stepped["state"][k], v)]
+    assert len(moved) > len(ranges) // 2
     with pytest.raises(TrainInputError, match="cannot keep 999 convs float"):
         make_qat_trainer(replace(options, keep_float=999))
+
+
+def test_the_ema_averages_learned_ranges_like_the_weights(dataset: Path, fp32_weights: Path, tmp_path: Path) -> None:
+    trainer = trainer_with_steps(tiny_options(fp32_weights, dataset, tmp_path, epochs=2, ranges="learned"))
+    expected: dict[str, torch.Tensor] = {}
+    seen = {"updates": 0}
+
+    def start(trainer: QATTrainer) -> None:
+        expected.update(quantizer_ranges(trainer.ema.ema))
+
+    def follow(trainer: QATTrainer) -> None:  # after each step: the EMA's rule applied to the model's ranges
+        if trainer.ema.updates == seen["updates"]:
+            return
+        seen["updates"] = trainer.ema.updates
+        weight = 1 - trainer.ema.decay(trainer.ema.updates)
+        for key, value in quantizer_ranges(unwrap_model(trainer.model)).items():
+            expected[key] = torch.lerp(expected[key], value, weight)
+
+    def check(trainer: QATTrainer) -> None:
+        ema, model = quantizer_ranges(trainer.ema.ema), quantizer_ranges(unwrap_model(trainer.model))
+        for key, value in expected.items():
+            torch.testing.assert_close(ema[key], value, rtol=1e-6, atol=0, msg=key)
+        assert not all(torch.equal(ema[k], model[k]) for k in ema)  # averaged, not copied from the model
+
+    trainer.add_callback("on_train_start", start)
+    trainer.add_callback("on_train_batch_end", follow)
+    trainer.add_callback("on_train_end", check)
+    trainer.train()
+    assert seen["updates"] == 4  # 16 images, batch 8, 2 epochs
+
+
+def test_a_run_that_only_hurts_keeps_its_start_as_best(
+    known_answer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    options = QATOptions(weights=known_answer.clean, data=known_answer.data, epochs=1, imgsz=known_answer.imgsz,
+                         batch=8, device="cpu", workers=0, project=tmp_path, recipe=RECIPE, optimizer="Adam",
+                         lr0=0.05)  # fmt: skip
+    trainer = trainer_with_steps(options)
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with caplog.at_level("WARNING", logger="ultralytics"):
+        trainer.train()
+    with open(trainer.csv, newline="") as f:
+        scores = [float(row["metrics/mAP50-95(B)"]) for row in csv.DictReader(f)]
+    assert len(scores) == 2 and scores[0] > 0.05 and scores[1] < scores[0] / 2  # the epoch broke the model
+    best = torch_load(trainer.best, map_location="cpu")["model"]
+    assert all(torch.equal(v.float(), start[k]) for k, v in best.state_dict().items())  # best.pt is the start
+    assert trainer.metrics["metrics/mAP50-95(B)"] == pytest.approx(scores[0], abs=1e-4)  # and is what final_eval saw
+    assert "no epoch beat the start" in caplog.text
+
+
+def test_an_unknown_ranges_value_fails_with_one_line(dataset: Path, fp32_weights: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--weights", str(fp32_weights), "--data", str(dataset), "--ranges", "adaptive"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and "--ranges" in err[0], err
+    with pytest.raises(TrainInputError, match="--ranges must be one of frozen, learned, got 'adaptive'"):
+        make_qat_trainer(tiny_options(fp32_weights, dataset, Path("unused"), ranges="adaptive"))

@@ -29,9 +29,9 @@ from qarep_det.cli.common import (
     train_to_end,
     unexpected_flags,
 )
-from qarep_det.integrations.qat import QAT_RECIPE, QATOptions, make_qat_trainer
+from qarep_det.integrations.qat import DEFAULT_RANGES, LEARNING_RATES, QAT_RECIPE, QATOptions, make_qat_trainer
 from qarep_det.integrations.run_options import TrainInputError
-from qarep_det.quant.qat import DISTILL_WEIGHT
+from qarep_det.quant.qat import DISTILL_WEIGHT, RANGES
 
 RESUME_FLAGS = {"resume", "device", "workers", "data", "project"}  # what --resume may be given with
 RECIPE_FLAGS = {"calib_images", "calib_method", "percentile", "keep_head_float", "keep_float", "keep_float_layers"}
@@ -58,7 +58,26 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=32, help="total batch size, split evenly over DDP devices")
     parser.add_argument("--device", default="auto", help="'cpu', '0', or '0,1,...' for DDP; auto: '0' if CUDA")
     parser.add_argument("--workers", type=int, default=8, help="dataloader workers per process")
-    parser.add_argument("--lr0", type=float, default=QAT_RECIPE["lr0"], help="initial learning rate (SGD)")
+    defaults = "; ".join(f"{k}: lr0 {lr0:g}, ranges {lr:g}" for k, (lr0, lr) in LEARNING_RATES.items())
+    parser.add_argument(
+        "--optimizer",
+        choices=tuple(LEARNING_RATES),
+        default=QAT_RECIPE["optimizer"],
+        help=f"Adam by default: a fused model's weights and ranges span orders of magnitude, which SGD's steps do "
+        f"not (README); default learning rates: {defaults}",
+    )
+    parser.add_argument("--lr0", type=float, help="initial learning rate of the weights; default: the optimizer's")
+    parser.add_argument(
+        "--ranges",
+        choices=RANGES,
+        default=DEFAULT_RANGES,
+        help="quantizer ranges: learned (LSQ's gradients, stepped in the log domain, no weight decay) or frozen at "
+        "their calibration. Learned by default: it won back a clipping calibration's drop where frozen ranges "
+        "could not, and matched frozen ranges on a well-calibrated model (README)",
+    )
+    parser.add_argument(
+        "--lr-ranges", type=float, help="initial learning rate of learned ranges; default: the optimizer's"
+    )
     add_recipe_args(parser, 512, "calibration images from the train split")
     add_partial_args(parser)
     parser.add_argument("--distill", action="store_true", help="add feature distillation from the FP32 model")

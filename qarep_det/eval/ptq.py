@@ -206,6 +206,7 @@ def evaluate_checkpoint(
                     "backend": backend,
                     "calib_method": settings.recipe.calib_method,
                     "method": "ptq" if student is None else "qat",
+                    "ranges": "calibrated" if student is None else student.qat_ranges,  # qat: frozen or learned
                     "calib_images": calib_images or (len(calib.paths) if calib.readable is None else calib.readable),
                     "fp32_map50_95": fp32["map50_95"],
                     "int8_map50_95": int8["map50_95"],

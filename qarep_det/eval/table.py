@@ -21,6 +21,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("params", "params"),
     ("backend", "backend"),
     ("method", "method"),  # ptq: calibrated here; qat: a QAT checkpoint's fine-tuned INT8 model
+    ("ranges", "ranges"),  # calibrated (ptq), or the QAT run's: frozen (calibrated) or learned
     ("calib_method", "calib"),
     ("calib_images", "calib imgs"),
     ("float_layers", "float convs"),  # partial quantization: the list in results.json, its length in tables

@@ -1,9 +1,10 @@
 """Quantization-aware fine-tuning (QAT): the student model, its FP32 reference, and feature distillation.
 
 A QAT student is the fused detector quantized exactly as post-training quantization does it (:func:`quantize_torch`:
-ModelOpt fake quant, TensorRT's scheme, the same calibration draw and scope), then fine-tuned. ModelOpt keeps every
-quantizer range (``amax``) as a buffer, not a parameter, so training adapts the weights to ranges that stay frozen at
-their calibrated values (ModelOpt's own QAT guidance).
+ModelOpt fake quant, TensorRT's scheme, the same calibration draw and scope), then fine-tuned. Its quantizer ranges
+(``amax``) are either ``frozen`` at their calibrated values (ModelOpt keeps them as buffers: its own QAT guidance) or
+``learned`` with the weights (LSQ, :mod:`qarep_det.quant.lsq`); the student records which (``qat_ranges``). It is
+built and saved as a plain ModelOpt model either way: the trainer makes its ranges parameters in each process.
 
 The checkpoint format is Ultralytics' own QAT format (ultralytics >= 8.4.190 trains QAT with ``quantize=8``): the
 student is pickled with its fake-quant modules reverted to plain convs, and ``ckpt["modelopt"]`` carries ModelOpt's
@@ -25,6 +26,7 @@ model. Here the fused model is trained, so what is fine-tuned is exactly what is
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -45,11 +47,18 @@ and DFL at Ultralytics' gains) late in training: a nudge towards the FP32 featur
 """
 
 
+RANGES = ("frozen", "learned")
+"""What QAT does with the quantizer ranges: keep the calibrated ones, or learn them (LSQ) with the weights."""
+
+
 class QATDetectionModel(DetectionModel):
     """A fake-quantized fused detector in training, with the FP32 model it started from (see module docstring)."""
 
     fp32_reference: DetectionModel | None = None  # set through __dict__: a module attribute would join the tree
     distill: bool = False  # train with FeatureDistillationLoss against fp32_reference
+    calibrated_ranges: dict[str, Tensor] | None = None  # the ranges calibration gave, by key (set through __dict__)
+    qat_ranges: str = "frozen"  # one of RANGES (class default: checkpoints written before learned ranges existed)
+    qat_lr_ranges: float | None = None  # the learned ranges' learning rate (Ultralytics' settings take no new key)
 
     def half(self) -> QATDetectionModel:
         """Keep float32: rounding fine-tuned weights to float16 would move their INT8 codes (module docstring)."""
@@ -70,7 +79,7 @@ def pin_ranges(target: nn.Module, source: nn.Module) -> None:
     """Copy every quantizer range of ``source`` into ``target`` exactly.
 
     Ultralytics' EMA averages every floating-point buffer; ``a * d + a * (1 - d)`` is not always ``a`` in float32,
-    so without this the EMA's frozen ranges would drift by a few ulps per update.
+    so without this the EMA's frozen ranges would drift by a few ulps per update. (Learned ranges are averaged.)
     """
     ranges = quantizer_ranges(source)
     for key, value in target.state_dict().items():
@@ -84,20 +93,54 @@ def make_student(
     recipe: QuantRecipe,
     device: str | torch.device = "cpu",
     distill: bool = False,
+    ranges: str = "frozen",
+    lr_ranges: float | None = None,
 ) -> QATDetectionModel:
     """Quantize a fused detector with the PTQ recipe and make it a trainable QAT student.
 
     The student keeps a float32 copy of ``fused`` as ``fp32_reference``. Parameters are made trainable (fusion
-    leaves some frozen), except the DFL's constant conv, which Ultralytics' trainer keeps frozen too.
+    leaves some frozen), except the DFL's constant conv, which Ultralytics' trainer keeps frozen too. ``ranges``
+    (one of :data:`RANGES`) and ``lr_ranges`` are recorded for the trainer.
     """
+    if ranges not in RANGES:
+        raise ValueError(f"ranges must be one of {', '.join(RANGES)}, got {ranges!r}")
     student = quantize_torch(fused, batches, recipe, device)
     student.__class__ = QATDetectionModel
     student.__dict__["fp32_reference"] = copy.deepcopy(fused).float().cpu().eval()
     student.distill = distill
+    student.__dict__["calibrated_ranges"] = {k: v.cpu() for k, v in quantizer_ranges(student).items()}
+    student.qat_ranges, student.qat_lr_ranges = ranges, lr_ranges
     student.qat_recipe = recipe.to_dict()
     for name, p in student.named_parameters():
         p.requires_grad_(".dfl." not in name)
     return student
+
+
+def range_moves(student: QATDetectionModel) -> list[dict[str, Any]]:
+    """Each range of the student against the calibrated one it started from, in forward order: the conv, the
+    quantizer (input or weight), both ranges (a weight's: the median over its channels) and the ratio learned /
+    calibrated (a weight's: median, min and max over its channels; channels calibrated at 0 have none)."""
+    rows = []
+    for key, learned in quantizer_ranges(student).items():
+        start = (student.calibrated_ranges or {}).get(key)
+        if start is None:
+            continue
+        learned = learned.cpu()
+        conv, quantizer = key.removesuffix("_quantizer._amax").rsplit(".", 1)
+        live = start.flatten() > 0
+        ratio = learned.flatten()[live] / start.flatten()[live]
+        rows.append(
+            {
+                "conv": conv,
+                "quantizer": quantizer,
+                "calibrated": float(start.median()),
+                "learned": float(learned.median()),
+                "ratio": float(ratio.median()) if live.any() else math.nan,
+                "ratio_min": float(ratio.min()) if live.any() else math.nan,
+                "ratio_max": float(ratio.max()) if live.any() else math.nan,
+            }
+        )
+    return rows
 
 
 def is_qat_model(model: nn.Module) -> bool:

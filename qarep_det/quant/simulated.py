@@ -18,8 +18,9 @@ fails, so ``fake_quant_impl`` raises ``AttributeError`` and ``FakeTensorQuantFun
 fallback, ``_tensor_quant``: the very pure-torch code that runs on the CPU. So CPU and CUDA run one quantization code
 path (unit-tested on the CPU by posing as CUDA), with no nvcc needed. Nothing is lost in numerics: the kernel
 (``kernels/quantization/gemm/tensor_quant_gpu.cu``, ``fake_tensor_quant_device``) computes the same float32 steps:
-``scale = bound / amax``, round half to even (``rint``), clamp to [-127, 127], divide by ``scale``, 0 where amax is
-below 2**-24 (the torch code: at or below). The cost is speed only: about six elementwise kernels and a few host syncs
+``scale = bound / amax``, round half to even (``rint``), clamp to [-128, 127] (ModelOpt's ``narrow_range`` is off
+by default, and its ONNX export refuses a signed narrow range), divide by ``scale``, 0 where amax is below 2**-24
+(the torch code: at or below). The cost is speed only: about six elementwise kernels and a few host syncs
 per quantizer call instead of one fused kernel, in a model whose latency is a simulation's anyway. A process that
 already loaded the extension (``get_cuda_ext()`` before us) keeps it.
 
