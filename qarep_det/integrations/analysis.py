@@ -239,8 +239,7 @@ class _Walk:
             raise ValueError("the analysis saw no images: pass a re-iterable calibration set (it is walked twice)")
 
     def ranking(self) -> list[str]:
-        """Most harmful alone first: the isolated figure, ascending."""
-        return sorted(self.errors, key=lambda n: detection_noise(self.errors[n].boxes, self.errors[n].scores))
+        return rank_by_noise({name: (e.boxes, e.scores) for name, e in self.errors.items()})
 
 
 def analyze(
@@ -290,6 +289,30 @@ def analyze(
     )
 
 
+def isolated_noise(
+    fused: nn.Module,
+    qmodel: nn.Module,
+    images: Sequence[torch.Tensor],
+    recipe: QuantRecipe,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> dict[str, tuple[NoisePower, NoisePower]]:
+    """Each quantized conv's isolated box and score noise over ``images`` (the figures :func:`analyze` ranks by,
+    computed by the same passes, bit for bit, without the cumulative ones), with ``qmodel`` the fully INT8 model
+    ``quantize_torch(fused, ..., recipe)`` already calibrated (e.g. the one ptq_eval's torch backend uses)."""
+    names = quantized_conv_names(fused, recipe)
+    qmodel = _out_of_place(copy.deepcopy(qmodel).to(device, memory_format=FAST_LAYOUT))  # the caller's stays as is
+    walk = _Walk.of(fused, qmodel, names, device)
+    for x, bar in walk.batches(images, device, progress):
+        _isolated(walk.graph, walk.graph.forward(x), qmodel, walk.qconvs, walk.errors, bar)
+    return {name: (e.boxes, e.scores) for name, e in walk.errors.items()}
+
+
+def rank_by_noise(noise: dict[str, tuple[NoisePower, NoisePower]]) -> list[str]:
+    """Most harmful alone first: the isolated figure (:func:`detection_noise`), ascending; ties keep model order."""
+    return sorted(noise, key=lambda name: detection_noise(*noise[name]))
+
+
 def sensitivity_ranking(
     fused: nn.Module,
     qmodel: nn.Module,
@@ -298,15 +321,9 @@ def sensitivity_ranking(
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> list[str]:
-    """The quantized convs, most harmful alone first: :func:`analyze`'s ``ranking`` (the same isolated passes,
-    bit for bit) without the cumulative figures, on ``qmodel``, the fully INT8 model ``quantize_torch(fused, ...,
-    recipe)`` already calibrated (e.g. the one ptq_eval's torch backend uses), over ``images``."""
-    names = quantized_conv_names(fused, recipe)
-    qmodel = _out_of_place(copy.deepcopy(qmodel).to(device, memory_format=FAST_LAYOUT))  # the caller's stays as is
-    walk = _Walk.of(fused, qmodel, names, device)
-    for x, bar in walk.batches(images, device, progress):
-        _isolated(walk.graph, walk.graph.forward(x), qmodel, walk.qconvs, walk.errors, bar)
-    return walk.ranking()
+    """The quantized convs, most harmful alone first: :func:`analyze`'s ``ranking`` on ``images``, from
+    :func:`isolated_noise`."""
+    return rank_by_noise(isolated_noise(fused, qmodel, images, recipe, device, progress))
 
 
 def keep_most_sensitive(
