@@ -230,16 +230,6 @@ def _openvino_int8(job: _Job) -> tuple[Runner, dict]:
 QUANTIZERS = {"torch": _torch_int8, "openvino": _openvino_int8, "onnxruntime": _onnxruntime_int8}
 
 
-def _ranking(fused: nn.Module, calib: CalibrationSet, settings: PTQSettings, progress: bool) -> tuple[nn.Module, list]:
-    """The simulated model calibrated once on every calibration image, and the sensitivity ranking on the first
-    ``ranked_images`` of them."""
-    from qarep_det.quant.simulated import quantize_torch
-
-    calibrated = quantize_torch(fused, calib, settings.recipe, settings.device)
-    images = first_images(calib, settings.ranked_images)
-    return calibrated, sensitivity_ranking(fused, calibrated, images, settings.recipe, settings.device, progress)
-
-
 def evaluate_checkpoint(
     weights: Path,
     settings: PTQSettings,
@@ -257,12 +247,20 @@ def evaluate_checkpoint(
     protocol = EvalProtocol(imgsz=settings.imgsz)
     evaluate = dict(ground_truth=ground_truth, protocol=protocol, batch=settings.batch, progress=progress)
     fp32 = evaluate_runner(torch_runner(fused, settings.device), out_json=out_dir / f"{name}_fp32.json", **evaluate)
-    calibrated, ranking, rank_s, max_drop = None, [], 0.0, settings.max_drop
+    calibrated, ranking, ranked, max_drop = None, [], {}, settings.max_drop
     if student is None:
-        if settings.ranks:
+        if settings.ranks:  # the simulated model calibrated once on every calibration image, ranked on the first M
+            from qarep_det.quant.simulated import quantize_torch
+
             start = time.perf_counter()
-            calibrated, ranking = _ranking(fused, calib, settings, progress)
-            rank_s = time.perf_counter() - start  # calibration of the torch model (shared by every use) and ranking
+            calibrated = quantize_torch(fused, calib, settings.recipe, settings.device)
+            ranked["calibrate_s"] = time.perf_counter() - start
+            images = first_images(calib, settings.ranked_images)
+            ranking = sensitivity_ranking(fused, calibrated, images, settings.recipe, settings.device, progress)
+            ranked |= {
+                "rank_images": settings.ranked_images,
+                "rank_s": time.perf_counter() - start - ranked["calibrate_s"],
+            }
         keep = tuple(ranking[: settings.keep_float])  # the recipe from here on names its float convs itself
         settings = replace(settings, keep_float=0, max_drop=None, recipe=replace(settings.recipe, float_layers=keep))
         calib_images = None  # the images the calibration could read, known once it ran
@@ -290,8 +288,7 @@ def evaluate_checkpoint(
                 )  # fmt: skip
                 backend_job = job.with_float(ranking[: search.chosen.k], stem.with_name(f"{name}_{backend}"))
                 extra["search_s"] = time.perf_counter() - start + fp32_tune_s  # with the FP32 evaluation, shared
-            if ranking:
-                extra |= {"rank_images": settings.ranked_images, "rank_s": rank_s}
+            extra |= ranked
             start = time.perf_counter()
             int8_runner, quantized = QUANTIZERS[backend](backend_job)
             extra |= quantized
