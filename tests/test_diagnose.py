@@ -25,13 +25,14 @@ from ultralytics.nn.tasks import DetectionModel
 
 from qarep_det import reparameterize_model
 from qarep_det.data.synthetic import make_dataset
-from qarep_det.integrations.analysis import analyze, enclosing_block
+from qarep_det.integrations.analysis import analyze, enclosing_block, sensitivity_ranking
 from qarep_det.integrations.checkpoint import load_detector, save_fused
 from qarep_det.integrations.restartable import RestartableForward
-from qarep_det.quant.calibration import calibration_set
+from qarep_det.quant.calibration import calibration_set, first_images
 from qarep_det.quant.planted import plant_outlier
 from qarep_det.quant.recipe import QuantRecipe
 from qarep_det.quant.scope import quantized_conv_names
+from qarep_det.quant.simulated import quantize_torch
 
 ROOT = Path(__file__).resolve().parents[1]
 IMGSZ = 64
@@ -140,6 +141,20 @@ def test_analysis_rows_follow_the_recipe(fused, calib, baseline):
     smaller = analyze(fused, calib, recipe, progress=False)
     assert [r.name for r in smaller.layers] == quantized_conv_names(fused, recipe)
     assert not any(r.name.startswith("model.24.") or r.name == "model.8.1.conv" for r in smaller.layers)
+
+
+def test_ranking_alone_is_the_analysis_ranking_on_the_first_images(fused, calib, baseline):
+    """--rank-images M: calibration sees every image, the per-conv passes the first M; ptq_eval's ranking (one
+    calibration shared with the torch backend, no cumulative figures) is diagnose's, bit for bit."""
+    recipe = QuantRecipe(calib_images=8)
+    partial = analyze(fused, calib, recipe, progress=False, rank_images=4)
+    assert partial.images == 4
+    assert [r.act_amax for r in partial.layers] == [r.act_amax for r in baseline.layers]  # calibrated on all 8
+    qmodel = quantize_torch(fused, calib, recipe)
+    assert sensitivity_ranking(fused, qmodel, first_images(calib, 4), recipe, progress=False) == partial.ranking
+    assert sensitivity_ranking(fused, qmodel, calib, recipe, progress=False) == baseline.ranking
+    batches = [torch.zeros(4, 3, 8, 8), torch.ones(4, 3, 8, 8)]
+    assert [b.shape[0] for b in first_images(batches, 6)] == [4, 2] and first_images(batches, None) is batches
 
 
 def test_planted_outlier_is_exact_in_fp32_and_ranked_first_by_both_metrics(fused, calib, images, baseline, planted):

@@ -152,6 +152,17 @@ def test_ptq_eval_all_backends_is_offline(audit: Path, data: Path, weights: Path
     assert not attempts, "\n".join(attempts[:3])
 
 
+def test_ptq_eval_max_drop_is_offline(audit: Path, data: Path, weights: Path, tmp_path: Path) -> None:
+    """--max-drop's path: the tuning set, the search's OpenVINO candidates, the trade-off plot."""
+    attempts = run_audited(
+        audit, tmp_path, "ptq_eval.py", "--weights", str(weights), "--data", str(data), "--imgsz", "64",
+        "--calib-images", "2", "--tune-images", "2", "--batch", "2", "--backend", "openvino", "--max-drop", "0.3",
+        "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert not attempts, "\n".join(attempts[:3])
+    assert (tmp_path / "out" / "max_drop.png").is_file()
+
+
 def test_benchmark_int8_is_offline(audit: Path, data: Path, tmp_path: Path) -> None:
     attempts = run_audited(
         audit, tmp_path, "benchmark.py", "int8", "--cfg", str(ROOT / "model_yamls/yolo_qarep_n.yaml"),

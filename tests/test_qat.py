@@ -345,8 +345,9 @@ def test_ptq_eval_scores_the_student_with_its_learned_scales_in_every_artefact(
 def test_ptq_eval_and_diagnose_refuse_what_does_not_apply_to_a_qat_checkpoint(qat_run: Path, dataset: Path) -> None:
     weights = [qat_run / "weights" / "best.pt"]
     settings = PTQSettings(dataset, QuantRecipe(calib_images=1), keep_float=1, imgsz=64)
-    with pytest.raises(ValueError, match="is a QAT checkpoint"):
-        run_ptq_eval(weights, settings, "unused", progress=False)
+    for refused in (settings, replace(settings, keep_float=0, max_drop=0.3)):
+        with pytest.raises(ValueError, match="is a QAT checkpoint"):
+            run_ptq_eval(weights, refused, "unused", progress=False)
     with pytest.raises(ValueError, match="is a QAT checkpoint"):
         run_diagnose(weights, DiagnoseSettings(dataset, imgsz=64), "unused", progress=False)
 

@@ -46,8 +46,9 @@ def add_recipe_args(parser: argparse.ArgumentParser, calib_images: int | None, c
     parser.add_argument("--seed", type=int, default=0, help="calibration image draw")
 
 
-def add_partial_args(parser: argparse.ArgumentParser) -> None:
-    """``--keep-float K`` or ``--keep-float-layers NAME ...``: partial quantization, as ptq_eval and qat take it."""
+def add_partial_args(parser: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
+    """``--keep-float K`` or ``--keep-float-layers NAME ...``: partial quantization, as ptq_eval and qat take it.
+    Returns their group, so a tool can add another way to choose the float convs that excludes both."""
     partial = parser.add_mutually_exclusive_group()
     partial.add_argument(
         "--keep-float",
@@ -63,6 +64,18 @@ def add_partial_args(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME",
         help="keep these convs float (module paths of the fused model, e.g. model.8.1.conv, as diagnose lists them)",
+    )
+    return partial
+
+
+def add_rank_args(parser: argparse.ArgumentParser, default_help: str) -> None:
+    """``--rank-images M``: the images of the calibration draw the per-conv analysis runs on (ptq_eval, diagnose)."""
+    parser.add_argument(
+        "--rank-images",
+        type=int,
+        metavar="M",
+        help=f"analyse each conv's INT8 sensitivity on the first M images of the calibration draw (a seeded subset; "
+        f"calibration still uses all); at most --calib-images (default: {default_help})",
     )
 
 

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from qarep_det.cli.common import add_recipe_args, recipe_from_args, tool_parser
+from qarep_det.cli.common import add_rank_args, add_recipe_args, recipe_from_args, tool_parser
 from qarep_det.device import torch_device
 from qarep_det.eval.diagnose import DiagnoseSettings, run_diagnose
 
@@ -27,6 +27,7 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     parser.add_argument("--data", type=Path, required=True, help="dataset YAML; calibration images come from train")
     parser.add_argument("--imgsz", type=int, default=640, help="square letterbox size")
     add_recipe_args(parser, 64, "calibration images from the train split (also the analysed ones)")
+    add_rank_args(parser, "all of them")
     parser.add_argument("--device", default="cpu", help="torch device: cpu or a CUDA index such as 0")
     parser.add_argument("--batch", type=int, default=8, help="images per forward pass")
     parser.add_argument(
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     out = Path(increment_path(args.out, exist_ok=args.exist_ok))
     try:
         recipe = recipe_from_args(args)
-        settings = DiagnoseSettings(args.data, recipe, args.imgsz, args.batch, str(torch_device(args.device)))
+        device = str(torch_device(args.device))
+        settings = DiagnoseSettings(args.data, recipe, args.imgsz, args.batch, device, args.rank_images)
         report, files = run_diagnose(args.weights, settings, out, overwrite=args.exist_ok)
     except (FileNotFoundError, FileExistsError, ValueError, ImportError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from qarep_det.cli.common import add_partial_args, add_recipe_args, recipe_from_args, tool_parser
+from qarep_det.cli.common import add_partial_args, add_rank_args, add_recipe_args, recipe_from_args, tool_parser
 from qarep_det.cli.demo import DemoSettings, check_demo, run_demo
 from qarep_det.device import torch_device
 from qarep_det.eval.protocol import EvalProtocol
-from qarep_det.eval.ptq import BACKENDS, PTQSettings, run_ptq_eval
+from qarep_det.eval.ptq import BACKENDS, RANK_IMAGES, TUNE_IMAGES, PTQSettings, run_ptq_eval
 from qarep_det.eval.table import format_console
 
 DEMO = DemoSettings()
@@ -35,7 +35,25 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     parser.add_argument("--data", type=Path, help="dataset YAML with train and val splits; none: run the demo")
     parser.add_argument("--imgsz", type=int, help=f"square letterbox size (default 640, demo {DEMO.imgsz})")
     add_recipe_args(parser, None, f"calibration images from the train split (default 512, demo {DEMO.calib_images})")
-    add_partial_args(parser)
+    partial = add_partial_args(parser)
+    partial.add_argument(
+        "--max-drop",
+        type=float,
+        metavar="D",
+        help="keep the fewest convs float, in ranking order, for an INT8 mAP50-95 drop of at most D points on the "
+        "tuning set, per model and backend (a bisection over K: at most 2 + ceil(log2(convs)) tuning evaluations). "
+        "The tuning set is never the scored val split, whose drop would then be optimistic, nor a calibration image",
+    )
+    parser.add_argument(
+        "--tune-images",
+        type=int,
+        default=TUNE_IMAGES,
+        metavar="N",
+        help="--max-drop's tuning set: N images of --tune-split that are neither calibration nor val images, the "
+        "continuation of the calibration draw's seeded shuffle for train, scored against their YOLO labels",
+    )
+    parser.add_argument("--tune-split", default="train", help="split of the data YAML to draw the tuning images from")
+    add_rank_args(parser, f"{RANK_IMAGES}, or all if fewer are calibrated")
     parser.add_argument(
         "--backend",
         nargs="+",
@@ -78,6 +96,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             instances_json=args.instances_json,
             overwrite=args.exist_ok,
             keep_float=args.keep_float,
+            max_drop=args.max_drop,
+            tune_images=args.tune_images,
+            tune_split=args.tune_split,
+            rank_images=args.rank_images,
         )
         weights = args.weights
         if demo:
@@ -94,5 +116,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(format_console(rows, EvalProtocol(imgsz=imgsz)))
-    print(f"results: {json_path}, {md_path}")
+    plot = json_path.with_name("max_drop.png")
+    print(f"results: {json_path}, {md_path}" + (f"; trade-off plot: {plot}" if args.max_drop is not None else ""))
     return 0

@@ -51,10 +51,16 @@ class DiagnoseSettings:
     imgsz: int = 640
     batch: int = 8
     device: str = "cpu"
+    rank_images: int | None = None  # analyse the first M calibration images only (None: all of them)
 
     def __post_init__(self) -> None:
         check_imgsz(self.imgsz)
         check_count("batch", self.batch)
+        if self.rank_images is not None and check_count("rank_images", self.rank_images) > self.recipe.calib_images:
+            raise ValueError(
+                f"rank_images ({self.rank_images}) cannot exceed calib_images ({self.recipe.calib_images}): the "
+                "analysed images are the first of the calibration draw"
+            )
 
 
 def json_float(value: float) -> float | None:
@@ -73,7 +79,7 @@ def diagnose_checkpoint(
     """The report entry of one checkpoint (``model``: as loaded from ``weights``)."""
     scales = bn_scales(model)  # the training form: fusion removes every BN
     fused = reparameterize_model(model)
-    result = analyze(fused, calib, settings.recipe, settings.device, progress)
+    result = analyze(fused, calib, settings.recipe, settings.device, progress, settings.rank_images)
     return {
         "model": model_name(weights),
         "weights": str(weights),

@@ -1,9 +1,9 @@
-"""Diagnosis report (``report.json``'s dict) -> PNG plots; nothing here measures anything.
+"""Diagnosis report (``report.json``'s dict) and ``--max-drop`` rows -> PNG plots; nothing here measures anything.
 
-Four figures, each comparing every model of the report on one axis (layers are matched by name, in the first
-model's order, so twins such as yolo_qarep_s / yolo_repvgg_s line up bar by bar): the isolated output SQNR per
-conv, the cumulative SQNR along the depth, the fused weights' max/median per conv, and the BN scale factors of the
-training form per block and branch. Matplotlib's object API with the Agg canvas: no pyplot state, no display.
+The diagnosis gets four figures, each comparing every model of the report on one axis (layers are matched by name,
+in the first model's order, so twins such as yolo_qarep_s / yolo_repvgg_s line up bar by bar): the isolated output
+SQNR per conv, the cumulative SQNR along the depth, the fused weights' max/median per conv, and the BN scale factors
+of the training form per block and branch. Matplotlib's object API with the Agg canvas: no pyplot state, no display.
 """
 
 from __future__ import annotations
@@ -155,3 +155,47 @@ def save_plots(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
         plot_bn_scales(models, out_dir / "bn_scales.png"),
     ]
     return [p for p in paths if p is not None]
+
+
+def plot_max_drop(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """``ptq_eval --max-drop``'s trade-off, one panel per model: the tuning mAP50-95 of every K each backend's search
+    evaluated (the K chosen ringed, the target FP32 - D dashed), and on a second axis the OpenVINO INT8 ms per image
+    of the same candidates, measured on the tuning batches (what keeping convs float costs on the real INT8 CPU
+    backend)."""
+    models = list(dict.fromkeys(row["model"] for row in rows))
+    fig = Figure(figsize=(8.0, 1.2 + 3.8 * len(models)), layout="constrained")
+    axes = fig.subplots(len(models), 1, squeeze=False)[:, 0]
+    for ax, model in zip(axes, models, strict=True):
+        model_rows = [r for r in rows if r["model"] == model]
+        for k, row in enumerate(model_rows):
+            steps = sorted(row["tune_steps"], key=lambda s: s["k"])
+            ks = [s["k"] for s in steps]
+            ax.plot(ks, [s["tune_map50_95"] for s in steps], "-o", color=f"C{k}", markersize=4,
+                    label=f"{row['backend']}: tuning mAP50-95, K = {len(row['float_layers'])} chosen")  # fmt: skip
+            chosen = len(row["float_layers"])
+            ax.plot(chosen, row["int8_tune_map50_95"], "o", markersize=12, markerfacecolor="none", color=f"C{k}")
+        first = model_rows[0]
+        ax.axhline(first["fp32_tune_map50_95"] - first["max_drop"], color="gray", linestyle="--",
+                   label=f"target: FP32 {first['fp32_tune_map50_95']:.2f} - {first['max_drop']:g}")  # fmt: skip
+        ax.set_xlabel("K: convs kept float, first K of the sensitivity ranking")
+        ax.set_ylabel("tuning mAP50-95 (%)")
+        ax.grid(alpha=0.3)
+        title = f"{model}: {first['tune_images']} tuning images"
+        if openvino := next((r for r in model_rows if r["backend"] == "openvino"), None):
+            steps = sorted(openvino["tune_steps"], key=lambda s: s["k"])
+            latency = ax.twinx()
+            latency.plot([s["k"] for s in steps], [s["int8_ms"] for s in steps], ":s", color="black", markersize=3,
+                         label="OpenVINO INT8 ms per image (right axis)")  # fmt: skip
+            latency.axhline(openvino["fp32_ms"], color="black", linestyle="-.", linewidth=0.8,
+                            label="OpenVINO FP32 ms per image, val batches (right axis)")  # fmt: skip
+            latency.set_ylabel("OpenVINO INT8 ms per image\n(median over tuning batches)")
+            handles, labels = latency.get_legend_handles_labels()
+        else:
+            handles, labels = [], []
+            title += " (latency: add --backend openvino)"
+        ax.set_title(title, fontsize=10)
+        h, lab = ax.get_legend_handles_labels()
+        ax.legend(h + handles, lab + labels, fontsize=7, loc="lower right")
+    fig.suptitle("ptq_eval --max-drop: tuning mAP and INT8 latency against the convs kept float")
+    fig.savefig(path, dpi=110)
+    return path

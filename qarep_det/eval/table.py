@@ -33,7 +33,17 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("fp32_ms", "FP32 ms"),
     ("int8_ms", "INT8 ms"),
 )
-TWO_DECIMALS = {"fp32_map50_95", "int8_map50_95", "drop", "fp32_map50", "int8_map50", "fp32_ms", "int8_ms"}
+# --max-drop rows add these to the console table (results.md shows every key anyway)
+MAX_DROP_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("max_drop", "max drop"),
+    ("tune_drop", "tune drop"),
+    ("shortfall", "short by"),  # 0 when the tuning drop met max drop; else how far above it the kept K is
+    ("tune_evals", "tune evals"),
+)
+TWO_DECIMALS = {
+    "fp32_map50_95", "int8_map50_95", "drop", "fp32_map50", "int8_map50", "fp32_ms", "int8_ms", "tune_drop",
+    "shortfall", "fp32_tune_map50_95", "int8_tune_map50_95",
+}  # fmt: skip
 PROTOCOL_KEY = "protocol"  # a row's protocol is a footnote, not a column: it is one long line
 
 
@@ -86,10 +96,11 @@ def _footnotes(rows: Sequence[dict[str, Any]], protocol: EvalProtocol | str | No
 
 
 def format_console(rows: Sequence[dict[str, Any]], protocol: EvalProtocol | str | None = None) -> str:
-    """Fixed-width text table of the standard columns, numbers right-aligned; extra keys (paths, sizes, timings)
-    would make it too wide for a terminal, so they are left to results.json and results.md."""
+    """Fixed-width text table of the standard columns (and --max-drop's, when a row has them), numbers
+    right-aligned; other extra keys (paths, sizes, timings) would make it too wide for a terminal, so they are left
+    to results.json and results.md."""
     rows = normalize_rows(rows)
-    columns = list(COLUMNS)
+    columns = [*COLUMNS, *(c for c in MAX_DROP_COLUMNS if any(c[0] in row for row in rows))]
     cells = [[_cell(k, row.get(k)) for k, _ in columns] for row in rows]
     widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, (_, h) in enumerate(columns)]
     numeric = [all(isinstance(row.get(k), (int, float)) or row.get(k) is None for row in rows) for k, _ in columns]

@@ -22,7 +22,10 @@ Every SQNR sums signal and noise over all images before dividing. ``ranking`` or
 Speed: batches outside, convs inside. Per batch one FP32 pass keeps every node's output
 (:class:`RestartableForward`), one fully INT8 pass gives the cumulative figures, and each conv's isolated pass
 recomputes only what lies downstream of it, with that conv's quantizers toggled on in one quantized copy (never
-re-quantized): about 17 full passes per batch for yolo_qarep_s instead of 59.
+re-quantized): about 17 full passes per batch for yolo_qarep_s instead of 59. The ranking alone
+(:func:`sensitivity_ranking`, what ``--keep-float`` and ``--max-drop`` need) skips the cumulative figures, takes a
+model already calibrated, and may run on a prefix of the calibration draw (``rank_images``): calibration always
+sees every calibration image, the per-conv passes only the images ranked.
 
 It lives in ``integrations/`` because the restartable forward re-walks Ultralytics' graph, and because QAT's
 ``--keep-float`` (an integration with Ultralytics' trainer) ranks with it too. BN scales, the paper's mechanism,
@@ -43,7 +46,7 @@ from tqdm import tqdm
 
 from qarep_det.integrations.restartable import ForwardCache, RestartableForward
 from qarep_det.nn import Reparameterizable
-from qarep_det.quant.calibration import CalibrationSet
+from qarep_det.quant.calibration import CalibrationSet, first_images
 from qarep_det.quant.diagnostics import NoisePower, db, max_to_median, weight_sqnr_db
 from qarep_det.quant.recipe import QuantRecipe
 from qarep_det.quant.runner import first_output
@@ -199,50 +202,81 @@ def _isolated(
             _set_quantizers(conv, True)
 
 
+@dataclass
+class _Walk:
+    """What both the full analysis and the ranking alone set up: the FP32 copy in the fast layout, its restartable
+    graph, the convs by name in it and in the quantized model, and one accumulator per conv."""
+
+    graph: RestartableForward
+    convs: dict[str, nn.Module]
+    qconvs: dict[str, nn.Module]
+    errors: dict[str, _Errors]
+
+    @classmethod
+    def of(cls, fused: nn.Module, qmodel: nn.Module, names: Sequence[str], device: str | torch.device) -> _Walk:
+        fused = _out_of_place(copy.deepcopy(fused).to(device, memory_format=FAST_LAYOUT).eval())
+        return cls(
+            RestartableForward(fused),
+            {n: fused.get_submodule(n) for n in names},
+            {n: qmodel.get_submodule(n) for n in names},
+            {n: _Errors() for n in names},
+        )
+
+    def batches(
+        self, images: Sequence[torch.Tensor], device: str | torch.device, progress: bool
+    ) -> Iterator[tuple[torch.Tensor, tqdm]]:
+        """The images as fast-layout batches, with the conv-pass progress bar; raises if there were none."""
+        bar = tqdm(total=len(images) * len(self.convs), desc="per-conv INT8 sensitivity", unit="conv",
+                   disable=not progress)  # fmt: skip
+        if isinstance(images, CalibrationSet):  # its own bar would say "calibrating"; ours counts the analysis
+            images = replace(images, progress=False)
+        seen = 0
+        with torch.no_grad(), bar:
+            for batch in images:
+                seen += batch.shape[0]
+                yield batch.to(device, torch.float32).contiguous(memory_format=FAST_LAYOUT), bar
+        if seen == 0:
+            raise ValueError("the analysis saw no images: pass a re-iterable calibration set (it is walked twice)")
+
+    def ranking(self) -> list[str]:
+        return rank_by_noise({name: (e.boxes, e.scores) for name, e in self.errors.items()})
+
+
 def analyze(
     fused: nn.Module,
     calib: Sequence[torch.Tensor],
     recipe: QuantRecipe | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    rank_images: int | None = None,
 ) -> ModelAnalysis:
     """Per-conv INT8 error analysis of a fused detector on the calibration batches (see the module docstring).
 
-    ``calib`` must be re-iterable (a ``CalibrationSet`` or a list): it calibrates first, then is walked once more.
-    ``fused`` itself is not modified.
+    ``calib`` must be re-iterable (a ``CalibrationSet`` or a list): it calibrates first, then its first
+    ``rank_images`` images (default: all) are walked once more. ``fused`` itself is not modified.
     """
     recipe = recipe or QuantRecipe()
     start = time.perf_counter()
     names = quantized_conv_names(fused, recipe)
     qmodel = _out_of_place(quantize_torch(fused, calib, recipe, device).to(memory_format=FAST_LAYOUT))
     calibrate_s = time.perf_counter() - start
-    fused = _out_of_place(copy.deepcopy(fused).to(device, memory_format=FAST_LAYOUT).eval())
-    graph = RestartableForward(fused)
-    convs = {n: fused.get_submodule(n) for n in names}
-    qconvs = {n: qmodel.get_submodule(n) for n in names}
-    errors = {n: _Errors() for n in names}
+    walk = _Walk.of(fused, qmodel, names, device)
+    convs, qconvs, errors = walk.convs, walk.qconvs, walk.errors
     out_boxes, out_scores = NoisePower(), NoisePower()
     images = 0
-    bar = tqdm(total=len(calib) * len(names), desc="per-conv INT8 sensitivity", unit="conv", disable=not progress)
-    if isinstance(calib, CalibrationSet):  # its own bar would say "calibrating"; ours counts the analysis
-        calib = replace(calib, progress=False)
-    with torch.no_grad(), bar:
-        for batch in calib:
-            x = batch.to(device, torch.float32).contiguous(memory_format=FAST_LAYOUT)
-            images += x.shape[0]
-            inputs, outputs = {}, {}
-            with _recording(convs, inputs, outputs):
-                cache = graph.forward(x)
-            with _comparing(qconvs, convs, inputs, outputs, errors):
-                _add_detection(out_boxes, out_scores, cache.output, first_output(qmodel(x)))
-            del outputs
-            _isolated(graph, cache, qmodel, qconvs, errors, bar)
-    if images == 0:
-        raise ValueError("the analysis saw no images: pass a re-iterable calibration set (it is walked twice)")
-    layers = [_layer(fused, n, qconvs[n], errors[n]) for n in names]
+    for x, bar in walk.batches(first_images(calib, rank_images), device, progress):
+        images += x.shape[0]
+        inputs, outputs = {}, {}
+        with _recording(convs, inputs, outputs):
+            cache = walk.graph.forward(x)
+        with _comparing(qconvs, convs, inputs, outputs, errors):
+            _add_detection(out_boxes, out_scores, cache.output, first_output(qmodel(x)))
+        del outputs
+        _isolated(walk.graph, cache, qmodel, qconvs, errors, bar)
+    layers = [_layer(walk.graph.model, n, qconvs[n], errors[n]) for n in names]
     return ModelAnalysis(
         layers=layers,
-        ranking=[r.name for r in sorted(layers, key=lambda r: r.isolated_sqnr_db)],
+        ranking=walk.ranking(),
         cumulative_ranking=[r.name for r in sorted(layers, key=lambda r: r.cumulative_added_sqnr_db)],
         int8_output_sqnr_db={
             "boxes": out_boxes.sqnr_db,
@@ -253,6 +287,43 @@ def analyze(
         calibrate_s=calibrate_s,
         analyze_s=time.perf_counter() - start - calibrate_s,
     )
+
+
+def isolated_noise(
+    fused: nn.Module,
+    qmodel: nn.Module,
+    images: Sequence[torch.Tensor],
+    recipe: QuantRecipe,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> dict[str, tuple[NoisePower, NoisePower]]:
+    """Each quantized conv's isolated box and score noise over ``images`` (the figures :func:`analyze` ranks by,
+    computed by the same passes, bit for bit, without the cumulative ones), with ``qmodel`` the fully INT8 model
+    ``quantize_torch(fused, ..., recipe)`` already calibrated (e.g. the one ptq_eval's torch backend uses)."""
+    names = quantized_conv_names(fused, recipe)
+    qmodel = _out_of_place(copy.deepcopy(qmodel).to(device, memory_format=FAST_LAYOUT))  # the caller's stays as is
+    walk = _Walk.of(fused, qmodel, names, device)
+    for x, bar in walk.batches(images, device, progress):
+        _isolated(walk.graph, walk.graph.forward(x), qmodel, walk.qconvs, walk.errors, bar)
+    return {name: (e.boxes, e.scores) for name, e in walk.errors.items()}
+
+
+def rank_by_noise(noise: dict[str, tuple[NoisePower, NoisePower]]) -> list[str]:
+    """Most harmful alone first: the isolated figure (:func:`detection_noise`), ascending; ties keep model order."""
+    return sorted(noise, key=lambda name: detection_noise(*noise[name]))
+
+
+def sensitivity_ranking(
+    fused: nn.Module,
+    qmodel: nn.Module,
+    images: Sequence[torch.Tensor],
+    recipe: QuantRecipe,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> list[str]:
+    """The quantized convs, most harmful alone first: :func:`analyze`'s ``ranking`` on ``images``, from
+    :func:`isolated_noise`."""
+    return rank_by_noise(isolated_noise(fused, qmodel, images, recipe, device, progress))
 
 
 def keep_most_sensitive(
@@ -267,7 +338,8 @@ def keep_most_sensitive(
     ``calib``, which diagnose reports) added to its float layers; ``recipe`` itself for 0."""
     if not keep_float:
         return recipe
-    ranking = analyze(fused, calib, recipe, device, progress).ranking
+    qmodel = quantize_torch(fused, calib, recipe, device)
+    ranking = sensitivity_ranking(fused, qmodel, calib, recipe, device, progress)
     return replace(recipe, float_layers=recipe.float_layers + tuple(ranking[:keep_float]))
 
 

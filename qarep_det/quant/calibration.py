@@ -12,13 +12,14 @@ from __future__ import annotations
 import random
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from qarep_det.checks import check_count
 from qarep_det.data.dataset import resolve_dataset
 from qarep_det.data.images import list_images, load_letterboxed
 
@@ -100,3 +101,21 @@ def calibration_set(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     paths = draw_calibration_images(train_images(data), n, seed)
     return CalibrationSet(tuple(paths), imgsz, batch_size=batch_size, progress=progress)
+
+
+def first_images(batches: Sequence[torch.Tensor], n: int | None) -> Sequence[torch.Tensor]:
+    """The first ``n`` images of a calibration set (all for None), as a set of the same kind: a ``CalibrationSet``
+    of its first ``n`` paths, or a list of batches cut at ``n`` images. The draw is a seeded shuffle, so its first
+    ``n`` are a seeded random subset, the same whatever the set's size."""
+    if n is None:
+        return batches
+    check_count("number of images", n)
+    if isinstance(batches, CalibrationSet):
+        return replace(batches, paths=batches.paths[:n])
+    out, left = [], n
+    for batch in batches:
+        if left <= 0:
+            break
+        out.append(batch[:left])
+        left -= out[-1].shape[0]
+    return out

@@ -33,6 +33,7 @@ OpenVINO model is one weight bit coarser than the reference (weight codes in [-6
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import warnings
@@ -130,7 +131,7 @@ def _range_estimator(recipe: QuantRecipe):
     )
 
 
-class _SingleImages:
+class SingleImages:
     """Re-iterable view of calibration batches as single ``(1, 3, H, W)`` numpy images, so NNCF counts images."""
 
     def __init__(self, batches: Iterable[torch.Tensor]) -> None:
@@ -170,6 +171,44 @@ def cpu_has_vnni() -> bool:
     return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
+def nncf_arguments(
+    model: nn.Module, ov_model: ov.Model, recipe: QuantRecipe, overflow_fix: bool | None = None
+) -> tuple[dict, object]:
+    """The recipe as NNCF arguments (see module docstring): the keywords ``nncf.quantize`` and
+    ``nncf.quantize_with_accuracy_control`` share (preset, subset size, ignored scope), and the advanced parameters
+    (bias correction off, the overflow fix, the range estimator), which the two take under different names.
+    ``overflow_fix=None`` decides by the CPU: 7-bit weights without VNNI, 8-bit with it."""
+    _, nncf = _require()
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
+    range_estimator = _range_estimator(recipe)  # fail on an unsupported method before anything else
+    if overflow_fix is None:
+        overflow_fix = not cpu_has_vnni()
+    advanced = AdvancedQuantizationParameters(
+        disable_bias_correction=True,
+        overflow_fix=OverflowFix.ENABLE if overflow_fix else OverflowFix.DISABLE,
+        activations_range_estimator_params=range_estimator,
+    )
+    shared = {
+        "preset": nncf.QuantizationPreset.PERFORMANCE,
+        "subset_size": recipe.calib_images,
+        "ignored_scope": ignored_scope(model, ov_model, recipe),
+    }
+    return shared, advanced
+
+
+@contextlib.contextmanager
+def nncf_quiet() -> Iterator[None]:
+    """NNCF logs one INFO line per op it leaves unquantized: hundreds here. Warnings stay."""
+    nncf_logger = logging.getLogger("nncf")
+    level = nncf_logger.level
+    nncf_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        nncf_logger.setLevel(level)
+
+
 def quantize_openvino(
     model: nn.Module,
     batches: Iterable[torch.Tensor],
@@ -187,31 +226,11 @@ def quantize_openvino(
     """
     recipe = recipe or QuantRecipe()
     _, nncf = _require()
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
-
-    range_estimator = _range_estimator(recipe)  # fail on an unsupported method before converting anything
-    if overflow_fix is None:
-        overflow_fix = not cpu_has_vnni()
+    _range_estimator(recipe)  # fail on an unsupported method before converting anything
     ov_model = fp32.clone() if fp32 is not None else convert_openvino(model, imgsz)
-    advanced = AdvancedQuantizationParameters(
-        disable_bias_correction=True,
-        overflow_fix=OverflowFix.ENABLE if overflow_fix else OverflowFix.DISABLE,
-        activations_range_estimator_params=range_estimator,
-    )
-    nncf_logger = logging.getLogger("nncf")
-    level = nncf_logger.level
-    nncf_logger.setLevel(logging.WARNING)  # NNCF logs one INFO line per op it leaves unquantized: hundreds here
-    try:
-        quantized = nncf.quantize(
-            ov_model,
-            nncf.Dataset(_SingleImages(batches)),
-            preset=nncf.QuantizationPreset.PERFORMANCE,
-            subset_size=recipe.calib_images,
-            ignored_scope=ignored_scope(model, ov_model, recipe),
-            advanced_parameters=advanced,
-        )
-    finally:
-        nncf_logger.setLevel(level)
+    shared, advanced = nncf_arguments(model, ov_model, recipe, overflow_fix)
+    with nncf_quiet():
+        quantized = nncf.quantize(ov_model, nncf.Dataset(SingleImages(batches)), advanced_parameters=advanced, **shared)
     if signed_activations:
         force_signed_activations(quantized)
     return quantized

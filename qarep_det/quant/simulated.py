@@ -164,6 +164,21 @@ def quantize_torch(
     return qmodel
 
 
+def with_float_layers(qmodel: nn.Module, recipe: QuantRecipe) -> nn.Module:
+    """A copy of a model calibrated by :func:`quantize_torch` with the quantizers of ``recipe.float_layers`` off:
+    what ``quantize_torch(model, batches, recipe)`` returns, without calibrating again (checked by
+    :func:`verify_scheme`; a test compares the outputs bit for bit). Calibration collects every range with
+    quantization off, so no range depends on which convs stay float; ``--max-drop`` tries many float sets on one
+    calibration this way."""
+    model = copy.deepcopy(qmodel)
+    for name in recipe.float_layers:
+        conv = model.get_submodule(name)
+        conv.input_quantizer.disable()
+        conv.weight_quantizer.disable()
+    verify_scheme(model, recipe)
+    return model
+
+
 @dataclass(frozen=True)
 class ConvQuantState:
     """How one Conv2d of a ModelOpt-quantized model is quantized, read back from its quantizers."""

@@ -1,0 +1,303 @@
+"""``ptq_eval --max-drop`` beside NNCF's ``quantize_with_accuracy_control`` on one checkpoint: the same model, the
+same calibration and tuning images, the same INT8 recipe, the same mAP50-95 target, OpenVINO.
+
+  python benchmarks/accuracy_control.py --weights best.pt --data data.yaml --imgsz 160 --calib-images 256 \\
+      --tune-images 256 --max-drop 0.3 --out runs/accuracy_control
+
+- ours: ``run_ptq_eval(..., backends=("openvino",), max_drop=D)``, the tool itself; its wall time is the torch
+  calibration and the ranking (the isolated passes) plus the search (the FP32 tuning evaluation, then one NNCF
+  quantization and one tuning evaluation per K tried);
+- NNCF: ``nncf.quantize_with_accuracy_control`` with ptq_eval's NNCF arguments (``nncf_arguments``: preset, subset
+  size, ignored scope, bias correction off, overflow fix, range estimator) and a validation function that returns
+  the project's mAP50-95 on the same tuning set (``predict_to_json`` + ``evaluate_coco``) and, on whole-set calls,
+  each image's AP50-95 (NNCF's "metric mode": it then ranks by calling it, so a counting wrapper sees every
+  evaluation). The recipe's signed activation grid is applied inside NNCF's quantize step (a patch of its private
+  ``quantize_impl``, checked afterwards: every activation FakeQuantize signed), else accuracy control would evaluate
+  NNCF's unsigned grid. NNCF 3.4 switches silently to its logits mode if the first call raises, so the metric
+  never raises (0 on images without boxes);
+- both final IRs: float convs read from the IR (no FakeQuantize at the input, no int8 weights), val drop on the
+  whole val split against the same torch FP32 mAP, tuning drop, and batch-1 latency (``compile_cpu``, f32,
+  interleaved medians). Writes ``results.json`` and ``results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from pycocotools.cocoeval import COCOeval
+
+from qarep_det.eval.benchmark import interleaved_ms
+from qarep_det.eval.coco import GroundTruth, evaluate_coco, load_ground_truth
+from qarep_det.eval.predict import evaluate_runner, predict_to_json
+from qarep_det.eval.protocol import EvalProtocol
+from qarep_det.eval.ptq import PTQSettings, run_ptq_eval
+from qarep_det.eval.table import markdown_table
+from qarep_det.eval.tuning import TuningSet, tuning_set
+from qarep_det.integrations.checkpoint import load_detector
+from qarep_det.quant.calibration import calibration_set
+from qarep_det.quant.openvino import (
+    SingleImages,
+    compile_cpu,
+    conv_ops_by_module,
+    convert_openvino,
+    force_signed_activations,
+    nncf_arguments,
+    openvino_runner,
+)
+from qarep_det.quant.recipe import QuantRecipe
+from qarep_det.quant.runner import torch_runner
+from qarep_det.quant.scope import quantized_conv_names
+from qarep_det.reparam import reparameterize_model
+
+
+class TuningMetric:
+    """NNCF's ``validation_fn``: our mAP50-95 on tuning images, plus per-image AP50-95 on whole-set calls (NNCF 3.4
+    reads per-item values only from its FP32 and fully INT8 validations, both on the whole set, to choose its ranking
+    subset); counts every call and the images it ran."""
+
+    def __init__(self, tuning: TuningSet, protocol: EvalProtocol, scratch: Path) -> None:
+        self.gt, self.protocol, self.out = tuning.ground_truth, protocol, scratch / "nncf_tune.json"
+        self.coco = self.gt.coco()
+        self.calls: list[int] = []
+        self.seconds = 0.0
+
+    def __call__(self, compiled, items) -> tuple[float, list[float] | None]:
+        start = time.perf_counter()
+        files = [Path(item) for item in items]
+        ids = [self.gt.image_id(f) for f in files]
+        predict_to_json(openvino_runner(compiled), files, self.protocol.imgsz, self.out, image_id_fn=self.gt.image_id,
+                        category_id_fn=self.gt.category_id, progress=False)  # fmt: skip
+        subset = GroundTruth(files, ids, self.gt.category_ids, self.gt.annotations)
+        try:
+            metric = evaluate_coco(subset, self.out)["map50_95"]
+        except ValueError:  # no labelled box on these images: must not raise (see the module docstring)
+            metric = 0.0
+        per_image = self._per_image(ids) if len(files) == len(self.gt.image_files) else None
+        self.calls.append(len(files))
+        self.seconds += time.perf_counter() - start
+        return float(metric), per_image
+
+    def _per_image(self, ids: list[int]) -> list[float]:
+        """pycocotools' AP50-95 (all areas, maxDets 100) of each image alone; 0 without boxes or detections."""
+        detections = json.loads(self.out.read_text())
+        if not detections:
+            return [0.0] * len(ids)
+        values = []
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluator = COCOeval(self.coco, self.coco.loadRes(detections), iouType="bbox")
+            for image_id in ids:
+                evaluator.params.imgIds = [image_id]
+                evaluator.evaluate()
+                evaluator.accumulate()
+                precision = evaluator.eval["precision"][:, :, :, 0, -1]
+                values.append(100.0 * float(precision[precision > -1].mean()) if (precision > -1).any() else 0.0)
+        return values
+
+
+@contextlib.contextmanager
+def signed_activations_in_nncf():
+    """The recipe's signed activation grid applied to the model NNCF's accuracy control quantizes, before it is
+    evaluated: ``quantize_impl`` is looked up as a module global when called (nncf 3.4; a private function)."""
+    import nncf.openvino.quantization.quantize_model as nncf_ov
+
+    original = nncf_ov.quantize_impl
+
+    def signed(*args, **kwargs):
+        model = original(*args, **kwargs)
+        force_signed_activations(model)
+        return model
+
+    nncf_ov.quantize_impl = signed
+    try:
+        yield
+    finally:
+        nncf_ov.quantize_impl = original
+
+
+def _int8_weights(conv) -> bool:
+    """Whether a conv's weight comes from int8 codes: an i8 Constant up its Convert/Subtract/Multiply chain."""
+    node = conv.input_value(1).get_node()
+    while node.get_type_name() != "Constant":
+        if node.get_type_name() == "FakeQuantize":
+            return True
+        node = node.input_value(0).get_node()
+    return node.get_element_type().get_type_name() == "i8"
+
+
+def float_convs(ov_model, candidates: list[str]) -> list[str]:
+    """The ``candidates`` (convs the recipe quantizes) that are float in an IR: no FakeQuantize feeding any of their
+    ops, no int8 weights."""
+    ops = conv_ops_by_module(ov_model)
+    return [
+        name
+        for name in candidates
+        if not any(op.input_value(0).get_node().get_type_name() == "FakeQuantize" or _int8_weights(op)
+                   for op in ops[name])
+    ]  # fmt: skip
+
+
+def run_nncf(fused, calib, fp32_ir, recipe, metric: TuningMetric, tuning: TuningSet, max_drop: float, ranking: int):
+    """NNCF's accuracy control with ptq_eval's arguments; returns the IR and what it cost."""
+    import nncf
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+    shared, advanced = nncf_arguments(fused, fp32_ir, recipe)
+    restorer = AdvancedAccuracyRestorerParameters(ranking_subset_size=ranking, num_ranking_workers=1)
+    log = io.StringIO()
+    handler = logging.StreamHandler(log)
+    nncf_logger = logging.getLogger("nncf")
+    nncf_logger.addHandler(handler)
+    start = time.perf_counter()
+    try:
+        with signed_activations_in_nncf():
+            model = nncf.quantize_with_accuracy_control(
+                fp32_ir.clone(),
+                nncf.Dataset(SingleImages(calib)),
+                nncf.Dataset([str(f) for f in tuning.ground_truth.image_files]),
+                metric,
+                max_drop=max_drop,
+                drop_type=nncf.DropType.ABSOLUTE,
+                advanced_quantization_parameters=advanced,
+                advanced_accuracy_restorer_parameters=restorer,
+                **shared,
+            )
+    finally:
+        nncf_logger.removeHandler(handler)
+    wall = time.perf_counter() - start
+    lows = [op.input_value(1).get_node().get_data() for op in model.get_ordered_ops()
+            if op.get_type_name() == "FakeQuantize" and op.get_attributes()["levels"] == 256]  # fmt: skip
+    if unsigned := [low for low in lows if low.size == 1 and low.min() >= 0]:  # activations: one range each
+        raise RuntimeError(f"the signed-activation patch did not reach {len(unsigned)} FakeQuantize ops (nncf moved?)")
+    lines = log.getvalue().splitlines()
+    return model, {
+        "wall_s": wall,
+        "tune_evals": len(metric.calls),
+        "tune_images_run": sum(metric.calls),
+        "calls_by_images": dict(Counter(metric.calls)),
+        "validation_s": metric.seconds,
+        "ranking_subset_size": ranking,
+        "reached": not any("could not achieve" in line for line in lines),
+        "log": [line for line in lines if "evert" in line or "ccuracy drop" in line or "Metric of" in line],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--weights", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--imgsz", type=int, default=160)
+    parser.add_argument("--calib-images", type=int, default=256)
+    parser.add_argument("--tune-images", type=int, default=256)
+    parser.add_argument("--max-drop", type=float, default=0.3, help="mAP50-95 points, absolute")
+    parser.add_argument(
+        "--ranking-subset",
+        type=int,
+        nargs="+",
+        help="NNCF's ranking_subset_size, one run each (default: NNCF's own, min(tuning images, calibration images))",
+    )
+    parser.add_argument("--latency-runs", type=int, default=100)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    recipe = QuantRecipe(calib_images=args.calib_images)
+    protocol = EvalProtocol(imgsz=args.imgsz)
+
+    # ours: the tool itself
+    settings = PTQSettings(args.data, recipe, ("openvino",), args.imgsz, max_drop=args.max_drop,
+                           tune_images=args.tune_images, overwrite=True)  # fmt: skip
+    start = time.perf_counter()
+    (ours,), _, _ = run_ptq_eval([args.weights], settings, args.out / "ptq_eval")
+    ours_total_s = time.perf_counter() - start
+
+    # the same model, calibration, tuning and val images for NNCF
+    fused = reparameterize_model(load_detector(args.weights))
+    calib = calibration_set(args.data, args.imgsz, recipe.calib_images, recipe.seed, progress=False)
+    val = load_ground_truth(args.data)
+    tuning = tuning_set(args.data, args.tune_images, recipe.seed, calib.paths, val.image_files)
+    fp32_ir = convert_openvino(fused, args.imgsz)
+    nncf = {}
+    for subset in args.ranking_subset or [min(recipe.calib_images, tuning.images)]:  # the default: NNCF's own
+        metric = TuningMetric(tuning, protocol, args.out)
+        nncf[subset] = run_nncf(fused, calib, fp32_ir, recipe, metric, tuning, args.max_drop, subset)
+
+    # both final IRs measured the same way
+    import openvino as ov
+
+    ours_ir = ov.Core().read_model(ours["int8_file"])
+    candidates = quantized_conv_names(fused, recipe)
+
+    def scored(ir, ground_truth: GroundTruth, tag: str) -> float:
+        runner = openvino_runner(compile_cpu(ir))
+        return evaluate_runner(runner, ground_truth, args.out / f"{tag}.json", protocol, progress=False)["map50_95"]
+
+    fp32_tune = evaluate_runner(torch_runner(fused), tuning.ground_truth, args.out / "fp32_tune.json", protocol,
+                                progress=False)["map50_95"]  # fmt: skip
+    fp32_val = ours["fp32_map50_95"]  # the torch FP32 mAP ptq_eval scored on val, the reference of both drops
+    x = torch.rand(1, 3, args.imgsz, args.imgsz)
+    irs = {"fp32": fp32_ir, "ours": ours_ir, **{subset: ir for subset, (ir, _) in nncf.items()}}
+    runners = [openvino_runner(compile_cpu(ir)) for ir in irs.values()]
+    latency = dict(zip(irs, interleaved_ms([lambda r=r: r(x) for r in runners], args.latency_runs, warmup=5),
+                       strict=True))  # fmt: skip
+    rows = {
+        f"NNCF accuracy control (ranking subset {subset})": {
+            "float_convs": float_convs(ir, candidates),
+            **cost,
+            "tune_drop": fp32_tune - scored(ir, tuning.ground_truth, f"nncf{subset}_tune"),
+            "val_drop": fp32_val - scored(ir, val, f"nncf{subset}_val"),
+            "int8_ms_b1": latency[subset],
+        }
+        for subset, (ir, cost) in nncf.items()
+    }
+    rows |= {
+        "ptq_eval --max-drop": {
+            "float_convs": float_convs(ours_ir, candidates),
+            "float_layers": ours["float_layers"],
+            "wall_s": ours["calibrate_s"] + ours["rank_s"] + ours["search_s"],
+            "ptq_eval_total_s": ours_total_s,
+            "tune_evals": ours["tune_evals"],
+            "tune_images_run": ours["tune_evals"] * tuning.images,
+            "tune_steps": ours["tune_steps"],
+            "calibrate_s": ours["calibrate_s"],
+            "rank_s": ours["rank_s"],
+            "search_s": ours["search_s"],
+            "tune_drop": fp32_tune - scored(ours_ir, tuning.ground_truth, "ours_tune"),
+            "val_drop": fp32_val - scored(ours_ir, val, "ours_val"),
+            "int8_ms_b1": latency["ours"],
+        },
+    }
+    report = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "quantized_convs": len(candidates),
+        "tune_images": tuning.images,
+        "val_images": len(val.image_files),
+        "fp32_tune_map50_95": fp32_tune,
+        "fp32_val_map50_95": fp32_val,
+        "fp32_ms_b1": latency["fp32"],
+        "torch_threads": torch.get_num_threads(),
+        "rows": rows,
+    }
+    (args.out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    header = ["", "float convs", "tuning evals (images run)", "wall time", "tune drop", "val drop", "INT8 ms, batch 1"]
+    cells = [
+        [name, str(len(r["float_convs"])), f"{r['tune_evals']} ({r['tune_images_run']})", f"{r['wall_s']:.0f} s",
+         f"{r['tune_drop']:.2f}", f"{r['val_drop']:.2f}", f"{r['int8_ms_b1']:.2f}"]
+        for name, r in rows.items()
+    ]  # fmt: skip
+    lines = [*markdown_table(header, cells, [False, *[True] * 6]), "",
+             f"FP32: tuning {fp32_tune:.2f}, val {fp32_val:.2f}, {latency['fp32']:.2f} ms batch 1; "
+             f"{len(candidates)} quantized convs; target reached by NNCF: "
+             f"{', '.join(str(cost['reached']) for _, cost in nncf.values())}"]  # fmt: skip
+    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

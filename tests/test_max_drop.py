@@ -1,0 +1,239 @@
+"""ptq_eval --max-drop: the search over K, the tuning set, the planted conv found on every backend, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from qarep_det.cli import ptq_eval as ptq_cli
+from qarep_det.data.images import list_images
+from qarep_det.eval import max_drop
+from qarep_det.eval.coco import load_ground_truth
+from qarep_det.eval.max_drop import evaluation_budget, search_float_convs
+from qarep_det.eval.ptq import PTQSettings, run_ptq_eval
+from qarep_det.eval.tuning import tuning_set
+from qarep_det.integrations.checkpoint import load_detector
+from qarep_det.quant.calibration import calibration_set, draw_calibration_images, train_images
+from qarep_det.quant.recipe import QuantRecipe
+from qarep_det.reparam import reparameterize_model
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKENDS = ("torch", "openvino", "onnxruntime")
+CALIB, TUNE = 8, 16  # of the known answer's 24 train images
+
+
+def curve_search(drops: list[float], max_drop: float) -> tuple[max_drop.SearchResult, list[int]]:
+    """Search a given drop curve (drops[k] for K = 0 .. L - 1), recording the K evaluated."""
+    asked: list[int] = []
+
+    def evaluate(k: int) -> tuple[float, float]:
+        asked.append(k)
+        return 50.0 - drops[k], 1.0
+
+    return search_float_convs(len(drops), 50.0, evaluate, max_drop, report=lambda _: None), asked
+
+
+# --- the search ------------------------------------------------------------------------------------------------
+
+
+def test_on_a_monotone_curve_the_search_finds_the_fewest_k_within_the_budget() -> None:
+    rng = random.Random(0)
+    for convs in [*range(1, 70), 128, 129]:
+        for _ in range(5):
+            drops = sorted((rng.uniform(0, 3) for _ in range(convs)), reverse=True)
+            target = rng.uniform(0, 3)
+            result, asked = curve_search(drops, target)
+            assert result.evals == 1 + len(asked) <= evaluation_budget(convs) == 2 + math.ceil(math.log2(convs))
+            assert len(set(asked)) == len(asked) and asked[0] == 0  # no K twice; the fully INT8 model first
+            fewest = next((k for k, d in enumerate(drops) if d <= target), None)
+            assert result.met == (fewest is not None)
+            if result.met:
+                assert result.chosen.k == fewest and result.shortfall == 0
+
+
+def test_on_non_monotone_curves_the_search_answers_a_measured_boundary() -> None:
+    """Noisy drops: the answer's drop was measured within D and K - 1 was measured above it (or K = 0)."""
+    rng = random.Random(1)
+    for _ in range(300):
+        convs = rng.randint(1, 80)
+        drops = [max(0.0, 2.0 - 0.1 * k) + rng.gauss(0, 0.3) for k in range(convs)]
+        target = rng.uniform(0, 1)
+        result, asked = curve_search(drops, target)
+        assert result.evals <= evaluation_budget(convs)
+        steps = {s.k: s.tune_drop for s in result.steps}
+        if result.met:
+            k = result.chosen.k
+            assert steps[k] <= target and (k == 0 or steps[k - 1] > target)
+            assert all(d > target for j, d in steps.items() if j < k)  # never a smaller K measured within D
+        else:
+            assert all(d > target for d in steps.values())
+
+
+def test_an_unreachable_target_keeps_the_lowest_drop_and_reports_the_shortfall() -> None:
+    drops = [3.0, 2.0, 0.8, 1.5, 1.1, 0.9, 1.0]
+    lines: list[str] = []
+    result = search_float_convs(len(drops), 50.0, lambda k: (50.0 - drops[k], 1.0), 0.5, report=lines.append)
+    assert not result.met and result.evals == evaluation_budget(7) == 5
+    evaluated = {s.k: s.tune_drop for s in result.steps}
+    best = min(evaluated, key=evaluated.get)
+    assert result.chosen.k == best and result.shortfall == pytest.approx(evaluated[best] - 0.5)
+    assert "no K evaluated meets a drop of 0.5" in lines[-1] and f"short by {result.shortfall:.2f}" in lines[-1]
+    assert len(lines) == len(result.steps) + 1  # one line per step as it goes, then the verdict
+
+
+def test_the_fully_int8_model_ends_the_search_when_it_meets_the_target() -> None:
+    result, asked = curve_search([0.2, 0.1, 0.0], 0.3)
+    assert asked == [0] and result.met and result.chosen.k == 0 and result.evals == 2
+    with pytest.raises(ValueError, match=">= 0"):
+        curve_search([0.2], -0.1)
+
+
+# --- the tuning set --------------------------------------------------------------------------------------------
+
+
+def test_tuning_images_are_neither_calibration_nor_scored_images(known_answer, tmp_path: Path) -> None:
+    data = known_answer.data
+    spec = yaml.safe_load(data.read_text())
+    root = Path(spec["path"])
+    train = train_images(data)
+    val = list_images(root / spec["val"])
+    # a val split that also holds four train images (a listing, as Ultralytics reads .txt splits)
+    shuffled = draw_calibration_images(train, len(train), seed=0)
+    stray = shuffled[CALIB : CALIB + 4]  # exactly the first images tuning would take
+    listing = tmp_path / "val.txt"
+    listing.write_text("\n".join(str(p) for p in [*val, *stray]) + "\n")
+    overlapping = tmp_path / "data.yaml"
+    overlapping.write_text(yaml.safe_dump({**spec, "path": str(root), "val": str(listing)}))
+    calib = calibration_set(overlapping, known_answer.imgsz, CALIB, seed=0, progress=False)
+    scored = load_ground_truth(overlapping).image_files
+    tuning = tuning_set(overlapping, 8, 0, calib.paths, scored)
+    files = set(tuning.ground_truth.image_files)
+    assert len(files) == tuning.images == 8
+    assert not files & set(calib.paths) and not files & set(scored)
+    assert list(tuning.ground_truth.image_files) == shuffled[CALIB + 4 : CALIB + 12]  # calibration's shuffle, on
+    with pytest.warns(UserWarning, match="only 12 train images are neither calibration nor val images; tuning on"):
+        assert tuning_set(overlapping, 100, 0, calib.paths, scored).images == 12
+    with pytest.raises(ValueError, match="no train image is left for tuning: all 24"):
+        tuning_set(overlapping, 8, 0, train, scored)
+    with pytest.raises(ValueError, match="cannot be the scored 'val' split"):
+        tuning_set(overlapping, 8, 0, calib.paths, scored, split="val")
+    with pytest.raises(ValueError, match="no 'test' split"):
+        tuning_set(overlapping, 8, 0, calib.paths, scored, split="test")
+    # a named split: its images less the scored ones (here: a split made of the four stray val images and others)
+    named = tmp_path / "named.yaml"
+    named.write_text(yaml.safe_dump({**spec, "path": str(root), "val": str(listing), "tune": spec["train"]}))
+    tuning = tuning_set(named, 100, 3, [], scored, split="tune")
+    assert tuning.images == 20 and not set(tuning.ground_truth.image_files) & set(scored)
+
+
+# --- one calibration for every float set --------------------------------------------------------------------
+
+
+def test_switching_quantizers_off_is_calibrating_with_those_convs_float(known_answer) -> None:
+    from qarep_det.quant.simulated import quantize_torch, with_float_layers
+
+    fused = reparameterize_model(load_detector(known_answer.planted))
+    calib = calibration_set(known_answer.data, known_answer.imgsz, CALIB, batch_size=4, progress=False)
+    recipe = QuantRecipe(calib_images=CALIB)
+    kept = replace(recipe, float_layers=(known_answer.consumer, "model.24.cv3.1.1.conv"))
+    images = next(iter(calib))
+    with torch.no_grad():
+        expected = quantize_torch(fused, calib, kept)(images)[0]
+        assert torch.equal(with_float_layers(quantize_torch(fused, calib, recipe), kept)(images)[0], expected)
+
+
+# --- ptq_eval --max-drop on the known answer, every backend -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def searched(known_answer, tmp_path_factory: pytest.TempPathFactory, one_torch_thread):
+    """One run on the planted model with all three backends (one FP32 tuning evaluation, one ranking)."""
+    out = tmp_path_factory.mktemp("max_drop")
+    settings = PTQSettings(known_answer.data, QuantRecipe(calib_images=CALIB), BACKENDS, imgsz=known_answer.imgsz,
+                           batch=4, max_drop=5.0, tune_images=TUNE, rank_images=4)  # fmt: skip
+    rows, json_path, _ = run_ptq_eval([known_answer.planted], settings, out, progress=False)
+    return rows, json.loads(json_path.read_text()), out
+
+
+def test_max_drop_keeps_exactly_the_planted_conv_float_on_every_backend(known_answer, searched) -> None:
+    """The planted model's INT8 collapses (tuning drop ~50 at K = 0) and one conv float wins it all back (README)."""
+    from helpers import qdq_convs
+
+    rows, stored, _ = searched
+    assert [r["backend"] for r in stored] == list(BACKENDS)
+    for row in stored:
+        assert row["float_layers"] == [known_answer.consumer], row["backend"]
+        steps = {s["k"]: s for s in row["tune_steps"]}
+        assert steps[0]["tune_drop"] > 30 and steps[1]["tune_drop"] <= 5.0  # collapsed, then restored
+        assert row["tune_drop"] == steps[1]["tune_drop"] and row["shortfall"] == 0 and row["max_drop"] == 5.0
+        assert row["int8_map50_95"] > 0.7 * row["fp32_map50_95"]  # and so is the scored split (val drop)
+        assert row["tune_images"] == TUNE and row["rank_images"] == 4
+    torch_row = next(r for r in stored if r["backend"] == "torch")
+    convs = qdq_convs(torch_row["int8_file"])  # the saved file is the chosen candidate
+    assert convs[known_answer.consumer] == (None, None) and all(q is not None for q in convs["model.2.0.conv"])
+
+
+def test_max_drop_stays_within_the_evaluation_budget_and_draws_its_trade_off(searched) -> None:
+    from qarep_det.eval.table import format_console
+
+    rows, stored, out = searched
+    for row in stored:
+        assert row["tune_evals"] == 1 + len(row["tune_steps"]) <= evaluation_budget(59) == 8
+    header = format_console(rows).splitlines()[0]
+    assert "float convs" in header and "tune drop" in header and "short by" in header
+    assert (out / "max_drop.png").stat().st_size > 10_000
+
+
+def test_an_unreachable_target_ends_with_the_shortfall_in_the_table(
+    known_answer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A backend whose every candidate loses its tuning mAP: no K meets D, which is said, not raised."""
+    real = max_drop.evaluate_runner
+    monkeypatch.setattr(max_drop, "evaluate_runner", lambda *a, **k: {**real(*a, **k), "map50_95": 0.0})
+    args = ["--weights", str(known_answer.planted), "--data", str(known_answer.data), "--imgsz", "96",
+            "--calib-images", str(CALIB), "--tune-images", str(TUNE), "--rank-images", "4", "--batch", "4",
+            "--max-drop", "0.5", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert ptq_cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "no K evaluated meets a drop of 0.5" in printed
+    (row,) = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert row["shortfall"] == pytest.approx(row["fp32_tune_map50_95"] - 0.5, abs=0.01) and row["shortfall"] > 40
+    table = printed[printed.index("model  ") :].splitlines()
+    assert f"{row['shortfall']:.2f}" in table[2].split()
+
+
+# --- bad input ---------------------------------------------------------------------------------------------------
+
+
+def test_bad_max_drop_and_rank_images_fail_with_one_line_before_any_work(
+    known_answer, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from qarep_det.cli import diagnose as diagnose_cli
+
+    out = tmp_path / "out"
+    base = ["--weights", str(known_answer.planted), "--data", str(known_answer.data), "--imgsz", "96",
+            "--calib-images", "8", "--out", str(out)]  # fmt: skip
+    cases = [
+        (ptq_cli, ["--max-drop", "-0.1"], "max_drop must be >= 0"),
+        (ptq_cli, ["--max-drop", "0.3", "--keep-float", "2"], "argument --keep-float: not allowed with argument"),
+        (ptq_cli, ["--max-drop", "0.3", "--keep-float-layers", "model.0.conv"], "not allowed with argument"),
+        (ptq_cli, ["--keep-float", "1", "--rank-images", "9"], "rank_images (9) cannot exceed calib_images (8)"),
+        (diagnose_cli, ["--rank-images", "9"], "rank_images (9) cannot exceed calib_images (8)"),
+        (ptq_cli, ["--max-drop", "0.3", "--tune-split", "val"], "cannot be the scored 'val' split"),
+        (ptq_cli, ["--max-drop", "0.3", "--calib-images", "24"], "no train image is left for tuning"),
+    ]
+    for tool, args, message in cases:
+        try:
+            status = tool.main([*base, *args])
+        except SystemExit as exit_:  # argparse's own errors (our parser makes them one line too)
+            status = exit_.code
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert status != 0 and lines[-1].startswith("error: ") and message in lines[-1], (args, lines)
+        assert not any("Traceback" in line for line in lines) and not out.exists()
