@@ -22,7 +22,6 @@ same calibration and tuning images, the same INT8 recipe, the same mAP50-95 targ
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -32,6 +31,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from benchmark_args import benchmark_parser
 from pycocotools.cocoeval import COCOeval
 
 from qarep_det.eval.benchmark import interleaved_ms
@@ -190,11 +190,7 @@ def run_nncf(fused, calib, fp32_ir, recipe, metric: TuningMetric, tuning: Tuning
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--weights", type=Path, required=True)
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--imgsz", type=int, default=160)
-    parser.add_argument("--calib-images", type=int, default=256)
+    parser = benchmark_parser(__doc__, imgsz=160, calib_images=256)
     parser.add_argument("--tune-images", type=int, default=256)
     parser.add_argument("--max-drop", type=float, default=0.3, help="mAP50-95 points, absolute")
     parser.add_argument(
@@ -204,7 +200,6 @@ def main() -> None:
         help="NNCF's ranking_subset_size, one run each (default: NNCF's own, min(tuning images, calibration images))",
     )
     parser.add_argument("--latency-runs", type=int, default=100)
-    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     recipe = QuantRecipe(calib_images=args.calib_images)

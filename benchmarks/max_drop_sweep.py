@@ -13,11 +13,10 @@ evaluations are deterministic, so it asks what ptq_eval asks) beside the fewest 
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import replace
-from pathlib import Path
 
+from benchmark_args import benchmark_parser
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
@@ -27,7 +26,7 @@ from qarep_det.eval.predict import evaluate_runner
 from qarep_det.eval.protocol import EvalProtocol
 from qarep_det.eval.ptq import RANK_IMAGES
 from qarep_det.eval.tuning import tuning_set
-from qarep_det.integrations.analysis import sensitivity_ranking
+from qarep_det.integrations.analysis import isolated_noise, rank_by_noise
 from qarep_det.integrations.checkpoint import load_detector
 from qarep_det.quant.calibration import calibration_set, first_images
 from qarep_det.quant.recipe import QuantRecipe
@@ -37,16 +36,11 @@ from qarep_det.reparam import reparameterize_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--weights", type=Path, required=True)
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--imgsz", type=int, default=160)
-    parser.add_argument("--calib-images", type=int, default=256)
+    parser = benchmark_parser(__doc__, imgsz=160, calib_images=256)
     parser.add_argument("--rank-images", type=int, default=RANK_IMAGES)
     parser.add_argument("--tune-images", type=int, default=256)
     parser.add_argument("--backend", choices=("torch", "openvino"), default="openvino")
     parser.add_argument("--max-drop", type=float, default=0.3)
-    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     recipe = QuantRecipe(calib_images=args.calib_images)
@@ -56,7 +50,7 @@ def main() -> None:
     val = load_ground_truth(args.data)
     tuning = tuning_set(args.data, args.tune_images, recipe.seed, calib.paths, val.image_files)
     calibrated = quantize_torch(fused, calib, recipe)
-    ranking = sensitivity_ranking(fused, calibrated, first_images(calib, args.rank_images), recipe)
+    ranking = rank_by_noise(isolated_noise(fused, calibrated, first_images(calib, args.rank_images), recipe))
 
     def score(runner, ground_truth) -> float:
         return evaluate_runner(runner, ground_truth, args.out / "dets.json", protocol, progress=False)["map50_95"]

@@ -13,13 +13,12 @@ Kendall's tau between the two orders of all convs (scipy). Writes ``stability.js
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from benchmark_args import benchmark_parser
 from scipy.stats import kendalltau
 from tqdm import tqdm
 
@@ -59,16 +58,11 @@ def compare(ranking: list[str], reference: list[str], keep: tuple[int, ...]) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--weights", type=Path, required=True)
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--imgsz", type=int, default=640)
-    parser.add_argument("--calib-images", type=int, default=512)
+    parser = benchmark_parser(__doc__, imgsz=640, calib_images=512)
     parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256])
     parser.add_argument("--keep", type=int, nargs="+", default=[1, 2, 4], help="top-K sets compared")
     parser.add_argument("--batch", type=int, default=8, help="images per batch; every size must be a multiple")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if bad := [m for m in args.sizes if m % args.batch or m > args.calib_images]:
         parser.error(f"sizes must be multiples of --batch up to --calib-images: {bad}")

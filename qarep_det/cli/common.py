@@ -21,7 +21,11 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown after each flag; the description's usage examples keep their lines."""
+    """Defaults shown after each flag; the description's usage examples keep their lines. A default of None is not
+    shown: such a flag's help says what happens without it (e.g. "default 512, demo 64")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def tool_parser(doc: str | None, prog: str | None, **kwargs: Any) -> OneLineErrorParser:

@@ -1,8 +1,9 @@
 """``ptq_eval --max-drop D``: the fewest convs kept float, in ranking order, for an INT8 drop of at most D.
 
-K convs kept float means the first K of the sensitivity ranking (:func:`sensitivity_ranking`, one per model,
-shared by every backend). Each candidate K is scored by one evaluation of the tuning set
-(:mod:`qarep_det.eval.tuning`), its drop measured against the FP32 model on the same images, as the table's drop is.
+K convs kept float means the first K of the sensitivity ranking (``rank_by_noise`` of ``isolated_noise`` in
+``integrations/analysis.py``, one per model, shared by every backend). Each candidate K is scored by one evaluation of
+the tuning set (:mod:`qarep_det.eval.tuning`), its drop measured against the FP32 model on the same images, as the
+table's drop is.
 
 The search is a bisection over K in [0, L] (L quantized convs): the FP32 evaluation, K = 0 (the fully INT8 model,
 done if it meets D), then probes at the midpoint of (lo, hi], where lo is the largest K known to miss D and hi the

@@ -37,7 +37,7 @@ from qarep_det.eval.predict import evaluate_runner
 from qarep_det.eval.protocol import EvalProtocol
 from qarep_det.eval.table import write_results
 from qarep_det.eval.tuning import TuningSet, tuning_set
-from qarep_det.integrations.analysis import sensitivity_ranking
+from qarep_det.integrations.analysis import isolated_noise, rank_by_noise
 from qarep_det.integrations.checkpoint import checkpoint_paths, load_detector
 from qarep_det.quant.calibration import CalibrationSet, calibration_set, first_images
 from qarep_det.quant.qat import qat_student
@@ -256,7 +256,8 @@ def evaluate_checkpoint(
             calibrated = quantize_torch(fused, calib, settings.recipe, settings.device)
             ranked["calibrate_s"] = time.perf_counter() - start
             images = first_images(calib, settings.ranked_images)
-            ranking = sensitivity_ranking(fused, calibrated, images, settings.recipe, settings.device, progress)
+            noise = isolated_noise(fused, calibrated, images, settings.recipe, settings.device, progress)
+            ranking = rank_by_noise(noise)
             ranked |= {
                 "rank_images": settings.ranked_images,
                 "rank_s": time.perf_counter() - start - ranked["calibrate_s"],

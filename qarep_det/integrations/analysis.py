@@ -19,13 +19,13 @@ The recipe is exactly ptq_eval's: :func:`quantize_torch` on the same calibration
 Every SQNR sums signal and noise over all images before dividing. ``ranking`` orders convs by the isolated figure,
 ``cumulative_ranking`` by the added noise, most harmful first.
 
-Speed: batches outside, convs inside. Per batch one FP32 pass keeps every node's output
-(:class:`RestartableForward`), one fully INT8 pass gives the cumulative figures, and each conv's isolated pass
-recomputes only what lies downstream of it, with that conv's quantizers toggled on in one quantized copy (never
-re-quantized): about 17 full passes per batch for yolo_qarep_s instead of 59. The ranking alone
-(:func:`sensitivity_ranking`, what ``--keep-float`` and ``--max-drop`` need) skips the cumulative figures, takes a
-model already calibrated, and may run on a prefix of the calibration draw (``rank_images``): calibration always
-sees every calibration image, the per-conv passes only the images ranked.
+Speed: batches outside, convs inside. Per batch one FP32 pass keeps every node's output (:class:`RestartableForward`),
+one fully INT8 pass gives the cumulative figures, and each conv's isolated pass recomputes only what lies downstream
+of it, with that conv's quantizers toggled on in one quantized copy (never re-quantized): about 17 full passes per
+batch for yolo_qarep_s instead of 59. The ranking alone (:func:`rank_by_noise` of :func:`isolated_noise`, what
+``--keep-float`` and ``--max-drop`` need) skips the cumulative figures, takes a model already calibrated, and may run
+on a prefix of the calibration draw (``rank_images``): calibration always sees every calibration image, the per-conv
+passes only the images ranked.
 
 It lives in ``integrations/`` because the restartable forward re-walks Ultralytics' graph, and because QAT's
 ``--keep-float`` (an integration with Ultralytics' trainer) ranks with it too. BN scales, the paper's mechanism,
@@ -313,19 +313,6 @@ def rank_by_noise(noise: dict[str, tuple[NoisePower, NoisePower]]) -> list[str]:
     return sorted(noise, key=lambda name: detection_noise(*noise[name]))
 
 
-def sensitivity_ranking(
-    fused: nn.Module,
-    qmodel: nn.Module,
-    images: Sequence[torch.Tensor],
-    recipe: QuantRecipe,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-) -> list[str]:
-    """The quantized convs, most harmful alone first: :func:`analyze`'s ``ranking`` on ``images``, from
-    :func:`isolated_noise`."""
-    return rank_by_noise(isolated_noise(fused, qmodel, images, recipe, device, progress))
-
-
 def keep_most_sensitive(
     fused: nn.Module,
     calib: Sequence[torch.Tensor],
@@ -339,7 +326,7 @@ def keep_most_sensitive(
     if not keep_float:
         return recipe
     qmodel = quantize_torch(fused, calib, recipe, device)
-    ranking = sensitivity_ranking(fused, qmodel, calib, recipe, device, progress)
+    ranking = rank_by_noise(isolated_noise(fused, qmodel, calib, recipe, device, progress))
     return replace(recipe, float_layers=recipe.float_layers + tuple(ranking[:keep_float]))
 
 

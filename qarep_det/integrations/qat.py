@@ -127,19 +127,11 @@ class QATTrainer(QARepTrainer):
             raise TrainInputError("QAT resumes from a QAT checkpoint only (its last.pt)")
         return self.set_model_names_for_load(weights)
 
-    def build_optimizer(
-        self,
-        model: nn.Module,
-        name: str = "auto",
-        lr: float = 0.001,
-        momentum: float = 0.9,
-        decay: float = 1e-5,
-        iterations: float = 1e5,
-    ) -> torch.optim.Optimizer:
+    def build_optimizer(self, model: nn.Module, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         """Ultralytics' optimizer, with learned ranges moved into a group of their own: no weight decay, their own
         learning rate, stepped in the log domain (:class:`LogDomainSteps`, within the step: before the EMA reads
         them)."""
-        optimizer = super().build_optimizer(model, name, lr, momentum, decay, iterations)
+        optimizer = super().build_optimizer(model, *args, **kwargs)
         ranges = range_parameters(unwrap_model(model))
         if not ranges:
             return optimizer
@@ -147,7 +139,7 @@ class QATTrainer(QARepTrainer):
         for group in optimizer.param_groups:  # Ultralytics put them with the decayed weights
             group["params"] = [p for p in group["params"] if id(p) not in ids]
         bias = next(g for g in optimizer.param_groups if g.get("param_group") == "bias")
-        lr_ranges = unwrap_model(model).qat_lr_ranges or lr
+        lr_ranges = unwrap_model(model).qat_lr_ranges or self.args.lr0  # lr0 is what Ultralytics passes as lr
         settings = {k: v for k, v in bias.items() if k != "params"}
         optimizer.add_param_group(
             {**settings, "params": ranges, "lr": lr_ranges, "weight_decay": 0.0, "param_group": "ranges"}
