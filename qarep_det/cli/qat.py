@@ -73,7 +73,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default=DEFAULT_RANGES,
         help="quantizer ranges: learned (LSQ's gradients, stepped in the log domain, no weight decay) or frozen at "
         "their calibration. Learned by default: it won back a clipping calibration's drop where frozen ranges "
-        "could not, and matched frozen ranges on a well-calibrated model (README)",
+        "could not, and stayed within 0.21 mAP50-95 of frozen ranges on well-calibrated models (README)",
     )
     parser.add_argument(
         "--lr-ranges", type=float, help="initial learning rate of learned ranges; default: the optimizer's"
