@@ -4,6 +4,11 @@ Importing the package keeps Ultralytics offline, registers our blocks with its Y
 model YAMLs loadable by name (``YOLO("yolo_qarep_s.yaml")``; :func:`model_yamls` lists them).
 """
 
+# torch before ultralytics: ultralytics/__init__.py sets OMP_NUM_THREADS=1 for its dataloader workers when it is
+# unset, and torch, if it loaded after that, would run evaluation and quantization on one thread whatever the CPU
+# (a user script that imports torch first never sees this; our tools import us first)
+import torch  # noqa: F401, I001
+
 from qarep_det.integrations.offline import configure_offline
 
 configure_offline()  # must run before anything imports ultralytics

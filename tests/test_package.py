@@ -179,3 +179,18 @@ def test_the_demo_runs_from_the_wheel(installed_wheel: Path, tmp_path: Path) -> 
     result = run_from_wheel(installed_wheel, tmp_path, *ptq)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "ptq" / "results.json").is_file()
+
+
+def test_importing_us_first_leaves_torch_every_thread_it_would_have() -> None:
+    """Ultralytics sets OMP_NUM_THREADS=1 at import when it is unset; our tools import qarep_det first, and must
+    still evaluate with the threads torch takes by itself (a one-core run of ptq_eval otherwise)."""
+    env = {k: v for k, v in fresh_env().items() if k != "OMP_NUM_THREADS"}
+
+    def threads(code: str) -> int:
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return int(done.stdout.split()[-1])
+
+    assert threads("import qarep_det, torch; print(torch.get_num_threads())") == threads(
+        "import torch; print(torch.get_num_threads())"
+    )
