@@ -101,6 +101,20 @@ def unexpected_flags(argv: Sequence[str], allowed: set[str]) -> str:
     return ", ".join(f"--{d.replace('_', '-')}" for d in sorted(explicit_flags(argv) - allowed))
 
 
+def add_output_args(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--out`` and ``--exist-ok`` of the report tools (ptq_eval, diagnose): see :func:`output_folder`."""
+    parser.add_argument("--out", type=Path, default=Path(default), help="output folder (incremented if it exists)")
+    parser.add_argument("--exist-ok", action="store_true", help="write into --out even if it exists, replacing files")
+
+
+def output_folder(args: argparse.Namespace) -> Path:
+    """The folder a report tool writes: ``--out``, or Ultralytics' next free ``--out-2``, ``--out-3``, ... unless
+    ``--exist-ok``."""
+    from ultralytics.utils.files import increment_path
+
+    return Path(increment_path(args.out, exist_ok=args.exist_ok))
+
+
 def add_run_args(parser: argparse.ArgumentParser, project: str) -> None:
     """Where a training run goes and how an interrupted one continues (tools/train.py and tools/qat.py)."""
     parser.add_argument(

@@ -16,7 +16,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from qarep_det.cli.common import add_rank_args, add_recipe_args, recipe_from_args, tool_parser
+from qarep_det.cli.common import (
+    add_output_args,
+    add_rank_args,
+    add_recipe_args,
+    output_folder,
+    recipe_from_args,
+    tool_parser,
+)
 from qarep_det.device import torch_device
 from qarep_det.eval.diagnose import DiagnoseSettings, run_diagnose
 
@@ -30,18 +37,13 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     add_rank_args(parser, "all of them")
     parser.add_argument("--device", default="cpu", help="torch device: cpu or a CUDA index such as 0")
     parser.add_argument("--batch", type=int, default=8, help="images per forward pass")
-    parser.add_argument(
-        "--out", type=Path, default=Path("runs/diagnose/exp"), help="output folder (incremented if it exists)"
-    )
-    parser.add_argument("--exist-ok", action="store_true", help="write into --out even if it exists, replacing files")
+    add_output_args(parser, "runs/diagnose/exp")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
-    from ultralytics.utils.files import increment_path
-
-    out = Path(increment_path(args.out, exist_ok=args.exist_ok))
+    out = output_folder(args)
     try:
         recipe = recipe_from_args(args)
         device = str(torch_device(args.device))

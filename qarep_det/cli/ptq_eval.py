@@ -19,7 +19,15 @@ from pathlib import Path
 
 import torch
 
-from qarep_det.cli.common import add_partial_args, add_rank_args, add_recipe_args, recipe_from_args, tool_parser
+from qarep_det.cli.common import (
+    add_output_args,
+    add_partial_args,
+    add_rank_args,
+    add_recipe_args,
+    output_folder,
+    recipe_from_args,
+    tool_parser,
+)
 from qarep_det.cli.demo import DemoSettings, check_demo, run_demo
 from qarep_det.device import torch_device
 from qarep_det.eval.protocol import EvalProtocol
@@ -67,10 +75,7 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     )
     parser.add_argument("--batch", type=int, default=8, help="evaluation and calibration batch size")
     parser.add_argument("--instances-json", type=Path, help="COCO val instances json (default: found beside COCO)")
-    parser.add_argument(
-        "--out", type=Path, default=Path("runs/ptq/exp"), help="output folder (incremented if it exists)"
-    )
-    parser.add_argument("--exist-ok", action="store_true", help="write into --out even if it exists, replacing files")
+    add_output_args(parser, "runs/ptq/exp")
     return parser.parse_args(argv)
 
 
@@ -82,9 +87,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 2
     imgsz = args.imgsz or (DEMO.imgsz if demo else 640)
     calib_images = args.calib_images or (DEMO.calib_images if demo else 512)
-    from ultralytics.utils.files import increment_path
-
-    out = Path(increment_path(args.out, exist_ok=args.exist_ok))
+    out = output_folder(args)
     try:  # every input is checked before anything is written (the demo writes a dataset and trains)
         settings = PTQSettings(
             data=args.data or Path(),
