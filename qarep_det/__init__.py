@@ -18,39 +18,18 @@ from qarep_det.integrations.ultralytics import register  # noqa: E402
 register()
 
 from qarep_det.models import model_yaml, model_yamls  # noqa: E402
-from qarep_det.nn import (  # noqa: E402
-    SPPCSPC,
-    ConvBNReLU,
-    QARepBlock,
-    QARepBlockV2,
-    QARepCSPStage,
-    QARepCSPStageV2,
-    QARepStage,
-    QARepStageV2,
-    RepVGGBlock,
-    RepVGGCSPStage,
-    RepVGGStage,
-    SimSPPF,
-)
+from qarep_det.nn import YAML_MODULES, yaml_module  # noqa: E402
 from qarep_det.reparam import OutputDifference, output_difference, reparameterize_model  # noqa: E402
+
+globals().update({name: module.cls for name, module in YAML_MODULES.items()})  # the YAML modules, by name
 
 __version__ = "0.2.0"
 __all__ = [
-    "SPPCSPC",
-    "ConvBNReLU",
+    *YAML_MODULES,
     "OutputDifference",
-    "QARepBlock",
-    "QARepBlockV2",
-    "QARepCSPStage",
-    "QARepCSPStageV2",
-    "QARepStage",
-    "QARepStageV2",
-    "RepVGGBlock",
-    "RepVGGCSPStage",
-    "RepVGGStage",
-    "SimSPPF",
     "model_yaml",
     "model_yamls",
     "output_difference",
     "reparameterize_model",
+    "yaml_module",
 ]

@@ -17,7 +17,7 @@ from ultralytics.nn.tasks import DetectionModel
 
 from qarep_det import output_difference, reparameterize_model
 from qarep_det.integrations import ultralytics as integration
-from qarep_det.nn import CSPRepStage, RepBlock, RepStage
+from qarep_det.nn import YAML_MODULES, CSPRepStage, RepBlock, RepStage
 
 YAMLS = Path(__file__).resolve().parents[1] / "model_yamls"
 
@@ -100,8 +100,9 @@ def test_fused_detector_exports_to_onnx_without_batchnorm(tmp_path: Path, monkey
 
 def test_unknown_module_is_named_with_our_list() -> None:
     cfg = {"nc": 2, "backbone": [[-1, 1, "QARepBlok", [64, 2]]], "head": [[[-1], 1, "Detect", ["nc"]]]}
-    with pytest.raises(KeyError, match=r"layer 0: unknown module 'QARepBlok'.*QARepBlock, QARepBlockV2, RepVGGBlock"):
+    with pytest.raises(KeyError, match=r"layer 0: unknown module 'QARepBlok' \(not an Ultralytics module") as e:
         DetectionModel(cfg, verbose=False)
+    assert e.value.args[0].endswith(f"qarep_det provides: {', '.join(YAML_MODULES)})")  # every one, registry order
 
 
 def test_wrong_block_arguments_name_layer_and_module() -> None:

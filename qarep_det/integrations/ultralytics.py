@@ -29,22 +29,7 @@ from ultralytics.utils import LOGGER, checks
 
 import qarep_det.nn as qnn
 from qarep_det.models import shipped_name
-
-# YAML name -> (class, takes a repeat count). Repeat modules get ``n`` as their third argument, like C2f.
-MODULES: dict[str, tuple[type[nn.Module], bool]] = {
-    "QARepBlock": (qnn.QARepBlock, False),
-    "QARepBlockV2": (qnn.QARepBlockV2, False),
-    "RepVGGBlock": (qnn.RepVGGBlock, False),
-    "ConvBNReLU": (qnn.ConvBNReLU, False),
-    "SimSPPF": (qnn.SimSPPF, False),
-    "SPPCSPC": (qnn.SPPCSPC, False),
-    "QARepStage": (qnn.QARepStage, True),
-    "QARepStageV2": (qnn.QARepStageV2, True),
-    "RepVGGStage": (qnn.RepVGGStage, True),
-    "QARepCSPStage": (qnn.QARepCSPStage, True),
-    "QARepCSPStageV2": (qnn.QARepCSPStageV2, True),
-    "RepVGGCSPStage": (qnn.RepVGGCSPStage, True),
-}
+from qarep_det.nn.registry import YAML_MODULES
 
 
 class RegistrationError(RuntimeError):
@@ -80,10 +65,10 @@ def _check_layers(d: dict[str, Any]) -> None:
             continue
         if name in YOLOV7_HINTS:
             raise KeyError(f"layer {i}: {name} is a YOLOv7 module; {YOLOV7_HINTS[name]}")
-        if name not in MODULES and name not in vars(tasks):
+        if name not in YAML_MODULES and name not in vars(tasks):
             raise KeyError(
                 f"layer {i}: unknown module '{name}' (not an Ultralytics module; qarep_det provides: "
-                f"{', '.join(MODULES)})"
+                f"{', '.join(YAML_MODULES)})"
             )
         if name == "Conv" and isinstance(args, list) and len(args) == 6 and str(args[5]).startswith("nn."):
             raise ValueError(
@@ -101,7 +86,7 @@ def _yolov7_args_hint(cls: type[nn.Module], args: list) -> str:
 
 def _build(i: int, name: str, f: Any, n: int, args: list, stand_in: nn.Module) -> nn.Module:
     """Build our module ``name`` for layer ``i`` with the channels Ultralytics resolved for its stand-in."""
-    cls, repeats = MODULES[name]
+    cls, repeats = YAML_MODULES[name].cls, YAML_MODULES[name].repeats
     c1, c2 = stand_in.conv.in_channels, stand_in.conv.out_channels
     full_args = [c1, c2, n, *args[1:]] if repeats else [c1, c2, *args[1:]]
     try:
@@ -121,7 +106,7 @@ def parse_model_with_qarep(parse_model: Callable, d: dict, ch: int, verbose: boo
     """``parse_model`` that also understands our module names (see the module docstring)."""
     _check_layers(d)
     layers_spec = d["backbone"] + d["head"]
-    ours = {i: spec for i, spec in enumerate(layers_spec) if spec[2] in MODULES}
+    ours = {i: spec for i, spec in enumerate(layers_spec) if spec[2] in YAML_MODULES}
     if not ours:
         return parse_model(d, ch, verbose)
     d = copy.deepcopy(d)

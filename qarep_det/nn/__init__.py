@@ -1,21 +1,18 @@
-"""Pure-PyTorch blocks and stages (no Ultralytics import), usable in any model."""
+"""Pure-PyTorch blocks and stages (no Ultralytics import), usable in any model.
+
+The modules a YAML can name are exported from :data:`~qarep_det.nn.registry.YAML_MODULES`, so a new one is added in
+one place: its class, decorated with ``@yaml_module``.
+"""
 
 from torch import nn
 
+from qarep_det.nn import blocks, stages  # noqa: F401  (defining the classes registers them)
 from qarep_det.nn.activation import ACTIVATIONS, make_activation, positively_homogeneous
-from qarep_det.nn.blocks import ConvBNReLU, QARepBlock, QARepBlockV2, Reparameterizable, RepBlock, RepVGGBlock
-from qarep_det.nn.stages import (
-    SPPCSPC,
-    CSPRepStage,
-    QARepCSPStage,
-    QARepCSPStageV2,
-    QARepStage,
-    QARepStageV2,
-    RepStage,
-    RepVGGCSPStage,
-    RepVGGStage,
-    SimSPPF,
-)
+from qarep_det.nn.blocks import Reparameterizable, RepBlock
+from qarep_det.nn.registry import YAML_MODULES, YamlModule, yaml_module
+from qarep_det.nn.stages import CSPRepStage, RepStage
+
+globals().update({name: module.cls for name, module in YAML_MODULES.items()})
 
 
 def reparameterize_modules(module: nn.Module) -> int:
@@ -27,24 +24,16 @@ def reparameterize_modules(module: nn.Module) -> int:
 
 
 __all__ = [
+    *YAML_MODULES,
     "ACTIVATIONS",
-    "ConvBNReLU",
     "CSPRepStage",
-    "QARepBlock",
-    "QARepBlockV2",
-    "QARepCSPStage",
-    "QARepCSPStageV2",
-    "QARepStage",
-    "QARepStageV2",
     "RepBlock",
     "Reparameterizable",
     "RepStage",
-    "RepVGGBlock",
-    "RepVGGCSPStage",
-    "RepVGGStage",
-    "SPPCSPC",
-    "SimSPPF",
+    "YAML_MODULES",
+    "YamlModule",
     "make_activation",
     "positively_homogeneous",
     "reparameterize_modules",
+    "yaml_module",
 ]

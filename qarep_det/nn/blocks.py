@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from qarep_det.nn.activation import make_activation
 from qarep_det.nn.fusion import avg_pool_kernel, bn_scale, fold_bn, fused_conv, identity_kernel, pad_to_3x3
+from qarep_det.nn.registry import yaml_module
 
 
 def check_conv_args(name: str, c1: int, c2: int, s: int, g: int, strides: tuple[int, ...] = (1, 2)) -> None:
@@ -106,6 +107,7 @@ class RepBlock(Reparameterizable):
         return f"c1={self.c1}, c2={self.c2}, s={self.s}, g={self.g}, identity={self.has_identity}, fused={self.fused}"
 
 
+@yaml_module
 class RepVGGBlock(RepBlock):
     """RepVGG (Ding et al., CVPR 2021): ``relu(bn(conv3x3) + bn(conv1x1) + bn(x))``, identity only if c1 == c2, s == 1.
 
@@ -160,6 +162,7 @@ class RepVGGBlock(RepBlock):
         return kernel, bias
 
 
+@yaml_module
 class QARepBlock(RepBlock):
     """QARepVGG (Chu et al., AAAI 2024): ``relu(bn_post(bn(conv3x3) + conv1x1 + x))``.
 
@@ -199,6 +202,7 @@ class QARepBlock(RepBlock):
         return fold_bn(kernel, self.bn, bias)
 
 
+@yaml_module
 class QARepBlockV2(QARepBlock):
     """QARepVGG V2 (YOLOv6's ``QARepVGGBlockV2``, the block of its published -qa models): V1 plus a 3x3 average
     pool (stride 1, zero padding counted, no BN) on identity blocks, ``relu(bn_post(bn(conv3x3) + conv1x1 + x +
@@ -221,6 +225,7 @@ class QARepBlockV2(QARepBlock):
         return self.identity(like) + avg_pool_kernel(self.c1, self.g, like)
 
 
+@yaml_module
 class ConvBNReLU(Reparameterizable):
     """Plain conv + BN + activation (YOLOv6's SimConv; ReLU unless ``act`` says otherwise): the 1x1 mixers of CSP
     stages, the SPP blocks and the neck's downsamplers."""

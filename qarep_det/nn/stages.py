@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from qarep_det.nn.blocks import ConvBNReLU, QARepBlock, QARepBlockV2, RepBlock, RepVGGBlock
+from qarep_det.nn.registry import yaml_module
 
 
 def check_repeats(name: str, n: int) -> None:
@@ -85,6 +86,7 @@ class CSPRepStage(nn.Module):
         return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), dim=1))
 
 
+@yaml_module
 class SimSPPF(nn.Module):
     """SPPF with ReLU (YOLOv6's SimSPPF): 1x1 reduce, three chained max-pools, concat, 1x1 expand."""
 
@@ -103,6 +105,7 @@ class SimSPPF(nn.Module):
         return self.cv2(torch.cat(y, dim=1))
 
 
+@yaml_module
 class SPPCSPC(nn.Module):
     """YOLOv7's SPP block in a CSP split: one half goes 1x1 -> 3x3 -> 1x1, max pools 5/9/13 next to it, concat,
     1x1 -> 3x3; the other half is one 1x1; both are concatenated and mixed by a last 1x1. Hidden width = ``c2``
@@ -127,36 +130,42 @@ class SPPCSPC(nn.Module):
         return self.cv7(torch.cat((y, self.cv2(x)), dim=1))
 
 
+@yaml_module(repeats=True)
 class QARepStage(RepStage):
     """``RepStage`` of ``QARepBlock``s."""
 
     block = QARepBlock
 
 
+@yaml_module(repeats=True)
 class QARepStageV2(RepStage):
     """``RepStage`` of ``QARepBlockV2``s (YOLOv6's -qa models)."""
 
     block = QARepBlockV2
 
 
+@yaml_module(repeats=True)
 class RepVGGStage(RepStage):
     """``RepStage`` of ``RepVGGBlock``s (baseline)."""
 
     block = RepVGGBlock
 
 
+@yaml_module(repeats=True)
 class QARepCSPStage(CSPRepStage):
     """``CSPRepStage`` of ``QARepBlock``s."""
 
     block = QARepBlock
 
 
+@yaml_module(repeats=True)
 class QARepCSPStageV2(CSPRepStage):
     """``CSPRepStage`` of ``QARepBlockV2``s (YOLOv6-M-qa's stages)."""
 
     block = QARepBlockV2
 
 
+@yaml_module(repeats=True)
 class RepVGGCSPStage(CSPRepStage):
     """``CSPRepStage`` of ``RepVGGBlock``s (baseline)."""
 
