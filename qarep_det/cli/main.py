@@ -65,7 +65,14 @@ def run_yolo(args: list[str]) -> int:
     import ultralytics.cfg
 
     import qarep_det  # noqa: F401  (registers our modules and YAML names, keeps Ultralytics offline)
+    from qarep_det.integrations.run_options import TrainInputError
+    from qarep_det.integrations.ultralytics_qat import check_yolo_qat
 
+    try:
+        check_yolo_qat(args)
+    except TrainInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     ultralytics.cfg.ARGV = ["yolo", *args]  # entrypoint() reads its arguments from this module attribute
     with qarep_detect_trainer():
         ultralytics.cfg.entrypoint()

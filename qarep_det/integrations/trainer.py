@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from ultralytics.cfg import get_cfg
 from ultralytics.models.yolo.detect import DetectionTrainer
-from ultralytics.utils import DEFAULT_CFG_DICT, LOGGER
+from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT, LOGGER
 from ultralytics.utils.patches import torch_load
 from ultralytics.utils.torch_utils import unwrap_model
 
@@ -42,11 +42,36 @@ from qarep_det.integrations.run_options import (
     run_overrides,
     train_device,
 )
-from qarep_det.nn import RepVGGBlock
+from qarep_det.integrations.ultralytics_qat import check_qat_start, fuse_for_qat, has_fused_blocks, qat_requested
+from qarep_det.nn import RepVGGBlock, reparameterize_modules
 
 
 class QARepTrainer(DetectionTrainer):
-    """Ultralytics' DetectionTrainer with plain weight decay (QARepVGG's recipe) and an AMP check without download."""
+    """Ultralytics' DetectionTrainer with plain weight decay (QARepVGG's recipe) and an AMP check without download;
+    with ``quantize=8`` (Ultralytics' QAT) our blocks are fused before it quantizes (``integrations.ultralytics_qat``).
+    """
+
+    def __init__(self, cfg: Any = DEFAULT_CFG, overrides: dict[str, Any] | None = None, _callbacks: Any = None) -> None:
+        args = get_cfg(cfg, overrides)
+        if qat_requested(args) and not args.resume:
+            check_qat_start(args.model, args.task)  # before Ultralytics writes the run folder
+        super().__init__(cfg, overrides, _callbacks)
+
+    def setup_model(self) -> dict | None:
+        ckpt = super().setup_model()
+        if qat_requested(self.args) and not (self.resume and ckpt and ckpt.get("modelopt")):
+            fuse_for_qat(self.model)
+        return ckpt
+
+    def get_model(self, cfg: Any = None, weights: nn.Module | None = None, verbose: bool = True) -> nn.Module:
+        """Ultralytics' model from ``cfg`` with ``weights`` loaded; fused like ``weights`` when they are (a resumed
+        ``quantize=8`` run), since loading matches parameter names."""
+        if weights is None or not has_fused_blocks(weights):
+            return super().get_model(cfg, weights, verbose)
+        model = super().get_model(cfg, None, verbose)
+        reparameterize_modules(model)
+        model.load(weights)
+        return model
 
     def _setup_train(self) -> None:
         with offline_amp_check():

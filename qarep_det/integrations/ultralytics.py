@@ -26,6 +26,7 @@ import ultralytics
 from torch import nn
 from ultralytics.nn import tasks
 from ultralytics.utils import LOGGER, checks
+from ultralytics.utils.torch_utils import is_qat
 
 import qarep_det.nn as qnn
 from qarep_det.models import shipped_name
@@ -130,9 +131,18 @@ def parse_model_with_qarep(parse_model: Callable, d: dict, ch: int, verbose: boo
 
 
 def _fuse_with_qarep(fuse: Callable) -> Callable:
+    """``fuse`` that fuses our blocks first; on a QAT model, blocks still unfused keep their branches, as Ultralytics
+    keeps its ``RepConv``: their convs were quantized one by one, and a fused conv would drop those quantizers."""
+
     @functools.wraps(fuse)
     def wrapper(self, *args, **kwargs):
-        qnn.reparameterize_modules(self)
+        if not is_qat(self):
+            qnn.reparameterize_modules(self)
+        elif kept := sum(isinstance(m, qnn.Reparameterizable) and not m.fused for m in self.modules()):
+            LOGGER.warning(
+                f"{kept} Rep blocks keep their branches: quantize=8 quantized them branch by branch, which is not the "
+                "fused conv an engine runs; 'qarep-det yolo train ... quantize=8' fuses them before QAT"
+            )
         return fuse(self, *args, **kwargs)
 
     wrapper.__qarep_wrapped__ = fuse
