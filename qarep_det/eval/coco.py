@@ -150,6 +150,47 @@ def coco80_names() -> list[str]:
     return list(YAML.load(ROOT / "cfg" / "datasets" / "coco.yaml")["names"].values())
 
 
+def _split_name(source: str) -> str:
+    """COCO's name of a split: its folder (``images/val2017``) or image list (``val2017.txt``) without the suffix."""
+    path = Path(source)
+    return path.stem if path.suffix.lower() == ".txt" else path.name
+
+
+def check_instances_json(path: Path, files: Sequence[Path]) -> None:
+    """Refuse, in one ``ValueError`` line, an instances json that cannot score ``files`` (COCO-named images).
+
+    Checked up front because pycocotools finds out only after every image is predicted, or not at all: a json with
+    a category that is not COCO's (COCO's id and name; a subset such as person alone is fine) scores our 80-to-91
+    category ids against other classes, and one that lacks some of the split's images (another split's json: COCO's
+    splits share no image id) cannot score them.
+    """
+    try:
+        dataset = json.loads(path.read_text(encoding="utf-8"))
+        categories = {c["id"]: c["name"] for c in dataset["categories"]}
+        json_ids = {image["id"] for image in dataset["images"]}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        reason = f"no {e} entry" if isinstance(e, KeyError) else " ".join(str(e).split())
+        raise ValueError(f"instances json '{path}' is not a COCO instances file: {reason}") from None
+    coco = dict(zip(coco80_to_coco91_class(), coco80_names(), strict=True))
+    if not categories:
+        raise ValueError(f"instances json '{path}' has no categories")
+    if odd := next(((i, n) for i, n in categories.items() if coco.get(i) != n), None):
+        raise ValueError(
+            f"instances json '{path}': its categories are not COCO's (ids 1-90, names): id {odd[0]} is '{odd[1]}'"
+        )
+    missing = [f for f in files if int(f.stem) not in json_ids]
+    if len(missing) == len(files):
+        raise ValueError(
+            f"instances json '{path}' has none of the split's {len(files)} images (the ids are the file names, e.g. "
+            f"'{files[0].name}' is {int(files[0].stem)}): it belongs to another split"
+        )
+    if missing:
+        raise ValueError(
+            f"instances json '{path}' lacks {len(missing)} of the split's {len(files)} images, e.g. "
+            f"'{missing[0].name}': it belongs to another split or to a part of this one"
+        )
+
+
 def load_ground_truth(
     data: str | os.PathLike | dict[str, Any], split: str = "val", instances_json: str | os.PathLike | None = None
 ) -> GroundTruth:
@@ -157,7 +198,12 @@ def load_ground_truth(
 
     ``data`` is a data YAML (resolved with Ultralytics' ``check_det_dataset``, never downloading) or its resolved
     dict. The official json is used when the names are COCO's 80 and ``instances_json`` is given, or exists at
-    ``<path>/annotations/instances_<split folder>.json`` (where Ultralytics' COCO setup puts it).
+    ``<path>/annotations/instances_<split>.json``, ``<split>`` being the split's folder or image list name without
+    suffix (``val2017`` for ``images/val2017`` or ``val2017.txt``: where Ultralytics' COCO setup puts it).
+
+    Everything that would make the scores wrong or fail late fails here, in one ``ValueError`` line, before any
+    model work: a json that does not fit the split (:func:`check_instances_json`), a label row with a class id
+    outside the names (:func:`qarep_det.data.labels.read_yolo_label`).
     """
     info = data if isinstance(data, dict) else resolve_dataset(data)
     if not info.get(split):
@@ -168,7 +214,7 @@ def load_ground_truth(
     names = list(info["names"].values()) if isinstance(info["names"], dict) else list(info["names"])
     is_coco = names == coco80_names()
     if instances_json is None and is_coco and isinstance(info[split], str):
-        standard = Path(info["path"]) / "annotations" / f"instances_{Path(info[split]).name}.json"
+        standard = Path(info["path"]) / "annotations" / f"instances_{_split_name(info[split])}.json"
         instances_json = standard if standard.is_file() else None
     if instances_json is None:
         nkpt, ndim = info.get("kpt_shape") or (0, 0)
@@ -179,6 +225,7 @@ def load_ground_truth(
         raise FileNotFoundError(f"instances json '{instances_json}' does not exist")
     if bad := next((f for f in files if not f.stem.isnumeric()), None):
         raise ValueError(f"COCO image ids come from numeric file names; '{bad.name}' is not one")
+    check_instances_json(Path(instances_json), files)
     return GroundTruth(files, [int(f.stem) for f in files], coco80_to_coco91_class(), Path(instances_json))
 
 
