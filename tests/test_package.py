@@ -3,7 +3,9 @@ CLI, the wheel installed elsewhere; and the layering the import-linter contracts
 
 from __future__ import annotations
 
+import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -77,20 +79,28 @@ def test_console_command_lists_every_tool_and_runs_each_parser(capsys: pytest.Ca
         assert f"usage: qarep-det {name}" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("tool", ["train", "ptq_eval", "qat", "benchmark"])
-def test_tools_scripts_and_subcommands_share_one_parser(tool: str) -> None:
-    """tools/<tool>.py --help and qarep-det <tool> --help print the same flags (only the program name differs)."""
-    script = subprocess.run(
-        [sys.executable, str(REPO / "tools" / f"{tool}.py"), "--help"], capture_output=True, text=True, env=fresh_env()
+@pytest.mark.parametrize(("name", "module"), cli_main.TOOLS.items())
+def test_tools_scripts_and_subcommands_share_one_parser(
+    name: str, module: str, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tools/<module>.py --help and qarep-det <name> --help print the same flags (only the program name differs)."""
+    script = REPO / "tools" / f"{module}.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(script), run_name="__main__")
+    assert exit_.value.code == 0
+    script_help = capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        cli_main.main([name, "--help"])
+    assert exit_.value.code == 0
+    assert script_help.split("options:", 1)[1] == capsys.readouterr().out.split("options:", 1)[1]
+
+
+def test_python_m_is_the_console_command() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "qarep_det", "--help"], capture_output=True, text=True, env=fresh_env()
     )
-    command = subprocess.run(
-        [sys.executable, "-m", "qarep_det", tool.replace("_", "-"), "--help"],
-        capture_output=True,
-        text=True,
-        env=fresh_env(),
-    )
-    assert script.returncode == command.returncode == 0
-    assert script.stdout.split("options:", 1)[1] == command.stdout.split("options:", 1)[1]
+    assert result.returncode == 0 and result.stdout == cli_main.usage() + "\n"
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +188,9 @@ def test_the_demo_runs_from_the_wheel(installed_wheel: Path, tmp_path: Path) -> 
            "--calib-images", "4", "--out", "ptq"]  # fmt: skip
     result = run_from_wheel(installed_wheel, tmp_path, *ptq)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (tmp_path / "ptq" / "results.json").is_file()
+    rows = json.loads((tmp_path / "ptq" / "results.json").read_text())
+    assert {row["model"] for row in rows} == {Path(w).parent.parent.name for w in weights}
+    assert all(row["calib_images"] == 4 and 0 <= row["int8_map50_95"] <= 100 for row in rows), rows
 
 
 def test_importing_us_first_leaves_torch_every_thread_it_would_have() -> None:
