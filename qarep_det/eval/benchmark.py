@@ -268,7 +268,7 @@ def openvino_int8(cfg: str, data: str, imgsz: int = 640, calib_images: int = 512
 
     Weights are the YAML's initialisation: latency, size and calibration time do not depend on training.
     """
-    from qarep_det.eval.ptq import file_size_mb
+    from qarep_det.integrations.checkpoint import file_size_mb
     from qarep_det.quant import openvino as qov
     from qarep_det.quant.calibration import calibration_set
     from qarep_det.quant.recipe import QuantRecipe

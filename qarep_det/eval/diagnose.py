@@ -22,10 +22,9 @@ from torch import nn
 
 from qarep_det.checks import check_count, check_imgsz
 from qarep_det.eval.plots import save_plots
-from qarep_det.eval.ptq import model_name
 from qarep_det.eval.table import markdown_table
 from qarep_det.integrations.analysis import analyze
-from qarep_det.integrations.checkpoint import checkpoint_paths, load_detector
+from qarep_det.integrations.checkpoint import checkpoint_paths, load_detector, model_name
 from qarep_det.quant.calibration import CalibrationSet, calibration_set
 from qarep_det.quant.diagnostics import BN_OUTLIER_FACTOR, bn_scales
 from qarep_det.quant.qat import qat_student

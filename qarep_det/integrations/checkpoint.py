@@ -1,10 +1,12 @@
-"""Detector checkpoints: load one with one clear error for each way it can be wrong, save a fused one exactly."""
+"""Detector checkpoints: load one with one clear error for each way it can be wrong, load and fuse one once for the
+report tools, name one, save a fused one exactly."""
 
 from __future__ import annotations
 
 import copy
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from torch import nn
 from ultralytics.nn.modules import Detect
 from ultralytics.nn.tasks import DetectionModel, load_checkpoint
 
+from qarep_det.quant.qat import QATDetectionModel, qat_student
 from qarep_det.quant.simulated import modelopt_quiet
 from qarep_det.reparam import output_difference, reparameterize_model
 
@@ -40,6 +43,38 @@ def load_detector(weights: str | os.PathLike) -> DetectionModel:
     if not isinstance(model, DetectionModel) or type(model.model[-1]) is not Detect:
         raise ValueError(f"weights '{path}' hold a {type(model).__name__}, not an Ultralytics Detect detector")
     return model.eval()
+
+
+def model_name(weights: Path) -> str:
+    """A readable name for a checkpoint: the run folder for Ultralytics' ``RUN/weights/best.pt``, else the stem."""
+    return weights.parent.parent.name if weights.parent.name == "weights" else weights.stem
+
+
+def file_size_mb(*paths: Path) -> float:
+    """Total size of files in MB (an OpenVINO IR is an .xml plus a .bin)."""
+    return sum(p.stat().st_size for p in paths) / 1e6
+
+
+@dataclass(frozen=True)
+class FusedCheckpoint:
+    """A checkpoint loaded and fused once, for everything a report tool does with it."""
+
+    path: Path
+    fused: DetectionModel  # the FP32 model, fused: for a QAT checkpoint, the model its fine-tuning started from
+    student: QATDetectionModel | None  # a QAT checkpoint's fine-tuned fake-quantized model; None for an FP32 one
+
+    @property
+    def name(self) -> str:
+        return model_name(self.path)
+
+
+def load_fused(weights: str | os.PathLike) -> FusedCheckpoint:
+    """:func:`load_detector`, then re-parameterize the FP32 model (a QAT checkpoint's FP32 reference); raises as
+    :func:`load_detector` does, and ``ValueError`` for a QAT checkpoint without its FP32 reference."""
+    model = load_detector(weights)
+    student = qat_student(model)
+    fp32 = model if student is None else student.fp32_reference
+    return FusedCheckpoint(Path(weights), reparameterize_model(fp32), student)
 
 
 def checkpoint_paths(weights: Sequence[str | os.PathLike]) -> list[Path]:
