@@ -313,6 +313,39 @@ def rank_by_noise(noise: dict[str, tuple[NoisePower, NoisePower]]) -> list[str]:
     return sorted(noise, key=lambda name: detection_noise(*noise[name]))
 
 
+@dataclass(frozen=True)
+class Sensitivity:
+    """A fully INT8 model calibrated once and its convs ranked, most harmful alone first: what ``--keep-float`` and
+    ``--max-drop`` choose from."""
+
+    calibrated: nn.Module
+    ranking: list[str]
+    calibrate_s: float
+    rank_s: float
+
+    def keep(self, recipe: QuantRecipe, keep_float: int) -> QuantRecipe:
+        """``recipe`` with the first ``keep_float`` convs of the ranking added to its float layers."""
+        return replace(recipe, float_layers=recipe.float_layers + tuple(self.ranking[:keep_float]))
+
+
+def rank_sensitivity(
+    fused: nn.Module,
+    calib: Sequence[torch.Tensor],
+    recipe: QuantRecipe,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    rank_images: int | None = None,
+) -> Sensitivity:
+    """Calibrate ``fused`` on every image of ``calib``, then rank its convs by their isolated noise on the first
+    ``rank_images`` of them (default: all): the ranking :func:`analyze` gives, which diagnose reports."""
+    start = time.perf_counter()
+    calibrated = quantize_torch(fused, calib, recipe, device)
+    calibrate_s = time.perf_counter() - start
+    images = first_images(calib, rank_images)  # calibration saw all of them; the per-conv passes see these
+    ranking = rank_by_noise(isolated_noise(fused, calibrated, images, recipe, device, progress))
+    return Sensitivity(calibrated, ranking, calibrate_s, time.perf_counter() - start - calibrate_s)
+
+
 def keep_most_sensitive(
     fused: nn.Module,
     calib: Sequence[torch.Tensor],
@@ -321,13 +354,11 @@ def keep_most_sensitive(
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> QuantRecipe:
-    """``recipe`` with the ``keep_float`` convs that hurt most alone (the isolated ranking :func:`analyze` gives on
-    ``calib``, which diagnose reports) added to its float layers; ``recipe`` itself for 0."""
+    """``recipe`` with the ``keep_float`` most sensitive convs (:func:`rank_sensitivity` on all of ``calib``) added
+    to its float layers; ``recipe`` itself for 0."""
     if not keep_float:
         return recipe
-    qmodel = quantize_torch(fused, calib, recipe, device)
-    ranking = rank_by_noise(isolated_noise(fused, qmodel, calib, recipe, device, progress))
-    return replace(recipe, float_layers=recipe.float_layers + tuple(ranking[:keep_float]))
+    return rank_sensitivity(fused, calib, recipe, device, progress).keep(recipe, keep_float)
 
 
 def _layer(fused: nn.Module, name: str, qconv: nn.Module, e: _Errors) -> LayerAnalysis:

@@ -70,6 +70,6 @@ def check_partial(model: nn.Module, recipe: QuantRecipe, keep_float: int = 0) ->
     """``ValueError`` for named float layers that are not quantized convs, or a K (convs to keep float by
     sensitivity) below 0 or above the number of quantized convs; checked before any calibration."""
     if keep_float < 0:
-        raise ValueError(f"the number of convs to keep float must be >= 0, got {keep_float}")
+        raise ValueError(f"keep_float must be >= 0, got {keep_float}")
     if keep_float > (n := len(quantized_conv_names(model, recipe))):
         raise ValueError(f"cannot keep {keep_float} convs float: the model has {n} quantized convs")
