@@ -14,7 +14,6 @@ evaluations are deterministic, so it asks what ptq_eval asks) beside the fewest 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 from benchmark_args import benchmark_parser
 from matplotlib.figure import Figure
@@ -26,12 +25,12 @@ from qarep_det.eval.predict import evaluate_runner
 from qarep_det.eval.protocol import EvalProtocol
 from qarep_det.eval.ptq import RANK_IMAGES
 from qarep_det.eval.tuning import tuning_set
-from qarep_det.integrations.analysis import isolated_noise, rank_by_noise
+from qarep_det.integrations.analysis import rank_sensitivity
 from qarep_det.integrations.checkpoint import load_detector
-from qarep_det.quant.calibration import calibration_set, first_images
+from qarep_det.quant.calibration import calibration_set
 from qarep_det.quant.recipe import QuantRecipe
 from qarep_det.quant.runner import torch_runner
-from qarep_det.quant.simulated import quantize_torch, with_float_layers
+from qarep_det.quant.simulated import with_float_layers
 from qarep_det.reparam import reparameterize_model
 
 
@@ -49,8 +48,8 @@ def main() -> None:
     calib = calibration_set(args.data, args.imgsz, recipe.calib_images, recipe.seed, progress=False)
     val = load_ground_truth(args.data)
     tuning = tuning_set(args.data, args.tune_images, recipe.seed, calib.paths, val.image_files)
-    calibrated = quantize_torch(fused, calib, recipe)
-    ranking = rank_by_noise(isolated_noise(fused, calibrated, first_images(calib, args.rank_images), recipe))
+    sensitivity = rank_sensitivity(fused, calib, recipe, rank_images=args.rank_images)
+    ranking = sensitivity.ranking
 
     def score(runner, ground_truth) -> float:
         return evaluate_runner(runner, ground_truth, args.out / "dets.json", protocol, progress=False)["map50_95"]
@@ -63,12 +62,12 @@ def main() -> None:
         fp32_ir = convert_openvino(fused, args.imgsz)
 
         def candidate(k: int):
-            kept = replace(recipe, float_layers=tuple(ranking[:k]))
+            kept = sensitivity.keep(recipe, k)
             return openvino_runner(quantize_openvino(fused, calib, args.imgsz, kept, fp32=fp32_ir))
     else:
 
         def candidate(k: int):
-            return torch_runner(with_float_layers(calibrated, replace(recipe, float_layers=tuple(ranking[:k]))))
+            return torch_runner(with_float_layers(sensitivity.calibrated, sensitivity.keep(recipe, k)))
 
     curve = []
     for k in tqdm(range(len(ranking) + 1), desc=f"every K on {args.backend}", unit="K"):

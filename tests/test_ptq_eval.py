@@ -13,7 +13,8 @@ import yaml
 from ultralytics import YOLO
 
 from qarep_det.data.synthetic import make_dataset
-from qarep_det.eval.ptq import BACKENDS, PTQSettings, run_ptq_eval
+from qarep_det.eval.backends import BACKENDS
+from qarep_det.eval.ptq import PTQSettings, run_ptq_eval
 from qarep_det.integrations.checkpoint import load_detector
 from qarep_det.quant.calibration import calibration_set
 from qarep_det.quant.diagnostics import sqnr_db

@@ -30,8 +30,8 @@ from qarep_det.cli.common import (
 )
 from qarep_det.cli.demo import DemoSettings, check_demo, run_demo
 from qarep_det.device import torch_device
-from qarep_det.eval.protocol import EvalProtocol
-from qarep_det.eval.ptq import BACKENDS, RANK_IMAGES, TUNE_IMAGES, PTQSettings, run_ptq_eval
+from qarep_det.eval.backends import BACKENDS
+from qarep_det.eval.ptq import RANK_IMAGES, TUNE_IMAGES, PTQSettings, run_ptq_eval
 from qarep_det.eval.table import format_console
 
 DEMO = DemoSettings()
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError, ImportError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(format_console(rows, EvalProtocol(imgsz=imgsz)))
+    print(format_console(rows, settings.protocol))
     plot = json_path.with_name("max_drop.png")
     print(f"results: {json_path}, {md_path}" + (f"; trade-off plot: {plot}" if args.max_drop is not None else ""))
     return 0
