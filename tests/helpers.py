@@ -1,5 +1,5 @@
-"""Readers of exported INT8 files that only the tests need: which convs carry Q/DQ pairs and with which scales, and
-what makes an OpenVINO IR INT8."""
+"""Readers of exported INT8 files that only the tests need: which convs carry Q/DQ pairs and with which scales, how
+a QDQ file's outputs compare with its torch model, and what makes an OpenVINO IR INT8."""
 
 from __future__ import annotations
 
@@ -49,6 +49,37 @@ def qdq_convs(path: str | Path) -> dict[str, tuple[QDQPair | None, QDQPair | Non
             input_pair, _ = quantizer(node.input[0])
             convs[weight_name.removeprefix("model.").removesuffix(".weight")] = (input_pair, weight_pair)
     return convs
+
+
+@dataclass(frozen=True)
+class QDQCheck:
+    """How an exported QDQ file compares with the torch model it came from."""
+
+    quantize_nodes: int
+    dequantize_nodes: int
+    max_abs_diff: float
+    output_sqnr_db: float
+
+
+def check_qdq_onnx(path: str | Path, qmodel, images) -> QDQCheck:
+    """Count Q/DQ nodes and run the file on onnxruntime (CPU) against the torch fake-quant model on ``images``."""
+    import onnx
+    import torch
+
+    from qarep_det.quant.diagnostics import sqnr_db
+    from qarep_det.quant.onnx_qdq import onnx_runner
+    from qarep_det.quant.runner import DecodedOutput
+
+    nodes = [n.op_type for n in onnx.load(str(path)).graph.node]
+    with torch.no_grad():
+        reference = DecodedOutput(qmodel).eval()(images.to(next(qmodel.parameters()).device)).float().cpu()
+    output = onnx_runner(path)(images)
+    return QDQCheck(
+        quantize_nodes=nodes.count("QuantizeLinear"),
+        dequantize_nodes=nodes.count("DequantizeLinear"),
+        max_abs_diff=float((output - reference).abs().max()),
+        output_sqnr_db=sqnr_db(reference, output),
+    )
 
 
 def int8_summary(ov_model) -> dict[str, int]:

@@ -148,8 +148,10 @@ def test_onnxruntime_scores_the_torch_backends_qdq_onnx_after_one_calibration(
 ) -> None:
     if not installed("onnxruntime"):
         pytest.skip("onnxruntime backend packages not installed")
+    from helpers import check_qdq_onnx
+
     from qarep_det.quant import simulated
-    from qarep_det.quant.onnx_qdq import check_qdq_onnx, onnx_runner
+    from qarep_det.quant.onnx_qdq import onnx_runner
     from qarep_det.quant.runner import torch_runner
 
     quantized = []  # every simulated model made: the torch and onnxruntime backends must share one

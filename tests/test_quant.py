@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from helpers import int8_summary, qdq_convs
+from helpers import check_qdq_onnx, int8_summary, qdq_convs
 from torch import nn
 
 import qarep_det  # noqa: F401  (offline settings before ultralytics)
@@ -403,7 +403,7 @@ def test_openvino_head_float_percentile_and_unsupported_method(model, calib):
 def test_qdq_onnx_export_checks_runs_and_keeps_scales(qmodel, images, tmp_path):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from qarep_det.quant.onnx_qdq import check_qdq_onnx, export_qdq_onnx
+    from qarep_det.quant.onnx_qdq import export_qdq_onnx
 
     path = export_qdq_onnx(qmodel, tmp_path / "int8_qdq.onnx", IMGSZ)
     with pytest.raises(FileExistsError):

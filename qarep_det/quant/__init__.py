@@ -4,7 +4,8 @@ Every backend hands evaluation a runner (``runner.Runner``: images in, ``(B, 4 +
 
 - ``simulated.quantize_torch`` + ``runner.torch_runner``: simulated INT8 (NVIDIA ModelOpt), any device; the reference.
 - ``openvino.quantize_openvino`` + ``openvino.openvino_runner``: real INT8 on the CPU (an IR quantized by NNCF).
-- ``onnx_qdq.export_qdq_onnx``: the simulated model as QDQ ONNX for TensorRT (``onnx_qdq.check_qdq_onnx`` checks it).
+- ``onnx_qdq.export_qdq_onnx`` + ``onnx_qdq.onnx_runner``: the simulated model as QDQ ONNX for TensorRT, run on
+  onnxruntime.
 
 ``recipe`` says what is quantized and how, ``scope`` which convs, ``calibration`` on which images; ``diagnostics``
 measures weights, outputs and BN scales; ``planted`` makes a known INT8 outlier; ``qat`` the QAT student.

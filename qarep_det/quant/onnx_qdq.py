@@ -6,23 +6,20 @@ symbolic functions that emit one Q/DQ pair per quantizer (weights: per-channel, 
 int8 zero points of 0), which only the TorchScript exporter calls (``torch.onnx.export(..., dynamo=False)``,
 deprecated but present in torch 2.14).
 
-Agreement with the torch model (measured on random-init yolov8n, 128 px): the first conv matches to 2e-6, yet the
-decoded outputs differ by roughly the quantization noise itself, because onnxruntime's SiLU and accumulation order
-differ from torch's in the last float bit; a value that sits on a rounding boundary then lands one INT8 step away,
-and such flips cascade through the following quantizers. :func:`check_qdq_onnx` reports the numbers.
+The file agrees with the torch model closely, not exactly: onnxruntime's SiLU and accumulation order differ from
+torch's in the last float bit; a value that sits on a rounding boundary then lands one INT8 step away, and such flips
+cascade through the following quantizers (docs/int8.md).
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from qarep_det.quant.diagnostics import sqnr_db
 from qarep_det.quant.runner import DecodedOutput, Runner
 
 INSTALL_HINT = 'pip install "qarep_det[onnx]"'
@@ -76,28 +73,3 @@ def onnx_runner(path: str | Path) -> Runner:
         return torch.from_numpy(session.run(None, {"images": images.detach().float().cpu().numpy()})[0])
 
     return run
-
-
-@dataclass(frozen=True)
-class QDQCheck:
-    """How an exported QDQ file compares with the torch model it came from."""
-
-    quantize_nodes: int
-    dequantize_nodes: int
-    max_abs_diff: float
-    output_sqnr_db: float
-
-
-def check_qdq_onnx(path: str | Path, qmodel: nn.Module, images: torch.Tensor) -> QDQCheck:
-    """Count Q/DQ nodes and run the file on onnxruntime (CPU) against the torch fake-quant model on ``images``."""
-    onnx, _ = _require()
-    nodes = [n.op_type for n in onnx.load(str(path)).graph.node]
-    with torch.no_grad():
-        reference = DecodedOutput(qmodel).eval()(images.to(next(qmodel.parameters()).device)).float().cpu()
-    output = onnx_runner(path)(images)
-    return QDQCheck(
-        quantize_nodes=nodes.count("QuantizeLinear"),
-        dequantize_nodes=nodes.count("DequantizeLinear"),
-        max_abs_diff=float((output - reference).abs().max()),
-        output_sqnr_db=sqnr_db(reference, output),
-    )
