@@ -1,18 +1,17 @@
 """Histogram calibrators for symmetric INT8 activations: percentile, MSE and entropy (KL), vectorized in torch.
 
-Why not ModelOpt's own ``HistogramCalibrator`` (nvidia-modelopt 0.47.0): its MSE and entropy searches loop in Python
-over every candidate bin and are O(bins^2), seconds per quantizer at 2048 bins (README, "The INT8 recipe"), and its
-fixed-width histogram grows whenever a later batch exceeds the first batch's max (up to 35 000 bins on yolov8n with
-two batches), which pushed a single MSE search past minutes. Here the range is
-known first (a max-calibration pass, as TensorRT does), each activation gets a 2048-bin histogram of |x| over
-[0, max], and all candidate ranges are scored at once: milliseconds per quantizer.
+Why not ModelOpt's own ``HistogramCalibrator`` (nvidia-modelopt 0.47): its MSE and entropy searches loop in Python
+over every candidate bin and are O(bins^2), and its fixed-width histogram grows whenever a later batch exceeds the
+first batch's max, so its cost grows with the data (docs/int8.md). Here the range is known first (a max-calibration
+pass, as TensorRT does), each activation gets a 2048-bin histogram of |x| over [0, max], and all candidate ranges are
+scored at once, in one vectorized pass per quantizer.
 
 The rules follow TensorRT / pytorch-quantization: candidates start at bin 128; MSE scores the bin centres weighted
 by their counts; entropy minimizes KL(P || Q) where P is the histogram clipped at the candidate (outliers folded into
 the last bin) and Q is P merged into 128 levels and spread back uniformly over P's non-empty bins. On test
 distributions entropy and percentile agree with ModelOpt's implementations; ModelOpt 0.47's histogram MSE is broken
-(``_compute_amax_mse`` passes ``num_bits`` positionally into the ``bias`` slot of ``fake_tensor_quant``; it returned
-1.36 for |N(0,1)|^2 data whose brute-force MSE optimum is 17.2, which this module finds).
+(``_compute_amax_mse`` passes ``num_bits`` positionally into the ``bias`` slot of ``fake_tensor_quant``), while this
+module finds the brute-force MSE optimum.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Why a model quantizes well or badly, in numbers: weight SQNR, weight outliers, output SQNR, BN scales. Pure torch.
 
-RepVGG-style fusion can leave one huge tap per output channel (the identity's centre tap, measured 60-220x its
-channel's median in the README's "Where INT8 goes"); per-channel INT8 then spends its whole range on that tap and
-rounds the rest coarsely. ``max_to_median`` exposes the outlier and ``weight_sqnr_db`` its cost, layer by layer;
-``sqnr_db`` on outputs measures what reaches the detector, and ``NoisePower`` accumulates the same ratio over many
-batches (signal and noise summed first, then divided). :func:`bn_scales` reads the paper's mechanism in the training
-form: ``|gamma| / sqrt(var + eps)`` per BN of every block of ours (a dead channel under RepVGG's identity BN explodes).
+RepVGG-style fusion can leave one huge tap per output channel (the identity's centre tap, many times its channel's
+median: docs/results.md, Where INT8 goes); per-channel INT8 then spends its whole range on that tap and rounds the rest
+coarsely. ``max_to_median`` exposes the outlier and ``weight_sqnr_db`` its cost, layer by layer; ``sqnr_db`` on outputs
+measures what reaches the detector, and ``NoisePower`` accumulates the same ratio over many batches (signal and noise
+summed first, then divided). :func:`bn_scales` reads the paper's mechanism in the training form: ``|gamma| / sqrt(var +
+eps)`` per BN of every block of ours (a dead channel under RepVGG's identity BN explodes).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from qarep_det.nn.fusion import bn_scale
 
 BN_OUTLIER_FACTOR = 10.0
 """A BN channel is an outlier when its ``|gamma| / sigma`` exceeds this multiple of its BN's median. A dead channel
-(running var -> 0) reaches ``|gamma| / sqrt(eps)``: about 30x a typical channel with Ultralytics' eps 1e-3, the
-paper's 692 and 1477 with eps 1e-5; healthy BNs trained here stay within ~3x (README, "Where INT8 goes")."""
+(running var -> 0) reaches ``|gamma| / sqrt(eps)``: about 30x a typical channel with Ultralytics' eps 1e-3, the paper's
+692 and 1477 with eps 1e-5; healthy trained BNs stay well below the factor (docs/results.md, Where INT8 goes)."""
 
 
 def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:

@@ -189,14 +189,13 @@ def clamp_ranges_(ranges: list[Tensor], floor: float = AMAX_FLOOR) -> None:
 class LogDomainSteps:
     """Makes an optimizer step learned ranges in the log domain: ``amax <- amax * exp(update)``.
 
-    Why: one model's ranges span orders of magnitude (fused weight channels from 0.02 to 3.5, activations from 1 to
-    20 on yolo_qarep_n, README), and a clipping calibration needs its ranges multiplied by 1.5-4. A step of the same
-    size in amax units either cannot move the large ones or wipes out the small ones; SGD and Adam both did (README
-    "learned ranges"). TQT (Jain et al., MLSys 2020) trains log thresholds for this reason. Any torch optimizer does
-    it with two hooks: before its step the gradient becomes ``dL/dlog(amax) = amax * dL/damax`` (the LSQ gradient
-    above, scaled by g); after it, the optimizer's change ``d`` of the parameter is applied as ``amax * exp(d)``. Its
-    state (momentum, Adam moments) then lives in log units throughout, also across a resume, and amax stays
-    positive (:func:`clamp_ranges_` guards float underflow).
+    Why: one model's ranges span orders of magnitude, and a clipping calibration needs some of them multiplied several
+    times over (docs/qat.md). A step of the same size in amax units either cannot move the large ones or wipes out the
+    small ones; SGD and Adam both did (docs/qat.md, learned ranges). TQT (Jain et al., MLSys 2020) trains log thresholds
+    for this reason. Any torch optimizer does it with two hooks: before its step the gradient becomes ``dL/dlog(amax) =
+    amax * dL/damax`` (the LSQ gradient above, scaled by g); after it, the optimizer's change ``d`` of the parameter is
+    applied as ``amax * exp(d)``. Its state (momentum, Adam moments) then lives in log units throughout, also across a
+    resume, and amax stays positive (:func:`clamp_ranges_` guards float underflow).
     """
 
     def __init__(self, ranges: list[nn.Parameter]) -> None:

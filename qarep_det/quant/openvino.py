@@ -1,20 +1,18 @@
 """Real INT8 on CPU: OpenVINO IR quantized by NNCF, configured to the reference recipe.
 
 Why OpenVINO + NNCF: OpenVINO is the maintained CPU runtime with real INT8 kernels and NNCF is its own post-training
-quantizer, so the IR runs integer convolutions, not simulated ones. Speed depends on the CPU (README, "Speed"): on
-an AVX2 CPU without VNNI, INT8 convs run ``jit_avx2_I8`` kernels no faster than FP32's ``brgconv_avx2_f32``; CPUs
+quantizer, so the IR runs integer convolutions, not simulated ones. Speed depends on the CPU (docs/int8.md): CPUs
 with int8 dot products (VNNI, AMX) are where INT8 pays off in time. The IR is about 4x smaller either way.
 
 How NNCF is pinned to the recipe (nncf 3.4): preset PERFORMANCE (symmetric activations, symmetric per-channel
 weights), bias correction off (``disable_bias_correction=True``; NNCF's default would hide structural problems), and
 an ignored scope that (a) lists every op type other than convolution, so the only activation quantizers are the ones
 feeding a conv, exactly as in the simulated model, and (b) names the convs :mod:`qarep_det.quant.scope` keeps float
-(DFL, and the Detect convs when ``quantize_head=False``). Ranges: ``max`` -> NNCF MINMAX (measured identical to the
-simulated model's amax); ``percentile`` -> the largest per-image |x| quantile (NNCF has no global-histogram
-percentile; on yolov8n this landed at 0.97-1.22x the torch backend's range, median 1.05, while averaging per-image
-quantiles as NNCF's MEAN_QUANTILE does gave 0.28-1.0x, median 0.52); ``mse`` -> NNCF's HISTOGRAM estimator (an
-L2-error search ported from torch's HistogramObserver, not TensorRT's MSE sweep; 0.99-1.21x, median 1.05);
-``entropy`` -> not offered by NNCF, ``ValueError``.
+(DFL, and the Detect convs when ``quantize_head=False``). Ranges: ``max`` -> NNCF MINMAX (the simulated model's
+amax); ``percentile`` -> the largest per-image |x| quantile (NNCF has no global-histogram percentile, and averaging
+per-image quantiles, its MEAN_QUANTILE, lands far lower); ``mse`` -> NNCF's HISTOGRAM estimator (an L2-error search
+ported from torch's HistogramObserver, not TensorRT's MSE sweep); ``entropy`` -> not offered by NNCF,
+``ValueError``. How close each lands to the torch backend's ranges: docs/int8.md.
 
 A scheme gap NNCF cannot close through its API: it makes an activation quantizer unsigned (u8, step max/255)
 whenever calibration saw no negative value, e.g. after every ReLU, while TensorRT is always signed (s8, step
@@ -23,10 +21,9 @@ max/127); ``QuantizationParameters(signedness_to_force=True)`` is rejected again
 ``signed_activations=True`` (default) such quantizers are rewritten afterwards to the signed grid of the same range,
 so the IR computes what TensorRT would.
 
-A hardware gap: CPUs without VNNI (AVX2, AVX-512F) multiply u8 x s8 pairs into saturating int16 sums. Measured here
-on one 64-channel 3x3 conv: with full 8-bit weights OpenVINO's output was 19 dB SQNR against an exact integer
-emulation of the same IR; with NNCF's overflow fix (a 7-bit weight grid, step 2 max/127, codes in [-63, 64]) it was
-bit-exact (127 dB). So ``overflow_fix=None`` (auto) turns the fix on for every layer when the CPU has no VNNI
+A hardware gap: CPUs without VNNI (AVX2, AVX-512F) multiply u8 x s8 pairs into saturating int16 sums, which full
+8-bit weights overflow; NNCF's overflow fix (a 7-bit weight grid, step 2 max/127, codes in [-63, 64]) keeps the sums
+exact (docs/int8.md). So ``overflow_fix=None`` (auto) turns the fix on for every layer when the CPU has no VNNI
 (``/proc/cpuinfo``) and off otherwise, where the IR's weights equal the reference's exactly. With the fix on, the
 OpenVINO model is one weight bit coarser than the reference (weight codes in [-64, 64] instead of [-127, 127]).
 """

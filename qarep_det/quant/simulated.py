@@ -2,17 +2,13 @@
 
 Why ModelOpt: it is NVIDIA's maintained successor of ``pytorch-quantization``, the tool behind TensorRT's explicit
 (QDQ) INT8 and behind published YOLO PTQ studies, so its fake-quant grid, max calibrator and ONNX Q/DQ export are
-exactly TensorRT's. Its histogram calibrators are not used (too slow here, and its MSE is broken): percentile, MSE
+exactly TensorRT's. Its histogram calibrators are not used (too slow, and its MSE is broken): percentile, MSE
 and entropy ranges come from :mod:`qarep_det.quant.calibrators` in a second pass and are written into the same
-ModelOpt quantizers.
-
-Measured here (torch 2.14.1 CPU build, nvidia-modelopt 0.47.0): the base wheel is 2.2 MB and pulls no CUDA packages
-(only pydantic, pulp, omegaconf, regex); its fake quant runs on CPU through a pure-torch fallback. One packaging bug:
-``import modelopt.torch`` needs ``huggingface_hub``, which the wheel does not declare.
+ModelOpt quantizers. Its fake quant runs on the CPU through a pure-torch fallback, so no CUDA package is needed.
 
 CUDA: ModelOpt fake-quantizes a CUDA tensor with ``modelopt_cuda_ext``, a kernel that ``get_cuda_ext()``
 (``modelopt/torch/quantization/extensions.py``) JIT-compiles with nvcc on first use and caches under
-``~/.cache/torch_extensions``; a first GPU run sat for over a minute with no word of why (README). We skip it:
+``~/.cache/torch_extensions``, silently, on a first GPU run (docs/int8.md). We skip it:
 :func:`import_modelopt` stores ``None`` in ``get_cuda_ext``'s own memo, the state ModelOpt records itself when a build
 fails, so ``fake_quant_impl`` raises ``AttributeError`` and ``FakeTensorQuantFunction.forward`` takes its documented
 fallback, ``_tensor_quant``: the very pure-torch code that runs on the CPU. So CPU and CUDA run one quantization code
