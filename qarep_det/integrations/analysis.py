@@ -20,12 +20,12 @@ Every SQNR sums signal and noise over all images before dividing. ``ranking`` or
 ``cumulative_ranking`` by the added noise, most harmful first.
 
 Speed: batches outside, convs inside. Per batch one FP32 pass keeps every node's output (:class:`RestartableForward`),
-one fully INT8 pass gives the cumulative figures, and each conv's isolated pass recomputes only what lies downstream
-of it, with that conv's quantizers toggled on in one quantized copy (never re-quantized): about 17 full passes per
-batch for yolo_qarep_s instead of 59. The ranking alone (:func:`rank_by_noise` of :func:`isolated_noise`, what
-``--keep-float`` and ``--max-drop`` need) skips the cumulative figures, takes a model already calibrated, and may run
-on a prefix of the calibration draw (``rank_images``): calibration always sees every calibration image, the per-conv
-passes only the images ranked.
+one fully INT8 pass gives the cumulative figures, and each conv's isolated pass recomputes only what lies downstream of
+it, with that conv's quantizers toggled on in one quantized copy (never re-quantized): far fewer full passes than one
+per conv (docs/diagnose.md, Speed). The ranking alone (:func:`rank_by_noise` of :func:`isolated_noise`, what
+``--keep-float`` and ``--max-drop`` need) skips the cumulative figures, takes a model already calibrated, and may run on
+a prefix of the calibration draw (``rank_images``): calibration always sees every calibration image, the per-conv passes
+only the images ranked.
 
 It lives in ``integrations/`` because the restartable forward re-walks Ultralytics' graph, and because QAT's
 ``--keep-float`` (an integration with Ultralytics' trainer) ranks with it too. BN scales, the paper's mechanism,
@@ -53,7 +53,7 @@ from qarep_det.quant.runner import first_output
 from qarep_det.quant.scope import quantized_conv_names
 from qarep_det.quant.simulated import quantize_torch
 
-FAST_LAYOUT = torch.channels_last  # faster than NCHW on the CPUs measured (README, diagnosis speed)
+FAST_LAYOUT = torch.channels_last  # faster than NCHW on the CPUs measured (docs/diagnose.md, Speed)
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,12 @@ looks for. A user's own settings always win (``setdefault``).
 Telemetry: NNCF and OpenVINO's converter (``openvino.tools.ovc``) report usage to Google Analytics through the
 ``openvino_telemetry`` package. Without a consent file they send (NNCF asks for no consent at all), and they stay quiet
 only when they detect CI (``CI=true``, ``TF_BUILD``, ``JENKINS_URL``; NNCF also ``NNCF_CI`` or an imported pytest), so a
-test suite never notices; measured outside CI: 30 DNS lookups of www.google-analytics.com per ``tools/export.py --format
-openvino`` run, 34 per ``ptq_eval --backend torch openvino`` run. Both import the package inside ``try/except
-ImportError`` and fall back to their own no-op stubs, so marking it unimportable (``sys.modules[name] = None``) turns
-telemetry off for this process and its forked children, and nothing else. That is preferred over the documented opt-out
-(``opt_in_out --opt_out``), which writes the user's global consent file and so changes other programs too. If the
-package was imported first (``import openvino`` does), it is too late to block, and we say so with a warning.
+test suite never notices (tests/test_offline.py runs the tools outside CI under an audit hook). Both import the package
+inside ``try/except ImportError`` and fall back to their own no-op stubs, so marking it unimportable
+(``sys.modules[name] = None``) turns telemetry off for this process and its forked children, and nothing else. That is
+preferred over the documented opt-out (``opt_in_out --opt_out``), which writes the user's global consent file and so
+changes other programs too. If the package was imported first (``import openvino`` does), it is too late to block, and
+we say so with a warning.
 
 ModelOpt imports ``huggingface_hub``, which reaches the Hub (downloads, telemetry) whenever something calls it;
 ``HF_HUB_OFFLINE=1`` and ``HF_HUB_DISABLE_TELEMETRY=1`` rule both out (again only where the user set nothing).

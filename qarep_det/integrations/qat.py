@@ -58,7 +58,7 @@ from qarep_det.reparam import reparameterize_model
 
 # Fine-tuning, not training: ModelOpt's guidance is 1-10% of the schedule at a small learning rate. Adam rather than
 # the training recipe's SGD: a fused model's weights and ranges span orders of magnitude, which SGD's steps do not
-# (README: SGD at 1e-4 broke a planted model in two steps). No warmup: Ultralytics' warmup starts biases at lr 0.1,
+# (docs/qat.md: SGD broke a planted model within steps). No warmup: Ultralytics' warmup starts biases at lr 0.1,
 # which would undo a trained model. No mosaic (as in the recipe's last epochs). FP32, not AMP: float16 activations
 # would add rounding noise that the INT8 engine does not have, on top of the simulated quantization.
 QAT_RECIPE: dict[str, Any] = {
@@ -72,7 +72,7 @@ QAT_RECIPE: dict[str, Any] = {
 }
 
 LEARNING_RATES: dict[str, tuple[float, float]] = {"Adam": (1e-5, 0.1), "SGD": (1e-4, 1e-2)}
-"""Per optimizer QAT offers: the weights' lr0 and the learned ranges' lr unless told otherwise (README: measured).
+"""Per optimizer QAT offers: the weights' lr0 and the learned ranges' lr unless told otherwise (measured: docs/qat.md).
 SGD's 1e-4 is 1% of the training recipe's lr0; Adam's 1e-5 is the top of NVIDIA's yolov7_qat range (1e-6..1e-5)."""
 DEFAULT_RANGES = "learned"
 

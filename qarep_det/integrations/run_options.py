@@ -135,9 +135,9 @@ def load_hyp(hyp: Path | Mapping[str, Any] | None) -> dict[str, Any]:
 def check_dataset(data: Path, single_cls: bool = False) -> dict[str, Any]:
     """Check a data YAML as the trainer will read it, and its images and labels; returns Ultralytics' data dict.
 
-    Every label file is read with the rules evaluation uses (:func:`qarep_det.data.labels.read_yolo_label`; seconds
-    for COCO train2017's 118k files, see the README), so that a bad row fails here, naming the file and line,
-    instead of Ultralytics skipping its image with a warning.
+    Every label file is read with the rules evaluation uses (:func:`qarep_det.data.labels.read_yolo_label`; cheap
+    enough for COCO train2017, docs/coco.md), so that a bad row fails here, naming the file and line, instead of
+    Ultralytics skipping its image with a warning.
     """
     data = Path(data)
     if not data.is_file():
