@@ -31,7 +31,7 @@ def model_yaml(name: str | os.PathLike) -> Path:
 
 def shipped_name(cfg: str | os.PathLike) -> Path | None:
     """The shipped YAML a model argument names when it is not a file: a bare name (``yolo_qarep_s.yaml``) or a
-    name under ``model_yamls/`` (the path the README uses from a checkout), else None. A path that exists wins."""
+    name under ``model_yamls/`` (the path docs/models.md uses from a checkout), else None. A path that exists wins."""
     path = Path(cfg)
     if path.is_file() or path.suffix not in {".yaml", ".yml"} or path.parent.name not in {"", "model_yamls"}:
         return None

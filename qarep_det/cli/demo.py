@@ -34,25 +34,24 @@ from qarep_det.reparam import reparameterize_model
 class DemoSettings:
     """Small enough for a 2-core CPU in minutes, large enough for non-trivial mAP.
 
-    Ultralytics trains on one thread on a 2-core CPU (a few dozen images/s at 96 px for these models), so the demo
-    buys optimizer steps: small images, batch 8 with no gradient accumulation (Ultralytics would otherwise
-    accumulate up to 64 images per step, leaving a few dozen steps in the whole run), AdamW instead of the recipe's
-    SGD, and a short warmup. Measured: 10 epochs of 256 images with the recipe (about 40 optimizer steps) left both
-    models near 0 mAP50-95.
+    Ultralytics trains on one thread on a 2-core CPU, so the demo buys optimizer steps: small images, batch 8 with no
+    gradient accumulation (Ultralytics would otherwise accumulate up to 64 images per step, leaving a few dozen steps
+    in the whole run), AdamW instead of the recipe's SGD, and a short warmup: with the recipe, a run this short left
+    both models near 0 mAP50-95. The runs behind these choices: docs/results.md, The demo.
     """
 
     train_images: int = 512
     val_images: int = 64
     imgsz: int = 96
-    epochs: int = 6  # 8 took a third longer for +1.5 mAP50-95 on RepVGG and none on QARep (one run each)
+    epochs: int = 6
     batch: int = 8
     seed: int = 0
-    calib_images: int = 64  # ptq_eval's demo calibration; its evaluation half costs about a minute per model
+    calib_images: int = 64  # ptq_eval's calibration in the demo
     models: tuple[str, ...] = ("yolo_qarep_n", "yolo_repvgg_n")
     # Adam's step size does not scale with the gradient, so a few hundred small steps from scratch get somewhere;
-    # SGD at the recipe's lr0 0.01 stayed below 0.1 mAP50-95 in the same steps.
+    # SGD at the recipe's lr0 stayed near 0 mAP50-95 in the same steps.
     optimizer: str = "AdamW"
-    lr0: float = 0.002  # 0.001 and 0.004 both did worse (6 epochs of 512 images)
+    lr0: float = 0.002  # half and double did worse
     warmup_epochs: float = 0.5  # the recipe's 3 would be half of this run
     mosaic: float = 0.0  # stated: the recipe's close_mosaic (last 15 epochs) already kept it off in a run this short
 

@@ -6,8 +6,8 @@
 
 (python tools/qat.py takes the same flags.)
 
-The checkpoint is fused, quantized with ptq_eval's recipe (ModelOpt, TensorRT's INT8 scheme, the same seeded
-calibration draw and head treatment) and fine-tuned with its quantizer ranges frozen. best.pt and last.pt are
+The checkpoint is fused, quantized with ptq_eval's recipe (ModelOpt, TensorRT's INT8 scheme, the same seeded calibration
+draw and head treatment) and fine-tuned, its quantizer ranges learned or frozen (--ranges). best.pt and last.pt are
 Ultralytics QAT checkpoints (YOLO(best.pt) gives the INT8 model back) that also carry the FP32 model the run started
 from, for ptq_eval and --distill. A QAT checkpoint as --weights starts a new run from it with its own ranges.
 """
@@ -64,7 +64,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         choices=tuple(LEARNING_RATES),
         default=QAT_RECIPE["optimizer"],
         help=f"Adam by default: a fused model's weights and ranges span orders of magnitude, which SGD's steps do "
-        f"not (README); default learning rates: {defaults}",
+        f"not (docs/qat.md); default learning rates: {defaults}",
     )
     parser.add_argument("--lr0", type=float, help="initial learning rate of the weights; default: the optimizer's")
     parser.add_argument(
@@ -73,7 +73,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default=DEFAULT_RANGES,
         help="quantizer ranges: learned (LSQ's gradients, stepped in the log domain, no weight decay) or frozen at "
         "their calibration. Learned by default: it won back a clipping calibration's drop where frozen ranges "
-        "could not, and stayed within 0.21 mAP50-95 of frozen ranges on well-calibrated models (README)",
+        "could not, and stayed close to frozen ranges on well-calibrated models (docs/qat.md)",
     )
     parser.add_argument(
         "--lr-ranges", type=float, help="initial learning rate of learned ranges; default: the optimizer's"
