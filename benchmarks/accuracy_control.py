@@ -9,7 +9,7 @@ same calibration and tuning images, the same INT8 recipe, the same mAP50-95 targ
   quantization and one tuning evaluation per K tried);
 - NNCF: ``nncf.quantize_with_accuracy_control`` with ptq_eval's NNCF arguments (``nncf_arguments``: preset, subset
   size, ignored scope, bias correction off, overflow fix, range estimator) and a validation function that returns
-  the project's mAP50-95 on the same tuning set (``predict_to_json`` + ``evaluate_coco``) and, on whole-set calls,
+  the project's mAP50-95 on the same tuning set (``predict`` + ``evaluate_coco``) and, on whole-set calls,
   each image's AP50-95 (NNCF's "metric mode": it then ranks by calling it, so a counting wrapper sees every
   evaluation). The recipe's signed activation grid is applied inside NNCF's quantize step (a patch of its private
   ``quantize_impl``, checked afterwards: every activation FakeQuantize signed), else accuracy control would evaluate
@@ -36,7 +36,7 @@ from pycocotools.cocoeval import COCOeval
 
 from qarep_det.eval.benchmark import interleaved_ms
 from qarep_det.eval.coco import GroundTruth, evaluate_coco, load_ground_truth
-from qarep_det.eval.predict import evaluate_runner, predict_to_json
+from qarep_det.eval.predict import evaluate_runner, predict
 from qarep_det.eval.protocol import EvalProtocol
 from qarep_det.eval.ptq import PTQSettings, run_ptq_eval
 from qarep_det.eval.table import markdown_table
@@ -73,8 +73,8 @@ class TuningMetric:
         start = time.perf_counter()
         files = [Path(item) for item in items]
         ids = [self.gt.image_id(f) for f in files]
-        predict_to_json(openvino_runner(compiled), files, self.protocol.imgsz, self.out, image_id_fn=self.gt.image_id,
-                        category_id_fn=self.gt.category_id, progress=False)  # fmt: skip
+        predict(openvino_runner(compiled), files, self.out, self.protocol, image_id_fn=self.gt.image_id,
+                category_id_fn=self.gt.category_id, progress=False)  # fmt: skip
         subset = GroundTruth(files, ids, self.gt.category_ids, self.gt.annotations)
         try:
             metric = evaluate_coco(subset, self.out)["map50_95"]

@@ -14,7 +14,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +95,25 @@ def predict_to_json(
     multi_label: bool = True,
     progress: bool = True,
 ) -> PredictStats:
-    """Detect on every image and stream COCO-format detections (boxes in original pixels) into ``out_json``.
+    """:func:`predict` under the protocol these keywords describe (defaults: :class:`EvalProtocol`'s)."""
+    protocol = EvalProtocol(imgsz=imgsz, conf=conf, iou=iou, max_det=max_det, multi_label=multi_label)
+    return predict(runner, image_files, out_json, protocol, image_id_fn=image_id_fn, category_id_fn=category_id_fn,
+                   batch=batch, progress=progress)  # fmt: skip
+
+
+def predict(
+    runner: Runner,
+    image_files: Sequence[str | os.PathLike],
+    out_json: str | os.PathLike,
+    protocol: EvalProtocol,
+    *,
+    image_id_fn: Callable[[Path], int],
+    category_id_fn: Callable[[int], int],
+    batch: int = 8,
+    progress: bool = True,
+) -> PredictStats:
+    """Detect on every image under ``protocol`` and stream COCO-format detections (boxes in original pixels) into
+    ``out_json``.
 
     Post-processing is Ultralytics val's: its ``non_max_suppression`` then ``scale_boxes`` with the letterbox's
     ``ratio_pad``. The ids come from ``image_id_fn`` / ``category_id_fn`` (use a ``GroundTruth``'s methods so they
@@ -103,7 +121,7 @@ def predict_to_json(
     a truncated file that looks finished.
     """
     files = [Path(f) for f in image_files]
-    protocol = EvalProtocol(imgsz=imgsz, conf=conf, iou=iou, max_det=max_det, multi_label=multi_label)
+    imgsz = protocol.imgsz
     out_json = Path(out_json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     partial = out_json.with_name(out_json.name + ".partial")
@@ -127,10 +145,11 @@ def predict_to_json(
                 per_image_s.append(seconds / len(batch_files))
                 # an infinite time budget: Ultralytics' NMS otherwise stops early on a slow CPU and drops detections.
                 # It runs torchvision's C++ NMS only when torchvision is already imported (hence the import above),
-                # else a loop in Python that gives the same boxes (Ultralytics' TorchNMS) and was 70% of a tuning
-                # evaluation's time at 96 px on the CPU (conf 0.001 leaves thousands of boxes per image)
+                # else a much slower loop in Python that gives the same boxes (Ultralytics' TorchNMS; conf 0.001
+                # leaves thousands of boxes per image)
                 results = non_max_suppression(
-                    preds, conf, iou, multi_label=multi_label, max_det=max_det, max_time_img=math.inf
+                    preds, protocol.conf, protocol.iou, multi_label=protocol.multi_label, max_det=protocol.max_det,
+                    max_time_img=math.inf,
                 )
                 for file, det, shape, ratio_pad in zip(batch_files, results, shapes, ratio_pads, strict=True):
                     boxes = scale_boxes(images.shape[2:], det[:, :4].clone(), shape, ratio_pad=ratio_pad)
@@ -164,15 +183,15 @@ def evaluate_runner(
 ) -> dict[str, Any]:
     """Predict on the ground truth's images and score them: mAP in percent plus ``runner_ms`` and the protocol."""
     protocol = protocol or EvalProtocol()
-    stats = predict_to_json(
+    stats = predict(
         runner,
         ground_truth.image_files,
-        out_json=out_json,
+        out_json,
+        protocol,
         image_id_fn=ground_truth.image_id,
         category_id_fn=ground_truth.category_id,
         batch=batch,
         progress=progress,
-        **asdict(protocol),
     )
     metrics = evaluate_coco(ground_truth, out_json)
     return {**metrics, "runner_ms": stats.runner_ms, "wall_s": stats.wall_s, "protocol": protocol.describe()}

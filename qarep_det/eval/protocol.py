@@ -11,11 +11,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class EvalProtocol:
-    """Pre- and post-processing of one evaluation; defaults are Ultralytics val's.
-
-    Field names equal :func:`qarep_det.eval.predict.predict_to_json`'s keyword names, so
-    ``predict_to_json(..., **asdict(protocol))`` runs exactly this protocol.
-    """
+    """Pre- and post-processing of one evaluation, passed whole to :func:`qarep_det.eval.predict.predict`; defaults
+    are Ultralytics val's."""
 
     imgsz: int = 640
     conf: float = 0.001
