@@ -1,22 +1,18 @@
 """``ptq_eval --max-drop D``: the fewest convs kept float, in ranking order, for an INT8 drop of at most D.
 
-K convs kept float means the first K of the sensitivity ranking (``rank_by_noise`` of ``isolated_noise`` in
-``integrations/analysis.py``, one per model, shared by every backend). Each candidate K is scored by one evaluation of
-the tuning set (:mod:`qarep_det.eval.tuning`), its drop measured against the FP32 model on the same images, as the
-table's drop is.
+K convs kept float means the first K of the model's sensitivity ranking (shared by every backend). Each candidate K
+is scored by one evaluation of the tuning set (:mod:`qarep_det.eval.tuning`), its drop measured against the FP32
+model on the same images, as the table's drop is.
 
 The search is a bisection over K in [0, L] (L quantized convs): the FP32 evaluation, K = 0 (the fully INT8 model,
 done if it meets D), then probes at the midpoint of (lo, hi], where lo is the largest K known to miss D and hi the
-smallest K known to meet it, L (every conv float: the FP32 model, never evaluated) at the start. That is at most
-``2 + ceil(log2(L))`` tuning evaluations (:func:`evaluation_budget`), 8 for yolo_repvgg_n's 59 convs; NNCF's
-accuracy control spends one per reverted quantizer group, plus a validation per group for its ranking.
+smallest K known to meet it (L, every conv float, the FP32 model, at the start: never evaluated). That is at most
+``2 + ceil(log2(L))`` tuning evaluations (:func:`evaluation_budget`).
 
-The drop is not monotone in K on real models (the tuning mAP moves by a few hundredths of a point with any
-change, and a conv kept float can cost as well as save; README, "Choosing K"). Bisection needs no monotonicity to
-be correct: it only ever answers with a K whose drop it measured within D (or says that none was), and the K below
-it measured above D, a boundary of the measured curve. What non-monotonicity can cost is optimality: a smaller K
-that also meets D may sit below a probe that missed. The README measures how often that happens against a sweep of
-every K. When no evaluated K meets D, the one with the lowest drop is kept, and the shortfall is reported.
+The drop is not monotone in K on real models (docs/diagnose.md, "Choosing K"). Bisection needs no monotonicity to be
+correct: it only answers with a K whose drop it measured within D, the K below it measured above D, a boundary of the
+measured curve. What non-monotonicity can cost is optimality: a smaller K that also meets D may sit below a probe
+that missed. When no evaluated K meets D, the one with the lowest drop is kept, and the shortfall is reported.
 """
 
 from __future__ import annotations
