@@ -148,7 +148,11 @@ def predict(
                 # else a much slower loop in Python that gives the same boxes (Ultralytics' TorchNMS; conf 0.001
                 # leaves thousands of boxes per image)
                 results = non_max_suppression(
-                    preds, protocol.conf, protocol.iou, multi_label=protocol.multi_label, max_det=protocol.max_det,
+                    preds,
+                    protocol.conf,
+                    protocol.iou,
+                    multi_label=protocol.multi_label,
+                    max_det=protocol.max_det,
                     max_time_img=math.inf,
                 )
                 for file, det, shape, ratio_pad in zip(batch_files, results, shapes, ratio_pads, strict=True):
