@@ -12,6 +12,7 @@ are audited too.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -88,8 +89,9 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def run_audited(audit: Path, tmp_path: Path, tool: str, *args: str) -> list[str]:
-    """Run ``tools/<tool>`` outside CI with a fresh HOME under the audit hook; returns the logged network attempts."""
+def run_audited(audit: Path, tmp_path: Path, tool: str, *args: str) -> tuple[list[str], str]:
+    """Run ``tools/<tool>`` outside CI with a fresh HOME under the audit hook; returns the logged network attempts
+    and the tool's standard output (a tool that stayed offline by doing nothing must not pass)."""
     log = tmp_path / "network.log"
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)  # a test may run several tools; their attempts share one log
@@ -104,7 +106,7 @@ def run_audited(audit: Path, tmp_path: Path, tool: str, *args: str) -> list[str]
         [sys.executable, str(ROOT / "tools" / tool), *args], env=env, cwd=tmp_path, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    return log.read_text().splitlines() if log.exists() else []
+    return log.read_text().splitlines() if log.exists() else [], result.stdout
 
 
 def test_audit_hook_catches_a_lookup(audit: Path, tmp_path: Path) -> None:
@@ -136,25 +138,28 @@ def test_offline_variables_are_set_unless_the_user_set_them(monkeypatch: pytest.
 
 
 def test_export_openvino_is_offline(audit: Path, data: Path, weights: Path, tmp_path: Path) -> None:
-    attempts = run_audited(
+    attempts, _ = run_audited(
         audit, tmp_path, "export.py", "--weights", str(weights), "--format", "openvino", "--imgsz", "64",
         "--data", str(data), "--overwrite",
     )  # fmt: skip
     assert not attempts, "\n".join(attempts[:3])
+    assert list((weights.parent / f"{weights.stem}_openvino_model").glob("*.xml"))
 
 
 def test_ptq_eval_all_backends_is_offline(audit: Path, data: Path, weights: Path, tmp_path: Path) -> None:
-    attempts = run_audited(
+    attempts, _ = run_audited(
         audit, tmp_path, "ptq_eval.py", "--weights", str(weights), "--data", str(data), "--imgsz", "64",
         "--calib-images", "4", "--batch", "2", "--backend", "torch", "openvino", "onnxruntime",
         "--out", str(tmp_path / "out"),
     )  # fmt: skip
     assert not attempts, "\n".join(attempts[:3])
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [row["backend"] for row in rows] == ["torch", "openvino", "onnxruntime"]
 
 
 def test_ptq_eval_max_drop_is_offline(audit: Path, data: Path, weights: Path, tmp_path: Path) -> None:
     """--max-drop's path: the tuning set, the search's OpenVINO candidates, the trade-off plot."""
-    attempts = run_audited(
+    attempts, _ = run_audited(
         audit, tmp_path, "ptq_eval.py", "--weights", str(weights), "--data", str(data), "--imgsz", "64",
         "--calib-images", "2", "--tune-images", "2", "--batch", "2", "--backend", "openvino", "--max-drop", "0.3",
         "--out", str(tmp_path / "out"),
@@ -164,21 +169,24 @@ def test_ptq_eval_max_drop_is_offline(audit: Path, data: Path, weights: Path, tm
 
 
 def test_benchmark_int8_is_offline(audit: Path, data: Path, tmp_path: Path) -> None:
-    attempts = run_audited(
+    attempts, out = run_audited(
         audit, tmp_path, "benchmark.py", "int8", "--cfg", str(ROOT / "model_yamls/yolo_qarep_n.yaml"),
         "--data", str(data), "--imgsz", "64", "--calib-images", "2", "--runs", "1",
     )  # fmt: skip
     assert not attempts, "\n".join(attempts[:3])
+    assert "calibration of 2 images" in out and "INT8 convs run as: " in out
 
 
 def test_qat_and_diagnose_are_offline(audit: Path, data: Path, weights: Path, tmp_path: Path) -> None:
     """The two tools of this release that run ModelOpt and Ultralytics' trainer: one tiny QAT epoch, one diagnosis."""
-    attempts = run_audited(
+    run_audited(
         audit, tmp_path, "qat.py", "--weights", str(weights), "--data", str(data), "--epochs", "1", "--imgsz", "64",
         "--batch", "2", "--device", "cpu", "--workers", "0", "--calib-images", "2", "--project", str(tmp_path / "qat"),
     )  # fmt: skip
-    attempts = run_audited(  # the shared log holds both runs' attempts
+    attempts, _ = run_audited(  # the shared log holds both runs' attempts
         audit, tmp_path, "diagnose.py", "--weights", str(weights), "--data", str(data), "--imgsz", "64",
         "--calib-images", "2", "--batch", "2", "--out", str(tmp_path / "diagnose"),
     )  # fmt: skip
     assert not attempts, "\n".join(attempts[:3])
+    assert [path.name for path in (tmp_path / "qat").glob("*/weights/best.pt")] == ["best.pt"]
+    assert len(json.loads((tmp_path / "diagnose" / "report.json").read_text())["models"]) == 1
