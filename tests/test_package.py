@@ -30,7 +30,7 @@ def test_shipped_yamls_load_by_name_from_any_folder(tmp_path: Path, monkeypatch:
     monkeypatch.chdir(tmp_path)
     model = YOLO("yolo_qarep_s.yaml").model
     assert type(model.model[0]).__name__ == "QARepBlock"
-    assert type(YOLO("model_yamls/yolo_repvgg_n.yaml").model.model[0]).__name__ == "RepVGGBlock"  # README's paths
+    assert type(YOLO("model_yamls/yolo_repvgg_n.yaml").model.model[0]).__name__ == "RepVGGBlock"  # docs' paths
     # a file that exists wins over the name: here a one-layer-different local yolo_qarep_s.yaml
     local = (REPO / "model_yamls/yolo_qarep_s.yaml").read_text().replace("QARepBlock, [64, 2]", "RepVGGBlock, [64, 2]")
     (tmp_path / "yolo_qarep_s.yaml").write_text(local)
@@ -174,7 +174,7 @@ def test_the_wheel_works_outside_the_checkout(installed_wheel: Path, tiny_data: 
 
 def test_the_demo_runs_from_the_wheel(installed_wheel: Path, tmp_path: Path) -> None:
     """The demo's code path from the installed wheel (its model YAMLs are package data), at toy size: the full
-    'qarep-det ptq-eval' takes minutes and is measured in the README."""
+    'qarep-det ptq-eval' takes minutes (docs/results.md, The demo)."""
     demo = (
         "from pathlib import Path; from qarep_det.cli.demo import DemoSettings, run_demo; "
         "data, weights = run_demo(Path('demo'), DemoSettings(train_images=8, val_images=4, imgsz=64, epochs=1, "
