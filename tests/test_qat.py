@@ -164,7 +164,9 @@ def test_checkpoint_reloads_as_int8_in_a_fresh_process_without_importing_qarep_d
                             cwd=weights.parent, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     name, quantizers = result.stdout.split()[-2:]
-    assert name == "QATDetectionModel" and int(quantizers) > 100  # weight + input quantizer of every conv but DFL
+    fused = reparameterize_model(DetectionModel(str(QAREP_N), nc=6, verbose=False))
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in fused.modules())
+    assert name == "QATDetectionModel" and int(quantizers) == 2 * (convs - 1)  # weight + input of every conv but DFL
     saved = torch_load(weights, map_location="cpu")["modelopt"]["ranges"]
     assert all(torch.equal(v, saved[k]) for k, v in torch.load(loaded).items())  # exactly, float32
 

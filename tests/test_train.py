@@ -130,7 +130,7 @@ def test_ddp_worker_script_trains_our_model(dataset: Path, tmp_path: Path) -> No
     finally:
         ddp_cleanup(trainer, script)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (trainer.save_dir / "weights" / "best.pt").is_file()
+    assert (trainer.save_dir / "weights" / "best.pt").is_file() and results_epochs(trainer.save_dir) == [1]
 
 
 def test_resume_finishes_an_interrupted_run(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
