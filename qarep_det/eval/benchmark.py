@@ -1,15 +1,13 @@
-"""Measured-in-one-run benchmarks: medians and ratios, never single timings (these machines are noisy).
+"""The benchmarks of ``benchmark``, measured in one run as medians and ratios, never single timings.
 
-One code path serves the CPU and CUDA: timings wait for the GPU (``torch.cuda.synchronize``) before the clock stops,
-and FP16 means autocast (AMP), as Ultralytics trains and as most GPU deployments run. What differs by device is only
-what is worth measuring: on the CPU batch 1 FP32 plus a profile of where the time goes, on a GPU a grid of
-precisions and batches, since launch overhead and memory-bound BN/add passes weigh most at small batch.
+One code path serves the CPU and CUDA: timings wait for the GPU before the clock stops, and FP16 means autocast
+(AMP). What differs by device is what is worth measuring: on the CPU batch 1 FP32 plus where the time goes
+(:mod:`qarep_det.eval.op_profile`), on a GPU a grid of precisions and batches.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import statistics
 import tempfile
 import time
@@ -22,6 +20,7 @@ import torch
 from ultralytics.cfg import get_cfg
 from ultralytics.nn.tasks import DetectionModel
 
+from qarep_det.eval.op_profile import op_breakdown
 from qarep_det.reparam import reparameterize_model
 
 Precision = Literal["fp32", "fp16"]
@@ -83,41 +82,6 @@ def _cudnn_autotuned(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.benchmark = saved
-
-
-@contextlib.contextmanager
-def _native_stderr_silenced() -> Iterator[None]:
-    """Send file descriptor 2 to /dev/null: torch's profiler backend (Kineto) logs start/stop lines from C++
-    straight to it, which no Python logging setting reaches. Only wraps the few profiled forwards."""
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "wb") as devnull:
-            os.dup2(devnull.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-OP_GROUPS = ("convolution", "batch_norm", "add")  # what fusion can remove; everything else is "other"
-
-
-@torch.no_grad()
-def op_breakdown(model: torch.nn.Module, x: torch.Tensor, runs: int = 3) -> dict[str, float]:
-    """CPU milliseconds per forward spent in convolutions, BatchNorm, adds and everything else (torch profiler).
-
-    Explains a fusion speed-up: fusion removes BN and adds outright but keeps every 3x3 conv, so when convs
-    dominate, the speed-up is bounded by the conv work the 1x1 branches add.
-    """
-    model(x)  # warm-up outside the profile
-    with _native_stderr_silenced(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(runs):
-            model(x)
-    totals = dict.fromkeys((*OP_GROUPS, "other"), 0.0)
-    for event in prof.key_averages():
-        group = next((g for g in OP_GROUPS if g in event.key), "other")
-        totals[group] += event.self_cpu_time_total / 1e3 / runs
-    return totals
 
 
 @dataclass(frozen=True)
