@@ -100,11 +100,13 @@ PLANT = ("model.2.0", "model.2.1")  # producer -> consumer inside yolo_qarep_n's
 
 @dataclass(frozen=True)
 class KnownAnswer:
-    """A dataset labelled by a detector itself, that detector as a fused checkpoint, and its twin with an FP32-exact
-    planted outlier: on it FP32 scores well by construction, and which INT8 score must collapse is known."""
+    """A dataset labelled by a detector itself, that detector as a fused checkpoint (and unfused, as training leaves
+    it), and its twin with an FP32-exact planted outlier: on it FP32 scores well by construction, and which INT8 score
+    must collapse is known."""
 
     data: Path
     clean: Path
+    unfused: Path
     planted: Path
     consumer: str  # the planted conv (module path in the fused model)
     imgsz: int
@@ -146,6 +148,8 @@ def known_answer_detector(root: Path, imgsz: int = 96, n_train: int = 24, n_val:
         for branch in head.cv2:
             branch[-1].weight.mul_(0.3)
             branch[-1].bias.copy_((-0.5 * torch.arange(head.reg_max, dtype=torch.float32)).repeat(4))
+    unfused = root / "unfused.pt"
+    torch.save({"model": model, "train_args": {}}, unfused)
     fused = reparameterize_model(model)
     images = list_images(root / "data" / "images")
     ids = {path: i for i, path in enumerate(images)}
@@ -167,4 +171,4 @@ def known_answer_detector(root: Path, imgsz: int = 96, n_train: int = 24, n_val:
     calib = torch.cat(list(calibration_set(data, imgsz, 8, batch_size=8, progress=False)))
     clean = save_fused(fused, root / "clean.pt", calib)
     planted, info = plant_outlier(fused, *PLANT, calib)
-    return KnownAnswer(data, clean, save_fused(planted, root / "planted.pt", calib), info.consumer, imgsz)
+    return KnownAnswer(data, clean, unfused, save_fused(planted, root / "planted.pt", calib), info.consumer, imgsz)
