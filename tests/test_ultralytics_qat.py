@@ -109,3 +109,24 @@ def test_other_quantize_values_go_to_ultralytics_as_they_are(known_answer, tmp_p
     assert result.returncode == 0, result.stderr[-2000:]
     model = torch.load(tmp_path / "fp16" / "weights" / "last.pt", weights_only=False)["model"]
     assert not any(isinstance(m, Reparameterizable) and m.fused for m in model.modules())  # trained unfused
+
+
+def test_ptq_eval_scores_a_quantize_8_checkpoint_with_or_without_its_fp32_model(q8_run: Path, known_answer, tmp_path):
+    """No FP32 model of its own: FP32 is the one given with --fp32-weights, else unknown and left empty."""
+    import json
+
+    from qarep_det.cli import ptq_eval
+
+    common = ["--weights", q8_run / "weights" / "best.pt", "--data", known_answer.data, "--imgsz", str(IMGSZ),
+              "--batch", "4", "--backend", "torch", "onnxruntime"]  # fmt: skip
+    given = [*common, "--fp32-weights", known_answer.unfused, "--out", tmp_path / "given"]
+    for argv in ([*common, "--out", tmp_path / "unknown"], given):
+        assert ptq_eval.main([str(a) for a in argv]) == 0
+    unknown, known = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("unknown", "given"))
+    for row in unknown + known:
+        assert (row["method"], row["ranges"], row["calib_images"]) == ("qat (ultralytics)", "frozen", None)
+    assert all(row["fp32_map50_95"] is None and row["drop"] is None and row["fp32_ms"] is None for row in unknown)
+    for a, b in zip(unknown, known, strict=True):
+        assert a["int8_map50_95"] == b["int8_map50_95"] > 10  # the same student either way, and it detects
+        drop = b["fp32_map50_95"] - b["int8_map50_95"]
+        assert b["fp32_map50_95"] > 10 and b["drop"] == pytest.approx(drop, abs=0.015)  # each rounded to 2 decimals

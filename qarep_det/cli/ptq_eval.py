@@ -41,6 +41,12 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     parser = tool_parser(__doc__, prog)
     parser.add_argument("--weights", nargs="+", type=Path, help="trained checkpoints (.pt); none: run the demo")
     parser.add_argument("--data", type=Path, help="dataset YAML with train and val splits; none: run the demo")
+    parser.add_argument(
+        "--fp32-weights",
+        type=Path,
+        help="the FP32 model of a QAT checkpoint that carries none (Ultralytics' own quantize=8: e.g. the checkpoint "
+        "it started from); without it that checkpoint's FP32 columns stay empty (qarep-det qat checkpoints carry one)",
+    )
     parser.add_argument("--imgsz", type=int, help=f"square letterbox size (default 640, demo {DEMO.imgsz})")
     add_recipe_args(parser, None, f"calibration images from the train split (default 512, demo {DEMO.calib_images})")
     partial = add_partial_args(parser)
@@ -103,6 +109,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             tune_images=args.tune_images,
             tune_split=args.tune_split,
             rank_images=args.rank_images,
+            fp32_weights=args.fp32_weights,
         )
         weights = args.weights
         if demo:

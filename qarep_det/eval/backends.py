@@ -29,7 +29,7 @@ from qarep_det.quant.runner import Runner, torch_runner
 class Job:
     """What every backend quantizes, for one checkpoint and one set of float convs."""
 
-    fused: nn.Module  # on the CPU
+    fused: nn.Module | None  # on the CPU; None: a QAT checkpoint's FP32 model is unknown (no FP32 latency, no FP32 IR)
     calib: CalibrationSet
     recipe: QuantRecipe
     imgsz: int
@@ -137,7 +137,7 @@ class OnnxRuntimeBackend(Backend):
     def quantize(self, job: Job) -> Quantized:
         from qarep_det.quant.onnx_qdq import onnx_runner
 
-        fp32_runner = onnx_runner(job.onnx(job.fused, "fp32.onnx"))
+        fp32_runner = None if job.fused is None else onnx_runner(job.onnx(job.fused, "fp32.onnx"))
         return Quantized(onnx_runner(job.qdq_onnx), fp32_runner, {"int8_file": str(job.qdq_onnx)} if job.save else {})
 
     def candidate(self, job: Job, scratch: Path) -> Runner:
@@ -153,16 +153,17 @@ class OpenVINOBackend(Backend):
     def quantize(self, job: Job) -> Quantized:
         from qarep_det.quant.openvino import openvino_runner, save_openvino
 
-        fp32, int8 = job.fp32_ir, job.openvino_int8
-        fp32_runner = openvino_runner(fp32)
+        int8 = job.openvino_int8
+        fp32 = None if job.fused is None else job.fp32_ir
         row: dict[str, Any] = {}
         if job.save:
-            fp32_xml = save_openvino(fp32, job.path("fp32.xml"), overwrite=job.overwrite)
+            if fp32 is not None:
+                fp32_xml = save_openvino(fp32, job.path("fp32.xml"), overwrite=job.overwrite)
+                row["fp32_mb"] = file_size_mb(fp32_xml, fp32_xml.with_suffix(".bin"))
             int8_xml = save_openvino(int8, job.path("int8.xml"), overwrite=job.overwrite)
-            row["fp32_mb"] = file_size_mb(fp32_xml, fp32_xml.with_suffix(".bin"))
             row["int8_mb"] = file_size_mb(int8_xml, int8_xml.with_suffix(".bin"))
             row["int8_file"] = str(int8_xml)
-        return Quantized(openvino_runner(int8), fp32_runner, row)
+        return Quantized(openvino_runner(int8), None if fp32 is None else openvino_runner(fp32), row)
 
     def candidate(self, job: Job, scratch: Path) -> Runner:
         from qarep_det.quant.openvino import openvino_runner

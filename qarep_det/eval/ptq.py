@@ -7,8 +7,9 @@ float (:mod:`qarep_det.eval.max_drop`), the backend quantizes (:mod:`qarep_det.e
 evaluated the same way, giving one row per (model, backend). Every model is scored by the same prediction and
 pycocotools code under one :class:`EvalProtocol`.
 
-A QAT checkpoint (``qat``) is scored as ``method: qat``: its FP32 model is the one the fine-tuning started from, its
-INT8 model the fine-tuned student with its learned weights and ranges; nothing is calibrated or ranked.
+A QAT checkpoint (``qat``) is scored as ``method: qat``: its INT8 model is the fine-tuned student with its weights and
+ranges; nothing is calibrated or ranked. Its FP32 model is the one qarep_det's fine-tuning started from; for a
+checkpoint of Ultralytics' own ``quantize=8``, ``fp32_weights`` or, without them, unknown (its FP32 columns empty).
 """
 
 from __future__ import annotations
@@ -35,10 +36,13 @@ from qarep_det.eval.tuning import TuningSet, tuning_set
 from qarep_det.integrations.analysis import Sensitivity, rank_sensitivity
 from qarep_det.integrations.checkpoint import FusedCheckpoint, checkpoint_paths, load_fused
 from qarep_det.quant.calibration import CalibrationSet, calibration_set
+from qarep_det.quant.qat import ULTRALYTICS_QAT
 from qarep_det.quant.recipe import QuantRecipe
 from qarep_det.quant.runner import torch_runner
 from qarep_det.quant.scope import check_partial
 
+UNKNOWN_FP32: dict[str, Any] = {"map50_95": None, "map50": None, "runner_ms": None, "protocol": None}
+"""The FP32 evaluation of a QAT checkpoint whose FP32 model nobody gave: its columns stay empty rather than guessed."""
 RANK_IMAGES = 32  # ranking images by default (fewer if fewer are calibrated): docs/diagnose.md, "The ranking"
 TUNE_IMAGES = 256
 
@@ -61,6 +65,7 @@ class PTQSettings:
     tune_images: int = TUNE_IMAGES  # the tuning set of max_drop (see eval/tuning.py)
     tune_split: str = "train"
     rank_images: int | None = None  # images of the calibration draw the ranking runs on (None: RANK_IMAGES or all)
+    fp32_weights: Path | None = None  # the FP32 model of a QAT checkpoint that does not carry one (Ultralytics')
 
     def __post_init__(self) -> None:
         if sum(map(bool, (self.keep_float, self.recipe.float_layers, self.max_drop is not None))) > 1:
@@ -115,26 +120,29 @@ def _search(
 
 
 def _row(
-    checkpoint: FusedCheckpoint, backend: str, job: Job, fp32: dict[str, Any], int8: dict[str, Any], fp32_ms: float,
-    quantize_s: float, extra: dict[str, Any],
+    checkpoint: FusedCheckpoint, backend: str, job: Job, fp32: dict[str, Any], int8: dict[str, Any],
+    fp32_ms: float | None, quantize_s: float, extra: dict[str, Any],
 ) -> dict[str, Any]:  # fmt: skip
     """The row step: one results.json row from the FP32 and INT8 evaluations of ``job``'s model on ``backend``."""
     student, calib = checkpoint.student, job.calib
-    if student is not None:
-        calib_images = job.recipe.calib_images  # those of the QAT run's calibration
-    else:  # the images the calibration could read, known once it ran
+    if student is None:  # the images the calibration could read, known once it ran
+        method, ranges = "ptq", "calibrated"
         calib_images = len(calib.paths) if calib.readable is None else calib.readable
+    elif checkpoint.ours:
+        method, ranges, calib_images = "qat", student.qat_ranges, job.recipe.calib_images  # the QAT run's
+    else:
+        method, ranges, calib_images = "qat (ultralytics)", ULTRALYTICS_QAT["ranges"], None  # 8 of its batches
     return {
         "model": checkpoint.name,
-        "params": sum(p.numel() for p in checkpoint.fused.parameters()),
+        "params": sum(p.numel() for p in (student if checkpoint.fused is None else checkpoint.fused).parameters()),
         "backend": backend,
         "calib_method": job.recipe.calib_method,
-        "method": "ptq" if student is None else "qat",
-        "ranges": "calibrated" if student is None else student.qat_ranges,  # qat: frozen or learned
+        "method": method,
+        "ranges": ranges,
         "calib_images": calib_images,
         "fp32_map50_95": fp32["map50_95"],
         "int8_map50_95": int8["map50_95"],
-        "drop": fp32["map50_95"] - int8["map50_95"],
+        "drop": None if fp32["map50_95"] is None else fp32["map50_95"] - int8["map50_95"],
         "fp32_map50": fp32["map50"],
         "int8_map50": int8["map50"],
         "fp32_ms": fp32_ms,
@@ -143,7 +151,7 @@ def _row(
         "float_layers": list(job.recipe.float_layers),
         "quantize_s": quantize_s,
         "weights": str(checkpoint.path),
-        "protocol": fp32["protocol"],
+        "protocol": int8["protocol"],
         **extra,
     }
 
@@ -160,10 +168,14 @@ def evaluate_checkpoint(
     """Rows for one checkpoint: FP32 once, then INT8 for each backend (on the CPU but for the torch backend)."""
     name, fused, student = checkpoint.name, checkpoint.fused, checkpoint.student
     score = partial(evaluate_runner, protocol=settings.protocol, batch=settings.batch, progress=progress)
-    fp32 = score(torch_runner(fused, settings.device), ground_truth, out_dir / f"{name}_fp32.json")
+    fp32 = UNKNOWN_FP32
+    if fused is not None:
+        fp32 = score(torch_runner(fused, settings.device), ground_truth, out_dir / f"{name}_fp32.json")
     sensitivity, ranked = None, {}
-    if student is not None:
+    if checkpoint.ours:
         recipe = QuantRecipe(**student.qat_recipe)
+    elif student is not None:
+        recipe = QuantRecipe(calib_method=ULTRALYTICS_QAT["calib_method"])
     elif settings.ranks:
         sensitivity = _rank(checkpoint, settings, calib, progress)
         recipe = sensitivity.keep(settings.recipe, settings.keep_float)  # the recipe names its float convs from here
@@ -174,8 +186,9 @@ def evaluate_checkpoint(
     rows = []
     with tempfile.TemporaryDirectory(prefix="qarep_ptq_") as scratch:  # runtimes have loaded their files by its end
         stem = (out_dir if settings.save_int8 else Path(scratch)) / name
-        job = Job(fused.cpu(), calib, recipe, settings.imgsz, settings.device, stem, settings.save_int8,
-                  settings.overwrite, student, None if sensitivity is None else sensitivity.calibrated)  # fmt: skip
+        job = Job(None if fused is None else fused.cpu(), calib, recipe, settings.imgsz, settings.device, stem,
+                  settings.save_int8, settings.overwrite, student,
+                  None if sensitivity is None else sensitivity.calibrated)  # fmt: skip
         if tuning is not None:
             start = time.perf_counter()
             fp32_tune = score(torch_runner(fused, settings.device), tuning.ground_truth, Path(scratch) / "fp32.json")
@@ -203,7 +216,7 @@ def evaluate_checkpoint(
 
 def _load_checked(path: Path, settings: PTQSettings) -> FusedCheckpoint:
     """One checkpoint loaded and fused, refused if the settings' float convs cannot apply to it."""
-    checkpoint = load_fused(path)
+    checkpoint = load_fused(path, settings.fp32_weights)
     if settings.ranks or settings.recipe.float_layers:
         if checkpoint.student is not None:
             raise ValueError(f"'{path}' is a QAT checkpoint: its float convs were fixed when it was trained")

@@ -60,21 +60,34 @@ class FusedCheckpoint:
     """A checkpoint loaded and fused once, for everything a report tool does with it."""
 
     path: Path
-    fused: DetectionModel  # the FP32 model, fused: for a QAT checkpoint, the model its fine-tuning started from
-    student: QATDetectionModel | None  # a QAT checkpoint's fine-tuned fake-quantized model; None for an FP32 one
+    fused: DetectionModel | None  # the FP32 model, fused (a QAT checkpoint's: its start); None when unknown
+    student: DetectionModel | None  # a QAT checkpoint's fine-tuned fake-quantized model, fused; None for an FP32 one
 
     @property
     def name(self) -> str:
         return model_name(self.path)
 
+    @property
+    def ours(self) -> bool:
+        """Whether a QAT student is qarep_det's (its recipe and FP32 reference stored), not Ultralytics' quantize=8."""
+        return isinstance(self.student, QATDetectionModel) and self.student.fp32_reference is not None
 
-def load_fused(weights: str | os.PathLike) -> FusedCheckpoint:
-    """:func:`load_detector`, then re-parameterize the FP32 model (a QAT checkpoint's FP32 reference); raises as
-    :func:`load_detector` does, and ``ValueError`` for a QAT checkpoint without its FP32 reference."""
+
+def load_fused(weights: str | os.PathLike, fp32_weights: str | os.PathLike | None = None) -> FusedCheckpoint:
+    """:func:`load_detector`, then re-parameterize it; raises as :func:`load_detector` does.
+
+    A QAT checkpoint of qarep_det's brings its FP32 reference. One of Ultralytics' own ``quantize=8`` has none: its
+    FP32 model is ``fp32_weights`` (e.g. the checkpoint the run started from) or unknown (None), and its student is
+    fused as Ultralytics' export fuses it (BatchNorm folded, weight ranges rescaled along).
+    """
     model = load_detector(weights)
     student = qat_student(model)
-    fp32 = model if student is None else student.fp32_reference
-    return FusedCheckpoint(Path(weights), reparameterize_model(fp32), student)
+    if student is None:
+        return FusedCheckpoint(Path(weights), reparameterize_model(model), None)
+    if isinstance(student, QATDetectionModel) and student.fp32_reference is not None:
+        return FusedCheckpoint(Path(weights), reparameterize_model(student.fp32_reference), student)
+    fp32 = None if fp32_weights is None else reparameterize_model(load_detector(fp32_weights))
+    return FusedCheckpoint(Path(weights), fp32, reparameterize_model(student))
 
 
 def checkpoint_paths(weights: Sequence[str | os.PathLike]) -> list[Path]:

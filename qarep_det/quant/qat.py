@@ -148,15 +148,18 @@ def is_qat_model(model: nn.Module) -> bool:
     return any(type(m).__name__ == "TensorQuantizer" for m in model.modules())
 
 
-def qat_student(model: nn.Module) -> QATDetectionModel | None:
-    """The QAT student a loaded checkpoint holds, or None for an FP32 one; ``ValueError`` for a QAT model without
-    the FP32 reference that qarep_det's QAT stores (e.g. Ultralytics' own ``quantize=8`` training)."""
+def qat_student(model: nn.Module) -> DetectionModel | None:
+    """The fake-quantized model a loaded checkpoint holds, or None for an FP32 one: qarep_det's QAT student (with
+    its FP32 reference) or a model of Ultralytics' own ``quantize=8`` training (without one)."""
     if not is_qat_model(model):
         return None
-    if not isinstance(model, QATDetectionModel) or model.fp32_reference is None:
-        raise ValueError("QAT checkpoint without the FP32 reference tools/qat.py stores: evaluate it another way")
     import_modelopt()  # before any CUDA forward: keeps ModelOpt from JIT-compiling its kernel
     return model
+
+
+ULTRALYTICS_QAT = {"calib_method": "max", "ranges": "frozen"}
+"""What Ultralytics' ``quantize=8`` (``prepare_qat``) does, for a report: ModelOpt's max calibration on 8 train
+batches, ranges held fixed while training."""
 
 
 class HeadInputs:
