@@ -461,3 +461,18 @@ def test_missing_backend_names_the_install(monkeypatch, module, blocked, extra):
     require = backend.import_modelopt if module.endswith("simulated") else backend._require
     with pytest.raises(ImportError, match=extra.replace("[", r"\[").replace("]", r"\]")):
         require()
+
+
+@pytest.mark.parametrize("vnni", [False, True])
+def test_converting_a_qdq_onnx_warns_where_openvino_saturates_8_bit_weights(vnni: bool, tmp_path: Path, monkeypatch):
+    """A QAT model's 8-bit weights overflow OpenVINO's int16 sums on CPUs without VNNI: say so, whatever this CPU is."""
+    pytest.importorskip("openvino")
+    from qarep_det.quant import openvino as qov
+
+    path = tmp_path / "conv.onnx"
+    torch.onnx.export(nn.Conv2d(3, 4, 3), torch.rand(1, 3, 8, 8), path, dynamo=False)
+    monkeypatch.setattr(qov, "cpu_has_vnni", lambda: vnni)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        qov.convert_qdq_onnx(path)
+    assert any("no int8 dot-product instructions" in str(w.message) for w in seen) != vnni

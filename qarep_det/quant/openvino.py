@@ -241,6 +241,13 @@ def convert_qdq_onnx(path: str | Path) -> ov.Model:
     without VNNI (see the module docstring); ptq_eval's openvino row against its torch row shows what that costs.
     """
     ov, _ = _require()
+    if not cpu_has_vnni():
+        warnings.warn(
+            "this CPU has no int8 dot-product instructions (VNNI/AMX): OpenVINO sums the QAT model's 8-bit weights in "
+            "saturating int16 and its INT8 score can fall far below the torch and onnxruntime rows (docs/qat.md); "
+            "score the OpenVINO artefact on a CPU with VNNI",
+            stacklevel=2,
+        )
     return ov.convert_model(str(path))
 
 
