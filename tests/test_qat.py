@@ -82,7 +82,7 @@ def qat_run(tmp_path_factory: pytest.TempPathFactory, dataset: Path, fp32_weight
 
 @pytest.fixture(scope="module")
 def learned_run(tmp_path_factory: pytest.TempPathFactory, dataset: Path, fp32_weights: Path) -> Path:
-    """Its one optimizer step (2 batches, accumulated) comes at the end of the epoch: the ranges move there."""
+    """Its two optimizer steps (one per batch, QAT's nominal batch) move the ranges."""
     return cli_run(tmp_path_factory.mktemp("qat_learned"), fp32_weights, dataset, "learned")
 
 
@@ -91,13 +91,6 @@ def tiny_options(weights: Path, data: Path, project: Path, **changes: Any) -> QA
     options = QATOptions(weights=weights, data=data, epochs=1, imgsz=64, batch=8, device="cpu", workers=0,
                          project=project, recipe=RECIPE)  # fmt: skip
     return replace(options, **changes)
-
-
-def trainer_with_steps(options: QATOptions) -> QATTrainer:
-    """A QAT trainer that steps after every batch (nominal batch = batch), so tiny runs train."""
-    trainer = make_qat_trainer(options)
-    trainer.args.nbs = options.batch
-    return trainer
 
 
 def calibrated_ranges(fp32_weights: Path, dataset: Path) -> dict[str, torch.Tensor]:
@@ -181,7 +174,7 @@ def test_resume_finishes_an_interrupted_run(ranges: str, dataset: Path, fp32_wei
             raise Interrupted
 
     options = tiny_options(fp32_weights, dataset, tmp_path, epochs=2, name="resume", ranges=ranges)
-    trainer = trainer_with_steps(options)
+    trainer = make_qat_trainer(options)
     trainer.add_callback("on_model_save", interrupt)
     with pytest.raises(Interrupted):
         trainer.train()
@@ -254,7 +247,7 @@ def test_ranges_are_pinned_and_half_keeps_float32(fp32_weights: Path, dataset: P
 
 def test_ddp_worker_script_trains_the_packed_student(dataset: Path, fp32_weights: Path, tmp_path: Path) -> None:
     """Ultralytics' generated DDP worker script, run as is: outside torchrun it trains in one process."""
-    trainer = trainer_with_steps(tiny_options(fp32_weights, dataset, tmp_path, name="ddp", ranges="learned"))
+    trainer = make_qat_trainer(tiny_options(fp32_weights, dataset, tmp_path, name="ddp", ranges="learned"))
     start = trainer.model.__dict__["qat_state"]["ranges"]
     script = generate_ddp_file(trainer)
     try:
@@ -358,7 +351,7 @@ def test_keep_float_keeps_the_most_sensitive_conv_float_in_the_student_and_out_o
     dataset: Path, fp32_weights: Path, tmp_path: Path
 ) -> None:
     options = tiny_options(fp32_weights, dataset, tmp_path, keep_float=1, ranges="learned")
-    trainer = trainer_with_steps(options)
+    trainer = make_qat_trainer(options)
     packed = trainer.model
     (kept,) = packed.qat_recipe["float_layers"]
     ranges = packed.__dict__["qat_state"]["ranges"]
@@ -384,7 +377,7 @@ def test_keep_float_keeps_the_most_sensitive_conv_float_in_the_student_and_out_o
 
 
 def test_the_ema_averages_learned_ranges_like_the_weights(dataset: Path, fp32_weights: Path, tmp_path: Path) -> None:
-    trainer = trainer_with_steps(tiny_options(fp32_weights, dataset, tmp_path, epochs=2, ranges="learned"))
+    trainer = make_qat_trainer(tiny_options(fp32_weights, dataset, tmp_path, epochs=2, ranges="learned"))
     expected: dict[str, torch.Tensor] = {}
     seen = {"updates": 0}
 
@@ -418,7 +411,7 @@ def test_a_run_that_only_hurts_keeps_its_start_as_best(
     options = QATOptions(weights=known_answer.clean, data=known_answer.data, epochs=1, imgsz=known_answer.imgsz,
                          batch=8, device="cpu", workers=0, project=tmp_path, recipe=RECIPE, optimizer="Adam",
                          lr0=0.05)  # fmt: skip
-    trainer = trainer_with_steps(options)
+    trainer = make_qat_trainer(options)
     start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     with caplog.at_level("WARNING", logger="ultralytics"):
         trainer.train()
@@ -438,3 +431,9 @@ def test_an_unknown_ranges_value_fails_with_one_line(dataset: Path, fp32_weights
     assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and "--ranges" in err[0], err
     with pytest.raises(TrainInputError, match="--ranges must be one of frozen, learned, got 'adaptive'"):
         make_qat_trainer(tiny_options(fp32_weights, dataset, Path("unused"), ranges="adaptive"))
+
+
+def test_qat_steps_after_every_batch(fp32_weights: Path, dataset: Path, tmp_path: Path) -> None:
+    """QAT's few epochs need their steps: its nominal batch is the batch, so nothing is accumulated."""
+    trainer = make_qat_trainer(tiny_options(fp32_weights, dataset, tmp_path, batch=4))
+    assert trainer.args.nbs == trainer.args.batch == 4

@@ -292,6 +292,7 @@ def make_qat_trainer(options: QATOptions) -> QATTrainer:
         **run_overrides(options, device),
         "optimizer": options.optimizer,
         "lr0": options.lr0,
+        "nbs": options.batch,  # a step per batch: QAT's few epochs need the steps (docs/qat.md, yolo_qarep_s)
         "model": str(Path(options.weights).resolve()),
         "pretrained": False,
     }
