@@ -195,7 +195,15 @@ def test_map_perfect_shifted_and_empty(dataset: list[Path], tmp_path: Path) -> N
         evaluate_coco(gt, stray)
 
 
-def test_predict_to_json_maps_boxes_back(dataset: list[Path], tmp_path: Path) -> None:
+def test_predict_to_json_maps_boxes_back(dataset: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import itertools
+    import statistics
+    from types import SimpleNamespace
+
+    from qarep_det.eval import predict as predict_module
+
+    ticks = itertools.count()  # predict.py's clock: 4 ms a reading, so each runner call takes exactly 4 ms
+    monkeypatch.setattr(predict_module, "time", SimpleNamespace(perf_counter=lambda: 0.004 * next(ticks)))
     gt = ground_truth_from_labels(dataset, NAMES)
     out = tmp_path / "pred" / "detections.json"
     stats = predict_to_json(
@@ -211,7 +219,9 @@ def test_predict_to_json_maps_boxes_back(dataset: list[Path], tmp_path: Path) ->
     dets = json.loads(out.read_text())
     expected = [(gt.image_id(p), c + 1, _ltwh(xyxy)) for p in dataset for c, xyxy in SPECS[p.name][2] or []]
     assert stats.images == len(dataset) and stats.detections == len(dets) == len(expected)
-    assert stats.protocol == EvalProtocol(imgsz=IMGSZ) and stats.runner_ms >= 0.0
+    per_image_ms = [4.0 / 3, 4.0 / (len(dataset) - 3)]  # a full batch of 3 and the partial one
+    assert stats.protocol == EvalProtocol(imgsz=IMGSZ)
+    assert stats.runner_ms == pytest.approx(statistics.median(per_image_ms))
     assert not out.with_name(out.name + ".partial").exists()
     got = sorted((d["image_id"], d["category_id"], d["bbox"]) for d in dets)
     for (image_id, cat, box), (want_id, want_cat, want_box) in zip(got, sorted(expected), strict=True):

@@ -163,7 +163,8 @@ def searched(known_answer, tmp_path_factory: pytest.TempPathFactory, one_torch_t
 
 
 def test_max_drop_keeps_exactly_the_planted_conv_float_on_every_backend(known_answer, searched) -> None:
-    """The planted model's INT8 collapses (tuning drop ~50 at K = 0) and one conv float wins it all back (README)."""
+    """The planted model's INT8 collapses (tuning drop ~50 at K = 0) and one conv float wins it all back
+    (docs/diagnose.md)."""
     from helpers import qdq_convs
 
     rows, stored, _ = searched
