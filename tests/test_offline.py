@@ -102,8 +102,9 @@ def run_audited(audit: Path, tmp_path: Path, tool: str, *args: str) -> tuple[lis
     }
     python_path = os.pathsep.join(filter(None, [str(audit), os.environ.get("PYTHONPATH")]))  # the hook first
     env |= {"HOME": str(home), "PYTHONPATH": python_path, LOG_VARIABLE: str(log)}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / tool), *args], env=env, cwd=tmp_path, capture_output=True, text=True
+    command = [str(ROOT / "tools" / tool)] if tool.endswith(".py") else ["-m", "qarep_det", tool]  # a script or
+    result = subprocess.run(  # a subcommand only the console command has (yolo)
+        [sys.executable, *command, *args], env=env, cwd=tmp_path, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-2000:]
     return log.read_text().splitlines() if log.exists() else [], result.stdout
@@ -190,3 +191,13 @@ def test_qat_and_diagnose_are_offline(audit: Path, data: Path, weights: Path, tm
     assert not attempts, "\n".join(attempts[:3])
     assert [path.name for path in (tmp_path / "qat").glob("*/weights/best.pt")] == ["best.pt"]
     assert len(json.loads((tmp_path / "diagnose" / "report.json").read_text())["models"]) == 1
+
+
+def test_ultralytics_quantize_8_is_offline(audit: Path, data: Path, weights: Path, tmp_path: Path) -> None:
+    """Ultralytics' own QAT checks its ModelOpt requirement before quantizing: that must not reach pip's index."""
+    attempts, _ = run_audited(
+        audit, tmp_path, "yolo", "train", f"model={weights}", f"data={data}", "quantize=8", "epochs=1", "imgsz=64",
+        "batch=2", "workers=0", "device=cpu", f"project={tmp_path / 'q8'}", "name=run", "plots=False",
+    )  # fmt: skip
+    assert not attempts, "\n".join(attempts[:3])
+    assert (tmp_path / "q8" / "run" / "weights" / "best.pt").is_file()
