@@ -130,3 +130,13 @@ def test_ptq_eval_scores_a_quantize_8_checkpoint_with_or_without_its_fp32_model(
         assert a["int8_map50_95"] == b["int8_map50_95"] > 10  # the same student either way, and it detects
         drop = b["fp32_map50_95"] - b["int8_map50_95"]
         assert b["fp32_map50_95"] > 10 and b["drop"] == pytest.approx(drop, abs=0.015)  # each rounded to 2 decimals
+
+
+def test_ptq_eval_refuses_a_missing_fp32_weights_in_one_line(q8_run: Path, known_answer, tmp_path: Path, capsys):
+    from qarep_det.cli import ptq_eval
+
+    argv = ["--weights", q8_run / "weights" / "best.pt", "--data", known_answer.data, "--imgsz", str(IMGSZ),
+            "--fp32-weights", tmp_path / "nope.pt", "--out", tmp_path / "out"]  # fmt: skip
+    assert ptq_eval.main([str(a) for a in argv]) == 1
+    assert capsys.readouterr().err.strip() == f"error: weights '{tmp_path / 'nope.pt'}' not found"
+    assert not (tmp_path / "out").exists()

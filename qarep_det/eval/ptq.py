@@ -235,6 +235,8 @@ def run_ptq_eval(
     calibration (or tuning) fail with one clear error. Returns the rows and the two result paths.
     """
     paths = checkpoint_paths(weights)
+    if settings.fp32_weights is not None:
+        checkpoint_paths([settings.fp32_weights])  # missing: one line now, not after the ground truth
     ground_truth = load_ground_truth(settings.data, instances_json=settings.instances_json)
     checkpoints = [_load_checked(path, settings) for path in paths]
     recipe = settings.recipe

@@ -70,7 +70,12 @@ class FusedCheckpoint:
     @property
     def ours(self) -> bool:
         """Whether a QAT student is qarep_det's (its recipe and FP32 reference stored), not Ultralytics' quantize=8."""
-        return isinstance(self.student, QATDetectionModel) and self.student.fp32_reference is not None
+        return _carries_fp32(self.student)
+
+
+def _carries_fp32(student: nn.Module | None) -> bool:
+    """Whether a QAT student is qarep_det's: it carries its recipe and the FP32 model it started from."""
+    return isinstance(student, QATDetectionModel) and student.fp32_reference is not None
 
 
 def load_fused(weights: str | os.PathLike, fp32_weights: str | os.PathLike | None = None) -> FusedCheckpoint:
@@ -84,7 +89,7 @@ def load_fused(weights: str | os.PathLike, fp32_weights: str | os.PathLike | Non
     student = qat_student(model)
     if student is None:
         return FusedCheckpoint(Path(weights), reparameterize_model(model), None)
-    if isinstance(student, QATDetectionModel) and student.fp32_reference is not None:
+    if _carries_fp32(student):
         return FusedCheckpoint(Path(weights), reparameterize_model(student.fp32_reference), student)
     fp32 = None if fp32_weights is None else reparameterize_model(load_detector(fp32_weights))
     return FusedCheckpoint(Path(weights), fp32, reparameterize_model(student))
