@@ -8,7 +8,8 @@ isolated passes (``isolated_noise``). A subset's figures are the sums of its bat
 is exactly what ranking that subset alone computes (the ranking divides those sums). For each M: every disjoint
 subset of M consecutive images of the draw (the first one is the prefix ``--rank-images M`` takes), its overlap with
 the full ranking's top 5 and top 10, whether its top K equals the full top K (what ``--keep-float K`` keeps), and
-Kendall's tau between the two orders of all convs (scipy). Writes ``stability.json`` and ``stability.md``.
+Kendall's tau between the two orders of all convs (``qarep_det.eval.leave_one_out.agreement``). Writes
+``stability.json`` and ``stability.md``.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import time
 
 import torch
 from benchmark_args import benchmark_parser
-from scipy.stats import kendalltau
 from tqdm import tqdm
 
+from qarep_det.eval.leave_one_out import agreement
 from qarep_det.eval.table import markdown_table
 from qarep_det.integrations.analysis import isolated_noise, rank_by_noise
 from qarep_det.integrations.checkpoint import load_detector
@@ -43,18 +44,6 @@ def summed(batches: list[Noise]) -> Noise:
             pairs = zip(previous, powers, strict=True)
             total[name] = tuple(NoisePower(a.signal + b.signal, a.noise + b.noise) for a, b in pairs)
     return total
-
-
-def compare(ranking: list[str], reference: list[str], keep: tuple[int, ...]) -> dict[str, object]:
-    """Top-5 / top-10 overlap (fraction), the same top-K sets, and Kendall's tau of the two orders."""
-    position = {name: i for i, name in enumerate(reference)}
-    tau = kendalltau([position[n] for n in ranking], range(len(ranking))).statistic
-    return {
-        "top5": len(set(ranking[:5]) & set(reference[:5])) / 5,
-        "top10": len(set(ranking[:10]) & set(reference[:10])) / 10,
-        **{f"same_top{k}": set(ranking[:k]) == set(reference[:k]) for k in keep},
-        "tau": float(tau),
-    }
 
 
 def main() -> None:
@@ -85,7 +74,7 @@ def main() -> None:
     for m in args.sizes:
         per = m // args.batch
         groups = [batches[i : i + per] for i in range(0, len(batches) - per + 1, per)]
-        results = [compare(rank_by_noise(summed(g)), reference, keep) for g in groups]
+        results = [agreement(rank_by_noise(summed(g)), reference, keep) for g in groups]
         sizes[m] = {
             "subsets": len(results),
             "prefix": results[0],

@@ -1,0 +1,89 @@
+"""The leave-one-out ground truth: the planted conv wins back the most when reverted alone; agreement of two orders."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import replace
+
+import pytest
+
+from qarep_det.eval.backends import Job
+from qarep_det.eval.coco import load_ground_truth
+from qarep_det.eval.leave_one_out import agreement, leave_one_out, write_csv
+from qarep_det.eval.protocol import EvalProtocol
+from qarep_det.eval.tuning import tuning_set
+from qarep_det.integrations.checkpoint import load_detector
+from qarep_det.quant.calibration import calibration_set
+from qarep_det.quant.recipe import QuantRecipe
+from qarep_det.quant.simulated import quantize_torch
+from qarep_det.reparam import reparameterize_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+CALIB, TUNE = 8, 16  # of the known answer's 24 train images
+OTHERS = ("model.0.conv", "model.2.0.conv", "model.24.cv3.1.1.conv")  # the stem, a backbone conv, a head conv
+
+
+@pytest.fixture(scope="module")
+def planted_job(known_answer, tmp_path_factory: pytest.TempPathFactory):
+    """The planted model calibrated once, its tuning set, and a Job for the torch backend."""
+    fused = reparameterize_model(load_detector(known_answer.planted))
+    calib = calibration_set(known_answer.data, known_answer.imgsz, CALIB, batch_size=4, progress=False)
+    recipe = QuantRecipe(calib_images=CALIB)
+    scratch = tmp_path_factory.mktemp("loo")
+    job = Job(fused, calib, recipe, known_answer.imgsz, "cpu", scratch / "planted", save=False, overwrite=True,
+              calibrated=quantize_torch(fused, calib, recipe))  # fmt: skip
+    tuning = tuning_set(known_answer.data, TUNE, 0, calib.paths, load_ground_truth(known_answer.data).image_files)
+    return job, tuning, scratch
+
+
+def test_the_planted_conv_has_the_largest_revert_one_gain(known_answer, planted_job) -> None:
+    job, tuning, scratch = planted_job
+    names = [OTHERS[0], known_answer.consumer, *OTHERS[1:]]
+    loo = leave_one_out(job, "torch", names, tuning, EvalProtocol(imgsz=known_answer.imgsz), scratch, batch=4,
+                        progress=False, fp32_tune_map=60.0)  # fmt: skip
+    assert [row.name for row in loo.rows] == names and loo.evaluations == 5 and loo.tune_images == TUNE
+    gains = {row.name: row.gain for row in loo.rows}
+    assert loo.ranking()[0] == known_answer.consumer
+    assert gains[known_answer.consumer] > 30 > max(abs(gains[n]) for n in OTHERS)  # INT8 collapses, one conv restores
+    for row in loo.rows:
+        assert row.gain == pytest.approx(row.tune_map50_95 - loo.int8_tune_map50_95)
+    assert loo.as_dict()["rows"][1]["name"] == known_answer.consumer and loo.fp32_tune_map50_95 == 60.0
+
+    path = write_csv(loo, scratch / "loo.csv", {"by_name": sorted(names)})
+    lines = list(csv.DictReader(path.open()))
+    assert [line["name"] for line in lines] == names
+    planted = lines[1]
+    assert planted["loo_position"] == "1"
+    assert planted["by_name_position"] == str(sorted(names).index(planted["name"]) + 1)
+    assert float(planted["gain"]) == pytest.approx(gains[known_answer.consumer], abs=1e-3)
+    assert planted["block"] != planted["name"] and planted["name"].startswith(planted["block"])  # the Rep block's conv
+
+
+def test_leave_one_out_refuses_what_it_cannot_revert(planted_job, known_answer) -> None:
+    job, tuning, scratch = planted_job
+    protocol = EvalProtocol(imgsz=known_answer.imgsz)
+    with pytest.raises(ValueError, match="unknown backend 'tensorrt'"):
+        leave_one_out(job, "tensorrt", OTHERS, tuning, protocol, scratch)
+    with pytest.raises(ValueError, match="convs named twice: model.0.conv"):
+        leave_one_out(job, "torch", [*OTHERS, "model.0.conv"], tuning, protocol, scratch)
+    kept = job.with_recipe(replace(job.recipe, float_layers=("model.0.conv",)))
+    with pytest.raises(ValueError, match="already float in the recipe, nothing to revert: model.0.conv"):
+        leave_one_out(kept, "torch", OTHERS, tuning, protocol, scratch)
+
+
+def test_agreement_of_hand_made_orders() -> None:
+    order = [f"conv{i}" for i in range(12)]
+    same = agreement(order, order, same_top=(1, 4))
+    assert same == {"top5": 1.0, "top10": 1.0, "same_top1": True, "same_top4": True, "tau": pytest.approx(1.0)}
+    reversed_ = agreement(order[::-1], order)
+    assert reversed_["tau"] == pytest.approx(-1.0) and reversed_["top5"] == 0.0 and reversed_["top10"] == 8 / 10
+    # the first five swapped with the next five: top-5 shares none, top-10 all of them; 25 of 66 pairs discordant
+    swapped = agreement(order[5:10] + order[:5] + order[10:], order, same_top=(10,))
+    assert swapped["top5"] == 0.0 and swapped["top10"] == 1.0 and swapped["same_top10"]
+    assert swapped["tau"] == pytest.approx((66 - 2 * 25) / 66)
+    # three convs: overlaps are fractions of the convs there are
+    assert agreement(["a", "c", "b"], ["a", "b", "c"])["top5"] == 1.0
+    with pytest.raises(ValueError, match="two orders of the same convs"):
+        agreement(["a", "b"], ["a", "c"])
+    with pytest.raises(ValueError, match="two orders of the same convs"):
+        agreement(["a", "a"], ["a", "a"])
