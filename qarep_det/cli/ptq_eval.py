@@ -33,6 +33,7 @@ from qarep_det.device import torch_device
 from qarep_det.eval.backends import BACKENDS
 from qarep_det.eval.ptq import RANK_IMAGES, TUNE_IMAGES, PTQSettings, run_ptq_eval
 from qarep_det.eval.table import format_console
+from qarep_det.integrations.rankings import DEFAULT_RANKING, RANKING_HELP
 
 DEMO = DemoSettings()
 
@@ -68,6 +69,13 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     )
     parser.add_argument("--tune-split", default="train", help="split of the data YAML to draw the tuning images from")
     add_rank_args(parser, f"{RANK_IMAGES}, or all if fewer are calibrated")
+    parser.add_argument(
+        "--rank-by",
+        default=DEFAULT_RANKING,
+        metavar="NAME",
+        help=f"how --keep-float / --max-drop rank the convs, most harmful first: {RANKING_HELP} "
+        f"(default: {DEFAULT_RANKING}; how each agrees with the leave-one-out mAP: docs/diagnose.md)",
+    )
     parser.add_argument(
         "--backend",
         nargs="+",
@@ -109,6 +117,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             tune_images=args.tune_images,
             tune_split=args.tune_split,
             rank_images=args.rank_images,
+            rank_by=args.rank_by,
             fp32_weights=args.fp32_weights,
         )
         weights = args.weights

@@ -22,10 +22,9 @@ Every SQNR sums signal and noise over all images before dividing. ``ranking`` or
 Speed: batches outside, convs inside. Per batch one FP32 pass keeps every node's output (:class:`RestartableForward`),
 one fully INT8 pass gives the cumulative figures, and each conv's isolated pass recomputes only what lies downstream of
 it, with that conv's quantizers toggled on in one quantized copy (never re-quantized): far fewer full passes than one
-per conv (docs/diagnose.md, Speed). The ranking alone (:func:`rank_by_noise` of :func:`isolated_noise`, what
-``--keep-float`` and ``--max-drop`` need) skips the cumulative figures, takes a model already calibrated, and may run on
-a prefix of the calibration draw (``rank_images``): calibration always sees every calibration image, the per-conv passes
-only the images ranked.
+per conv (docs/diagnose.md, Speed). The ranking alone (:func:`rank_by_noise` of :func:`isolated_noise`, one of the
+rankings ``--keep-float`` and ``--max-drop`` choose from, :mod:`qarep_det.integrations.rankings`) skips the cumulative
+figures and takes a model already calibrated.
 
 It lives in ``integrations/`` because the restartable forward re-walks Ultralytics' graph, and because QAT's
 ``--keep-float`` (an integration with Ultralytics' trainer) ranks with it too. BN scales, the paper's mechanism,
@@ -105,7 +104,7 @@ def detection_noise(boxes: NoisePower, scores: NoisePower) -> float:
     return db((boxes.relative + scores.relative) / 2)
 
 
-def _add_detection(boxes: NoisePower, scores: NoisePower, reference: torch.Tensor, test: torch.Tensor) -> None:
+def add_detection(boxes: NoisePower, scores: NoisePower, reference: torch.Tensor, test: torch.Tensor) -> None:
     """Accumulate the box (first 4 rows) and score rows of ``(B, 4 + nc, A)`` predictions separately."""
     boxes.add(reference[:, :4], test[:, :4])
     scores.add(reference[:, 4:], test[:, 4:])
@@ -165,7 +164,7 @@ def _comparing(
             h.remove()
 
 
-def _out_of_place(model: nn.Module) -> nn.Module:
+def out_of_place(model: nn.Module) -> nn.Module:
     """Turn in-place activations off (Ultralytics' checkpoint loader turns them on): an in-place ReLU would
     overwrite the conv output a hook just kept."""
     for m in model.modules():
@@ -174,7 +173,7 @@ def _out_of_place(model: nn.Module) -> nn.Module:
     return model
 
 
-def _set_quantizers(conv: nn.Module, on: bool) -> None:
+def set_quantizers(conv: nn.Module, on: bool) -> None:
     for quantizer in (conv.input_quantizer, conv.weight_quantizer):
         quantizer.enable() if on else quantizer.disable()
 
@@ -186,24 +185,24 @@ def _isolated(
     then sees its exact FP32 input, so its input quantizer's own input and output also give ``act_sqnr_db``."""
     try:
         for conv in qconvs.values():
-            _set_quantizers(conv, False)
+            set_quantizers(conv, False)
         for name, conv in qconvs.items():
             e = errors[name]
-            _set_quantizers(conv, True)
+            set_quantizers(conv, True)
             handle = conv.input_quantizer.register_forward_hook(lambda _, args, out, e=e: e.act.add(args[0], out))
             try:
-                _add_detection(e.boxes, e.scores, cache.output, graph.restart(cache, name, qmodel))
+                add_detection(e.boxes, e.scores, cache.output, graph.restart(cache, name, qmodel))
             finally:
                 handle.remove()
-            _set_quantizers(conv, False)
+            set_quantizers(conv, False)
             bar.update()
     finally:
         for conv in qconvs.values():
-            _set_quantizers(conv, True)
+            set_quantizers(conv, True)
 
 
 @dataclass
-class _Walk:
+class ConvWalk:
     """What both the full analysis and the ranking alone set up: the FP32 copy in the fast layout, its restartable
     graph, the convs by name in it and in the quantized model, and one accumulator per conv."""
 
@@ -213,8 +212,8 @@ class _Walk:
     errors: dict[str, _Errors]
 
     @classmethod
-    def of(cls, fused: nn.Module, qmodel: nn.Module, names: Sequence[str], device: str | torch.device) -> _Walk:
-        fused = _out_of_place(copy.deepcopy(fused).to(device, memory_format=FAST_LAYOUT).eval())
+    def of(cls, fused: nn.Module, qmodel: nn.Module, names: Sequence[str], device: str | torch.device) -> ConvWalk:
+        fused = out_of_place(copy.deepcopy(fused).to(device, memory_format=FAST_LAYOUT).eval())
         return cls(
             RestartableForward(fused),
             {n: fused.get_submodule(n) for n in names},
@@ -258,9 +257,9 @@ def analyze(
     recipe = recipe or QuantRecipe()
     start = time.perf_counter()
     names = quantized_conv_names(fused, recipe)
-    qmodel = _out_of_place(quantize_torch(fused, calib, recipe, device).to(memory_format=FAST_LAYOUT))
+    qmodel = out_of_place(quantize_torch(fused, calib, recipe, device).to(memory_format=FAST_LAYOUT))
     calibrate_s = time.perf_counter() - start
-    walk = _Walk.of(fused, qmodel, names, device)
+    walk = ConvWalk.of(fused, qmodel, names, device)
     convs, qconvs, errors = walk.convs, walk.qconvs, walk.errors
     out_boxes, out_scores = NoisePower(), NoisePower()
     images = 0
@@ -270,7 +269,7 @@ def analyze(
         with _recording(convs, inputs, outputs):
             cache = walk.graph.forward(x)
         with _comparing(qconvs, convs, inputs, outputs, errors):
-            _add_detection(out_boxes, out_scores, cache.output, first_output(qmodel(x)))
+            add_detection(out_boxes, out_scores, cache.output, first_output(qmodel(x)))
         del outputs
         _isolated(walk.graph, cache, qmodel, qconvs, errors, bar)
     layers = [_layer(walk.graph.model, n, qconvs[n], errors[n]) for n in names]
@@ -301,8 +300,8 @@ def isolated_noise(
     computed by the same passes, bit for bit, without the cumulative ones), with ``qmodel`` the fully INT8 model
     ``quantize_torch(fused, ..., recipe)`` already calibrated (e.g. the one ptq_eval's torch backend uses)."""
     names = quantized_conv_names(fused, recipe)
-    qmodel = _out_of_place(copy.deepcopy(qmodel).to(device, memory_format=FAST_LAYOUT))  # the caller's stays as is
-    walk = _Walk.of(fused, qmodel, names, device)
+    qmodel = out_of_place(copy.deepcopy(qmodel).to(device, memory_format=FAST_LAYOUT))  # the caller's stays as is
+    walk = ConvWalk.of(fused, qmodel, names, device)
     for x, bar in walk.batches(images, device, progress):
         _isolated(walk.graph, walk.graph.forward(x), qmodel, walk.qconvs, walk.errors, bar)
     return {name: (e.boxes, e.scores) for name, e in walk.errors.items()}
@@ -311,54 +310,6 @@ def isolated_noise(
 def rank_by_noise(noise: dict[str, tuple[NoisePower, NoisePower]]) -> list[str]:
     """Most harmful alone first: the isolated figure (:func:`detection_noise`), ascending; ties keep model order."""
     return sorted(noise, key=lambda name: detection_noise(*noise[name]))
-
-
-@dataclass(frozen=True)
-class Sensitivity:
-    """A fully INT8 model calibrated once and its convs ranked, most harmful alone first: what ``--keep-float`` and
-    ``--max-drop`` choose from."""
-
-    calibrated: nn.Module
-    ranking: list[str]
-    calibrate_s: float
-    rank_s: float
-
-    def keep(self, recipe: QuantRecipe, keep_float: int) -> QuantRecipe:
-        """``recipe`` with the first ``keep_float`` convs of the ranking added to its float layers."""
-        return replace(recipe, float_layers=recipe.float_layers + tuple(self.ranking[:keep_float]))
-
-
-def rank_sensitivity(
-    fused: nn.Module,
-    calib: Sequence[torch.Tensor],
-    recipe: QuantRecipe,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-    rank_images: int | None = None,
-) -> Sensitivity:
-    """Calibrate ``fused`` on every image of ``calib``, then rank its convs by their isolated noise on the first
-    ``rank_images`` of them (default: all): the ranking :func:`analyze` gives, which diagnose reports."""
-    start = time.perf_counter()
-    calibrated = quantize_torch(fused, calib, recipe, device)
-    calibrate_s = time.perf_counter() - start
-    images = first_images(calib, rank_images)  # calibration saw all of them; the per-conv passes see these
-    ranking = rank_by_noise(isolated_noise(fused, calibrated, images, recipe, device, progress))
-    return Sensitivity(calibrated, ranking, calibrate_s, time.perf_counter() - start - calibrate_s)
-
-
-def keep_most_sensitive(
-    fused: nn.Module,
-    calib: Sequence[torch.Tensor],
-    recipe: QuantRecipe,
-    keep_float: int,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-) -> QuantRecipe:
-    """``recipe`` with the ``keep_float`` most sensitive convs (:func:`rank_sensitivity` on all of ``calib``) added
-    to its float layers; ``recipe`` itself for 0."""
-    if not keep_float:
-        return recipe
-    return rank_sensitivity(fused, calib, recipe, device, progress).keep(recipe, keep_float)
 
 
 def _layer(fused: nn.Module, name: str, qconv: nn.Module, e: _Errors) -> LayerAnalysis:

@@ -28,9 +28,9 @@ from ultralytics.utils import DEFAULT_CFG_DICT, LOGGER, RANK
 from ultralytics.utils.torch_utils import qat_state, restore_qat, strip_qat, unwrap_model
 
 from qarep_det.device import torch_device
-from qarep_det.integrations.analysis import keep_most_sensitive
 from qarep_det.integrations.checkpoint import load_detector
 from qarep_det.integrations.range_report import write_range_report
+from qarep_det.integrations.rankings import keep_most_sensitive
 from qarep_det.integrations.run_options import (
     RECIPE,
     RunOptions,
