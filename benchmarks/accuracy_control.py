@@ -32,10 +32,9 @@ from pathlib import Path
 
 import torch
 from benchmark_args import benchmark_parser
-from pycocotools.cocoeval import COCOeval
 
 from qarep_det.eval.benchmark import interleaved_ms
-from qarep_det.eval.coco import GroundTruth, evaluate_coco, load_ground_truth
+from qarep_det.eval.coco import GroundTruth, evaluate_coco, load_ground_truth, per_image_map50_95
 from qarep_det.eval.predict import evaluate_runner, predict
 from qarep_det.eval.protocol import EvalProtocol
 from qarep_det.eval.ptq import PTQSettings, run_ptq_eval
@@ -65,7 +64,6 @@ class TuningMetric:
 
     def __init__(self, tuning: TuningSet, protocol: EvalProtocol, scratch: Path) -> None:
         self.gt, self.protocol, self.out = tuning.ground_truth, protocol, scratch / "nncf_tune.json"
-        self.coco = self.gt.coco()
         self.calls: list[int] = []
         self.seconds = 0.0
 
@@ -80,26 +78,10 @@ class TuningMetric:
             metric = evaluate_coco(subset, self.out)["map50_95"]
         except ValueError:  # no labelled box on these images: must not raise (see the module docstring)
             metric = 0.0
-        per_image = self._per_image(ids) if len(files) == len(self.gt.image_files) else None
+        per_image = per_image_map50_95(subset, self.out) if len(files) == len(self.gt.image_files) else None
         self.calls.append(len(files))
         self.seconds += time.perf_counter() - start
         return float(metric), per_image
-
-    def _per_image(self, ids: list[int]) -> list[float]:
-        """pycocotools' AP50-95 (all areas, maxDets 100) of each image alone; 0 without boxes or detections."""
-        detections = json.loads(self.out.read_text())
-        if not detections:
-            return [0.0] * len(ids)
-        values = []
-        with contextlib.redirect_stdout(io.StringIO()):
-            evaluator = COCOeval(self.coco, self.coco.loadRes(detections), iouType="bbox")
-            for image_id in ids:
-                evaluator.params.imgIds = [image_id]
-                evaluator.evaluate()
-                evaluator.accumulate()
-                precision = evaluator.eval["precision"][:, :, :, 0, -1]
-                values.append(100.0 * float(precision[precision > -1].mean()) if (precision > -1).any() else 0.0)
-        return values
 
 
 @contextlib.contextmanager

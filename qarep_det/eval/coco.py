@@ -272,3 +272,35 @@ def evaluate_coco(
         evaluator.summarize()
     stats = evaluator.stats
     return {**{k: None if stats[i] < 0 else 100.0 * float(stats[i]) for k, i in _STATS.items()}, **result}
+
+
+def per_image_map50_95(ground_truth: GroundTruth, detections: str | os.PathLike) -> list[float]:
+    """pycocotools' AP50-95 in percent (all areas, 100 detections) of each image scored alone, in
+    ``ground_truth.image_files`` order; 0 for an image without detections or without boxes.
+
+    Their spread is what the noise of a mAP measured on these images is estimated from
+    (:mod:`qarep_det.eval.resolution`). One ``COCOeval`` serves every image, narrowed to that image, its boxes'
+    categories (pycocotools leaves a category without boxes out of the mean, so the others cannot change it) and the
+    all-area range: the figure :func:`evaluate_coco` gives for that image alone, without 80 categories x 4 areas of
+    empty work.
+    """
+    coco = ground_truth.coco()
+    detections = json.loads(Path(detections).read_text(encoding="utf-8"))
+    values = [0.0] * len(ground_truth.image_ids)
+    if not detections:  # loadRes cannot take an empty list
+        return values
+    with _silenced(True):
+        evaluator = COCOeval(coco, coco.loadRes(detections), iouType="bbox")
+        params = evaluator.params
+        params.areaRng, params.areaRngLbl, params.maxDets = [params.areaRng[0]], ["all"], [params.maxDets[-1]]
+        for i, image_id in enumerate(ground_truth.image_ids):
+            categories = sorted({a["category_id"] for a in coco.imgToAnns[image_id]})
+            if not categories:
+                continue
+            params.imgIds, params.catIds = [image_id], categories
+            evaluator.evaluate()
+            evaluator.accumulate()
+            precision = evaluator.eval["precision"]
+            if (precision > -1).any():
+                values[i] = 100.0 * float(precision[precision > -1].mean())
+    return values
