@@ -242,3 +242,13 @@ def test_bad_max_drop_and_rank_images_fail_with_one_line_before_any_work(
         lines = capsys.readouterr().err.strip().splitlines()
         assert status != 0 and lines[-1].startswith("error: ") and message in lines[-1], (args, lines)
         assert not any("Traceback" in line for line in lines) and not out.exists()
+
+
+def test_max_drop_rows_carry_the_tuning_drop_standard_error(searched) -> None:
+    """Paired FP32 and fully INT8 per-image AP50-95 of the tuning images: the planted collapse differs by image, so
+    the error is positive; the images needed are given exactly when 2 errors exceed D."""
+    _, stored, _ = searched
+    for row in stored:
+        se, needed = row["tune_drop_se"], row["tune_images_needed"]
+        assert 0 < se < row["tune_steps"][0]["tune_drop"], row["backend"]
+        assert (needed is None) == (row["max_drop"] >= 2 * se), row["backend"]

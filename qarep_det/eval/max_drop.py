@@ -13,12 +13,17 @@ The drop is not monotone in K on real models (docs/diagnose.md, "Choosing K"). B
 correct: it only answers with a K whose drop it measured within D, the K below it measured above D, a boundary of the
 measured curve. What non-monotonicity can cost is optimality: a smaller K that also meets D may sit below a probe
 that missed. When no evaluated K meets D, the one with the lowest drop is kept, and the shortfall is reported.
+
+A tuning drop is a measurement on a few hundred images. Once K = 0 is evaluated, the FP32 and fully INT8 per-image
+AP50-95 give its standard error (:mod:`qarep_det.eval.resolution`), printed beside every step's drop; a D below 2
+standard errors is warned about once, with the tuning images that would resolve it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +31,10 @@ from typing import Any
 from tqdm import tqdm
 
 from qarep_det.checks import check_count
+from qarep_det.eval.coco import per_image_map50_95
 from qarep_det.eval.predict import evaluate_runner
 from qarep_det.eval.protocol import EvalProtocol
+from qarep_det.eval.resolution import Resolution
 from qarep_det.eval.tuning import TuningSet
 from qarep_det.quant.runner import Runner
 
@@ -45,7 +52,8 @@ class Step:
 
 @dataclass(frozen=True)
 class SearchResult:
-    """The K chosen and every step that led to it, in evaluation order."""
+    """The K chosen and every step that led to it, in evaluation order, and how finely the tuning set resolves a
+    drop (measured on K = 0)."""
 
     max_drop: float
     fp32_tune_map50_95: float
@@ -53,6 +61,7 @@ class SearchResult:
     chosen: Step
     met: bool
     budget: int
+    resolution: Resolution | None  # None: not estimated (a replay of measured drops, without per-image values)
 
     @property
     def evals(self) -> int:
@@ -65,10 +74,14 @@ class SearchResult:
         return 0.0 if self.met else self.chosen.tune_drop - self.max_drop
 
     def row(self) -> dict[str, Any]:
-        """The keys a results.json row gets (besides ``float_layers``, which the caller knows)."""
+        """The keys a results.json row gets (besides ``float_layers``, which the caller knows); ``tune_images_needed``
+        is None when the tuning images resolve D (or when none would: D = 0)."""
+        noise, d = self.resolution, self.max_drop
         return {
-            "max_drop": self.max_drop,
+            "max_drop": d,
             "tune_drop": self.chosen.tune_drop,
+            "tune_drop_se": None if noise is None else noise.standard_error,
+            "tune_images_needed": None if noise is None or noise.resolves(d) else noise.images_needed(d),
             "tune_evals": self.evals,
             "shortfall": self.shortfall,
             "fp32_tune_map50_95": self.fp32_tune_map50_95,
@@ -89,34 +102,46 @@ def search_float_convs(
     fp32_tune_map: float,
     evaluate: Callable[[int], tuple[float, float]],
     max_drop: float,
+    resolution: Callable[[], Resolution] | None = None,
     report: Callable[[str], None] = print,
 ) -> SearchResult:
     """Bisection for the fewest K in [0, ``convs``] whose tuning drop is at most ``max_drop`` (module docstring).
 
     ``evaluate(k)`` scores the candidate with the first K convs of the ranking float: ``(tuning mAP50-95, INT8 ms
-    per image)``; it is called at most ``evaluation_budget(convs) - 1`` times (the FP32 score is given). ``report``
-    gets one line per step as it goes.
+    per image)``; it is called at most ``evaluation_budget(convs) - 1`` times (the FP32 score is given).
+    ``resolution()``, if given, is asked once, right after K = 0's evaluation: the tuning drop's standard error,
+    printed beside each drop; a ``UserWarning`` says when it cannot resolve ``max_drop``. ``report`` gets one line
+    per step as it goes.
     """
     if max_drop < 0:
         raise ValueError(f"the largest drop allowed must be >= 0 mAP50-95 points, got {max_drop}")
     budget = evaluation_budget(convs)
     steps: dict[int, Step] = {}
 
-    def meets(k: int) -> bool:
+    def measure(k: int) -> Step:
         tune_map, ms = evaluate(k)
-        step = steps[k] = Step(k, tune_map, fp32_tune_map - tune_map, ms)
+        steps[k] = Step(k, tune_map, fp32_tune_map - tune_map, ms)
+        return steps[k]
+
+    def meets(step: Step) -> bool:
         ok = step.tune_drop <= max_drop
         report(
-            f"  K={k:<3d} tuning mAP50-95 {tune_map:6.2f}  drop {step.tune_drop:+6.2f} "
+            f"  K={step.k:<3d} tuning mAP50-95 {step.tune_map50_95:6.2f}  drop {step.tune_drop:+6.2f}{spread} "
             f"{'<=' if ok else '> '} {max_drop:g}  ({1 + len(steps)}/{budget} tuning evaluations)"
         )
         return ok
 
+    fully_int8 = measure(0)
+    noise = None if resolution is None else resolution()  # one figure for every step, from FP32 and K = 0 pairs
+    spread = "" if noise is None else f" ± {noise.standard_error:.2f}"
+    fully_int8_meets = meets(fully_int8)
+    if noise is not None and not noise.resolves(max_drop):
+        _warn_unresolved(noise, max_drop)
     lo, hi = 0, convs  # lo misses D (once K = 0 was evaluated); hi meets it, or is the unevaluated all-float model
-    if not meets(0):
+    if not fully_int8_meets:
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if meets(mid) else (mid, hi)
+            lo, hi = (lo, mid) if meets(measure(mid)) else (mid, hi)
     else:
         hi = 0
     met = hi in steps
@@ -127,7 +152,19 @@ def search_float_convs(
             f"keeping the lowest drop found: K={chosen.k}, {chosen.tune_drop:.2f}, short by "
             f"{chosen.tune_drop - max_drop:.2f}"
         )
-    return SearchResult(max_drop, fp32_tune_map, tuple(steps.values()), chosen, met, budget)
+    return SearchResult(max_drop, fp32_tune_map, tuple(steps.values()), chosen, met, budget, noise)
+
+
+def _warn_unresolved(resolution: Resolution, max_drop: float) -> None:
+    """One ``UserWarning`` line: ``max_drop`` is below 2 standard errors of the tuning drop."""
+    needed = resolution.images_needed(max_drop)
+    warnings.warn(
+        f"--max-drop {max_drop:g} is below what {resolution.images} tuning images resolve (2 standard errors = "
+        f"{2 * resolution.standard_error:.2f} mAP50-95); "
+        + ("no number of images resolves 0" if needed is None else f"about {needed} images would (--tune-images)"),
+        UserWarning,
+        stacklevel=2,
+    )
 
 
 def search_backend(
@@ -135,6 +172,7 @@ def search_backend(
     convs: int,
     tuning: TuningSet,
     fp32_tune_map: float,
+    fp32_per_image: Sequence[float],
     max_drop: float,
     scratch: Path,
     label: str,
@@ -144,15 +182,22 @@ def search_backend(
 ) -> tuple[SearchResult, dict[str, Any]]:
     """The search on one backend, ``candidate(k)`` being its INT8 runner with the first K convs of the ranking
     float, each scored on the tuning set with the evaluation's ``protocol``: the result, and the keys of its
-    results.json row."""
+    results.json row. ``fp32_per_image`` is the FP32 model's AP50-95 of each tuning image
+    (:func:`qarep_det.eval.coco.per_image_map50_95`), paired with K = 0's for the drop's standard error."""
+
+    def detections(k: int) -> Path:
+        return scratch / f"tune_k{k}.json"
 
     def evaluate(k: int) -> tuple[float, float]:
-        result = evaluate_runner(candidate(k), tuning.ground_truth, scratch / "tune.json", protocol, batch, progress)
+        result = evaluate_runner(candidate(k), tuning.ground_truth, detections(k), protocol, batch, progress)
         return result["map50_95"], result["runner_ms"]
+
+    def resolution() -> Resolution:
+        return Resolution.paired(fp32_per_image, per_image_map50_95(tuning.ground_truth, detections(0)))
 
     tqdm.write(
         f"{label}: fewest of {convs} convs float for a drop <= {max_drop:g} on {tuning.describe()}, FP32 "
         f"{fp32_tune_map:.2f}"
     )
-    result = search_float_convs(convs, fp32_tune_map, evaluate, max_drop, report=tqdm.write)
+    result = search_float_convs(convs, fp32_tune_map, evaluate, max_drop, resolution, tqdm.write)
     return result, {**result.row(), "tune_images": tuning.images, "tune_split": tuning.split}

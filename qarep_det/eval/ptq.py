@@ -26,7 +26,7 @@ from typing import Any
 from qarep_det.checks import check_count, check_imgsz
 from qarep_det.device import torch_device
 from qarep_det.eval.backends import BACKENDS, Job
-from qarep_det.eval.coco import GroundTruth, load_ground_truth
+from qarep_det.eval.coco import GroundTruth, load_ground_truth, per_image_map50_95
 from qarep_det.eval.max_drop import search_backend
 from qarep_det.eval.plots import plot_max_drop
 from qarep_det.eval.predict import evaluate_runner
@@ -104,16 +104,16 @@ def _rank(checkpoint: FusedCheckpoint, settings: PTQSettings, calib: Calibration
 
 
 def _search(
-    job: Job, backend: str, sensitivity: Sensitivity, tuning: TuningSet, fp32_tune: float, settings: PTQSettings,
-    scratch: Path, progress: bool,
+    job: Job, backend: str, sensitivity: Sensitivity, tuning: TuningSet, fp32_tune: dict[str, Any],
+    settings: PTQSettings, scratch: Path, progress: bool,
 ) -> tuple[Job, dict[str, Any]]:  # fmt: skip
     """The search step: the fewest convs of the ranking kept float for ``max_drop`` on ``backend``, scored on the
     tuning set; the row's job (its artefacts named per backend) and the search's row keys."""
     name = job.stem.name
     search, extra = search_backend(
         lambda k: BACKENDS[backend].candidate(job.with_recipe(sensitivity.keep(job.recipe, k)), scratch),
-        len(sensitivity.ranking), tuning, fp32_tune, settings.max_drop, scratch, f"{name} on {backend}",
-        settings.protocol, settings.batch, progress,
+        len(sensitivity.ranking), tuning, fp32_tune["map50_95"], fp32_tune["per_image"], settings.max_drop, scratch,
+        f"{name} on {backend}", settings.protocol, settings.batch, progress,
     )  # fmt: skip
     chosen = sensitivity.keep(job.recipe, search.chosen.k)
     return job.with_recipe(chosen, job.stem.with_name(f"{name}_{backend}")), extra
@@ -192,13 +192,14 @@ def evaluate_checkpoint(
         if tuning is not None:
             start = time.perf_counter()
             fp32_tune = score(torch_runner(fused, settings.device), tuning.ground_truth, Path(scratch) / "fp32.json")
+            fp32_tune["per_image"] = per_image_map50_95(tuning.ground_truth, Path(scratch) / "fp32.json")
             fp32_tune_s = time.perf_counter() - start
         for backend in settings.backends:
             start = time.perf_counter()
             chosen, extra = job, {}
             if tuning is not None:
-                chosen, extra = _search(job, backend, sensitivity, tuning, fp32_tune["map50_95"], settings,
-                                        Path(scratch), progress)  # fmt: skip
+                chosen, extra = _search(job, backend, sensitivity, tuning, fp32_tune, settings, Path(scratch),
+                                        progress)  # fmt: skip
                 extra["search_s"] = time.perf_counter() - start + fp32_tune_s  # with the FP32 evaluation, shared
             start = time.perf_counter()
             quantized = BACKENDS[backend].quantize(chosen)
