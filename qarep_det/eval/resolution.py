@@ -3,7 +3,8 @@
 A drop measured on n images is itself a measurement, and a target below its noise is met or missed by the images
 drawn as much as by the model. The estimate is paired: the same images scored by both models, one difference per
 image, ``se = stdev(fp32_i - int8_i) / sqrt(n)``. Pairing cancels what each image brings to both scores (its own
-difficulty, by far the larger part of the per-image spread), leaving the spread of what quantization changed.
+difficulty: AP ranges over images from 0 to 100 for FP32 and INT8 alike), leaving the spread of what quantization
+changed; two unpaired errors would charge the drop with the images' difficulty twice.
 
 It is the standard error of the mean per-image AP50-95 difference, a proxy for the noise of the set's mAP50-95 drop:
 COCO's mAP pools detections over images before averaging over categories, so it is not a mean over images, but it
