@@ -1,0 +1,105 @@
+"""The sensitivity rankings: each finds the planted conv, the revert-one passes equal full forwards, the gradient
+ranking's labels land where the letterbox puts the objects, and bad input fails in one line before any work."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from qarep_det.cli import ptq_eval as ptq_cli
+from qarep_det.integrations.analysis import add_detection, set_quantizers
+from qarep_det.integrations.checkpoint import load_fused
+from qarep_det.integrations.rankings import RANKINGS, check_ranking, labelled_batches, rank_sensitivity, revert_noise
+from qarep_det.quant.calibration import calibration_set
+from qarep_det.quant.diagnostics import NoisePower
+from qarep_det.quant.recipe import QuantRecipe
+from qarep_det.quant.runner import first_output
+from qarep_det.quant.simulated import quantize_torch
+
+CALIB, RANKED = 8, 4
+
+
+@pytest.fixture(scope="module")
+def planted(known_answer):
+    """The planted detector fused, its calibration set and recipe."""
+    fused = load_fused(known_answer.planted).fused
+    recipe = QuantRecipe(calib_images=CALIB)
+    calib = calibration_set(known_answer.data, known_answer.imgsz, CALIB, recipe.seed, batch_size=4, progress=False)
+    return fused, calib, recipe
+
+
+@pytest.mark.parametrize("rank_by", list(RANKINGS))
+def test_every_ranking_puts_the_planted_conv_first(known_answer, planted, rank_by: str) -> None:
+    fused, calib, recipe = planted
+    sensitivity = rank_sensitivity(fused, calib, recipe, progress=False, rank_images=RANKED, rank_by=rank_by)
+    assert sensitivity.rank_by == rank_by
+    assert sensitivity.ranking[0] == known_answer.consumer
+    assert sorted(sensitivity.ranking) == sorted(rank_sensitivity(fused, calib, recipe, progress=False,
+                                                                  rank_images=1).ranking)  # fmt: skip
+
+
+def test_revert_one_noise_equals_a_full_forward_with_that_conv_float(planted) -> None:
+    """The restarted pass is the fully INT8 model with one conv's quantizers off, run from the image."""
+    fused, calib, recipe = planted
+    qmodel = quantize_torch(fused, calib, recipe)
+    batch = next(iter(calib))
+    noise = revert_noise(fused, qmodel, [batch], recipe, progress=False)
+    with torch.no_grad():
+        reference = first_output(fused.eval()(batch))
+        for name in list(noise)[::9]:  # every ninth conv: stem, stages, head
+            conv = qmodel.get_submodule(name)
+            set_quantizers(conv, False)
+            try:
+                boxes, scores = NoisePower(), NoisePower()
+                add_detection(boxes, scores, reference, first_output(qmodel(batch)))
+            finally:
+                set_quantizers(conv, True)
+            assert noise[name][0].noise == pytest.approx(boxes.noise, rel=1e-3, abs=1e-6)
+            assert noise[name][1].noise == pytest.approx(scores.noise, rel=1e-3, abs=1e-9)
+
+
+def test_labels_are_mapped_into_the_letterbox(tmp_path: Path) -> None:
+    """A 200x100 image letterboxed to 96: scale 0.48, 24 px of padding above; a centred half-size box stays centred,
+    keeps half the width and takes a quarter of the height."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    image = tmp_path / "images" / "a.jpg"
+    cv2.imwrite(str(image), np.full((100, 200, 3), 128, np.uint8))
+    (tmp_path / "labels" / "a.txt").write_text("2 0.5 0.5 0.5 0.5\n1 0.25 0.2 0.1 0.2\n")
+    (batch,) = labelled_batches([image], 96, 8, nc=3)
+    assert batch["img"].shape == (1, 3, 96, 96)
+    assert batch["batch_idx"].tolist() == [0.0, 0.0]
+    boxes = dict(zip(batch["cls"].flatten().tolist(), batch["bboxes"].tolist(), strict=True))
+    assert boxes[2.0] == pytest.approx([0.5, 0.5, 0.5, 0.25], abs=1e-6)
+    assert boxes[1.0] == pytest.approx([0.25, (20 * 0.48 + 24) / 96, 0.1, 0.1], abs=1e-6)
+
+
+def test_an_unknown_ranking_fails_naming_the_accepted_ones() -> None:
+    with pytest.raises(ValueError, match="unknown ranking 'sqnr': choose from isolated, revert, fisher"):
+        check_ranking("sqnr")
+
+
+def test_bad_rank_by_and_a_gradient_ranking_without_labels_fail_before_any_work(
+    known_answer, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "out"
+    common = ["--weights", str(known_answer.planted), "--imgsz", str(known_answer.imgsz), "--calib-images", "8",
+              "--max-drop", "1", "--out", str(out)]  # fmt: skip
+    assert ptq_cli.main([*common, "--data", str(known_answer.data), "--rank-by", "sqnr"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "error: unknown ranking 'sqnr': choose from isolated, revert, fisher"
+
+    unlabelled = tmp_path / "unlabelled"
+    shutil.copytree(known_answer.data.parent, unlabelled)
+    shutil.rmtree(unlabelled / "labels" / "train")
+    data = unlabelled / known_answer.data.name
+    data.write_text(data.read_text().replace(str(known_answer.data.parent), str(unlabelled)))
+    assert ptq_cli.main([*common, "--data", str(data), "--rank-by", "fisher"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--rank-by fisher needs the calibration images' YOLO labels" in err[0]
+    assert not out.exists()
