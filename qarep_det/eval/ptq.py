@@ -33,8 +33,14 @@ from qarep_det.eval.predict import evaluate_runner
 from qarep_det.eval.protocol import EvalProtocol
 from qarep_det.eval.table import write_results
 from qarep_det.eval.tuning import TuningSet, tuning_set
-from qarep_det.integrations.analysis import Sensitivity, rank_sensitivity
 from qarep_det.integrations.checkpoint import FusedCheckpoint, checkpoint_paths, load_fused
+from qarep_det.integrations.rankings import (
+    DEFAULT_RANKING,
+    Sensitivity,
+    check_labelled,
+    check_ranking,
+    rank_sensitivity,
+)
 from qarep_det.quant.calibration import CalibrationSet, calibration_set
 from qarep_det.quant.qat import ULTRALYTICS_QAT
 from qarep_det.quant.recipe import QuantRecipe
@@ -65,6 +71,7 @@ class PTQSettings:
     tune_images: int = TUNE_IMAGES  # the tuning set of max_drop (see eval/tuning.py)
     tune_split: str = "train"
     rank_images: int | None = None  # images of the calibration draw the ranking runs on (None: RANK_IMAGES or all)
+    rank_by: str = DEFAULT_RANKING  # how the convs are ranked (integrations/rankings.py)
     fp32_weights: Path | None = None  # the FP32 model of a QAT checkpoint that does not carry one (Ultralytics')
 
     def __post_init__(self) -> None:
@@ -73,6 +80,7 @@ class PTQSettings:
         if self.max_drop is not None and not self.max_drop >= 0:
             raise ValueError(f"max_drop must be >= 0 mAP50-95 points, got {self.max_drop}")
         check_count("tune_images", self.tune_images)
+        check_ranking(self.rank_by)
         if self.rank_images is not None and check_count("rank_images", self.rank_images) > self.recipe.calib_images:
             raise ValueError(
                 f"rank_images ({self.rank_images}) cannot exceed calib_images ({self.recipe.calib_images}): the "
@@ -100,7 +108,8 @@ class PTQSettings:
 
 def _rank(checkpoint: FusedCheckpoint, settings: PTQSettings, calib: CalibrationSet, progress: bool) -> Sensitivity:
     """The rank step: the simulated model calibrated once on every calibration image, ranked on the first M."""
-    return rank_sensitivity(checkpoint.fused, calib, settings.recipe, settings.device, progress, settings.ranked_images)
+    return rank_sensitivity(checkpoint.fused, calib, settings.recipe, settings.device, progress, settings.ranked_images,
+                            settings.rank_by)  # fmt: skip
 
 
 def _search(
@@ -180,7 +189,7 @@ def evaluate_checkpoint(
         sensitivity = _rank(checkpoint, settings, calib, progress)
         recipe = sensitivity.keep(settings.recipe, settings.keep_float)  # the recipe names its float convs from here
         ranked = {"calibrate_s": sensitivity.calibrate_s, "rank_images": settings.ranked_images,
-                  "rank_s": sensitivity.rank_s}  # fmt: skip
+                  "rank_by": sensitivity.rank_by, "rank_s": sensitivity.rank_s}  # fmt: skip
     else:
         recipe = settings.recipe
     rows = []
@@ -242,6 +251,8 @@ def run_ptq_eval(
     checkpoints = [_load_checked(path, settings) for path in paths]
     recipe = settings.recipe
     calib = calibration_set(settings.data, settings.imgsz, recipe.calib_images, recipe.seed, settings.batch, progress)
+    if settings.ranks and settings.rank_by == "fisher":
+        check_labelled(calib.paths[: settings.ranked_images])
     tuning = None
     if settings.max_drop is not None:
         tuning = tuning_set(settings.data, settings.tune_images, recipe.seed, calib.paths, ground_truth.image_files,
