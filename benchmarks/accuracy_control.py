@@ -38,9 +38,11 @@ from qarep_det.eval.coco import GroundTruth, evaluate_coco, load_ground_truth, p
 from qarep_det.eval.predict import evaluate_runner, predict
 from qarep_det.eval.protocol import EvalProtocol
 from qarep_det.eval.ptq import PTQSettings, run_ptq_eval
+from qarep_det.eval.resolution import Resolution
 from qarep_det.eval.table import markdown_table
 from qarep_det.eval.tuning import TuningSet, tuning_set
 from qarep_det.integrations.checkpoint import load_detector
+from qarep_det.integrations.rankings import DEFAULT_RANKING, RANKINGS
 from qarep_det.quant.calibration import calibration_set
 from qarep_det.quant.openvino import (
     SingleImages,
@@ -182,6 +184,7 @@ def main() -> None:
         help="NNCF's ranking_subset_size, one run each (default: NNCF's own, min(tuning images, calibration images))",
     )
     parser.add_argument("--latency-runs", type=int, default=100)
+    parser.add_argument("--rank-by", default=DEFAULT_RANKING, choices=list(RANKINGS), help="ptq_eval's ranking")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     recipe = QuantRecipe(calib_images=args.calib_images)
@@ -189,7 +192,7 @@ def main() -> None:
 
     # ours: the tool itself
     settings = PTQSettings(args.data, recipe, ("openvino",), args.imgsz, max_drop=args.max_drop,
-                           tune_images=args.tune_images, overwrite=True)  # fmt: skip
+                           tune_images=args.tune_images, overwrite=True, rank_by=args.rank_by)  # fmt: skip
     start = time.perf_counter()
     (ours,), _, _ = run_ptq_eval([args.weights], settings, args.out / "ptq_eval")
     ours_total_s = time.perf_counter() - start
@@ -218,6 +221,12 @@ def main() -> None:
     fp32_tune = evaluate_runner(torch_runner(fused), tuning.ground_truth, args.out / "fp32_tune.json", protocol,
                                 progress=False)["map50_95"]  # fmt: skip
     fp32_val = ours["fp32_map50_95"]  # the torch FP32 mAP ptq_eval scored on val, the reference of both drops
+    fp32_val_images = per_image_map50_95(val, args.out / "ptq_eval" / f"{ours['model']}_fp32.json")
+
+    def val_se(tag: str) -> float:
+        """The val drop's paired standard error (eval/resolution.py), from the val detections ``scored`` wrote."""
+        return Resolution.paired(fp32_val_images, per_image_map50_95(val, args.out / f"{tag}.json")).standard_error
+
     x = torch.rand(1, 3, args.imgsz, args.imgsz)
     irs = {"fp32": fp32_ir, "ours": ours_ir, **{subset: ir for subset, (ir, _) in nncf.items()}}
     runners = [openvino_runner(compile_cpu(ir)) for ir in irs.values()]
@@ -229,12 +238,13 @@ def main() -> None:
             **cost,
             "tune_drop": fp32_tune - scored(ir, tuning.ground_truth, f"nncf{subset}_tune"),
             "val_drop": fp32_val - scored(ir, val, f"nncf{subset}_val"),
+            "val_drop_se": val_se(f"nncf{subset}_val"),
             "int8_ms_b1": latency[subset],
         }
         for subset, (ir, cost) in nncf.items()
     }
     rows |= {
-        "ptq_eval --max-drop": {
+        f"ptq_eval --max-drop --rank-by {args.rank_by}": {
             "float_convs": float_convs(ours_ir, candidates),
             "float_layers": ours["float_layers"],
             "wall_s": ours["calibrate_s"] + ours["rank_s"] + ours["search_s"],
@@ -247,6 +257,7 @@ def main() -> None:
             "search_s": ours["search_s"],
             "tune_drop": fp32_tune - scored(ours_ir, tuning.ground_truth, "ours_tune"),
             "val_drop": fp32_val - scored(ours_ir, val, "ours_val"),
+            "val_drop_se": val_se("ours_val"),
             "int8_ms_b1": latency["ours"],
         },
     }
@@ -262,10 +273,11 @@ def main() -> None:
         "rows": rows,
     }
     (args.out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    header = ["", "float convs", "tuning evals (images run)", "wall time", "tune drop", "val drop", "INT8 ms, batch 1"]
+    header = ["", "float convs", "tuning evals (images run)", "wall time", "tune drop", "val drop ± SE",
+              "INT8 ms, batch 1"]  # fmt: skip
     cells = [
         [name, str(len(r["float_convs"])), f"{r['tune_evals']} ({r['tune_images_run']})", f"{r['wall_s']:.0f} s",
-         f"{r['tune_drop']:.2f}", f"{r['val_drop']:.2f}", f"{r['int8_ms_b1']:.2f}"]
+         f"{r['tune_drop']:.2f}", f"{r['val_drop']:.2f} ± {r['val_drop_se']:.2f}", f"{r['int8_ms_b1']:.2f}"]
         for name, r in rows.items()
     ]  # fmt: skip
     lines = [*markdown_table(header, cells, [False, *[True] * 6]), "",
