@@ -10,6 +10,7 @@ import pytest
 from qarep_det.eval.backends import Job
 from qarep_det.eval.coco import load_ground_truth
 from qarep_det.eval.leave_one_out import agreement, leave_one_out, write_csv
+from qarep_det.eval.plots import plot_leave_one_out
 from qarep_det.eval.protocol import EvalProtocol
 from qarep_det.eval.tuning import tuning_set
 from qarep_det.integrations.checkpoint import load_detector
@@ -57,6 +58,8 @@ def test_the_planted_conv_has_the_largest_revert_one_gain(known_answer, planted_
     assert planted["by_name_position"] == str(sorted(names).index(planted["name"]) + 1)
     assert float(planted["gain"]) == pytest.approx(gains[known_answer.consumer], abs=1e-3)
     assert planted["block"] != planted["name"] and planted["name"].startswith(planted["block"])  # the Rep block's conv
+    drawn = plot_leave_one_out({"torch": loo.as_dict()}, {"by_name": sorted(names)}, scratch / "loo.png", "planted")
+    assert drawn.stat().st_size > 10_000
 
 
 def test_leave_one_out_refuses_what_it_cannot_revert(planted_job, known_answer) -> None:

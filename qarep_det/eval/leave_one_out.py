@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -81,7 +82,7 @@ def leave_one_out(
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if job.fused is None or job.student is not None:
         raise ValueError("leave-one-out reverts convs of a calibrated FP32 model; a QAT student has none")
-    if dupes := sorted({n for n in names if list(names).count(n) > 1}):
+    if dupes := sorted(n for n, count in Counter(names).items() if count > 1):
         raise ValueError(f"convs named twice: {', '.join(dupes)}")
     if already := [n for n in names if n in job.recipe.float_layers]:
         raise ValueError(f"already float in the recipe, nothing to revert: {', '.join(already)}")
@@ -95,7 +96,9 @@ def leave_one_out(
     rows = []
     bar = tqdm(names, desc=f"leave-one-out on {backend}", unit="conv", disable=not progress)
     for name in bar:
-        reverted = tune_map(job.with_recipe(replace(job.recipe, float_layers=(*job.recipe.float_layers, name))))
+        candidate = job.with_recipe(replace(job.recipe, float_layers=(*job.recipe.float_layers, name)))
+        # its own copy of what the checkpoint's jobs share (the FP32 IR): its INT8 IR is dropped after its evaluation
+        reverted = tune_map(replace(candidate, shared=dict(job.shared)))
         rows.append(Reverted(name, enclosing_block(job.fused, name)[0], reverted, reverted - int8))
         bar.set_postfix_str(f"INT8 {int8:.2f}, {name} {reverted - int8:+.2f}")
     return LeaveOneOut(backend, tuning.images, int8, tuple(rows), time.perf_counter() - start, fp32_tune_map)

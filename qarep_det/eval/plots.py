@@ -1,4 +1,5 @@
-"""Diagnosis report (``report.json``'s dict) and ``--max-drop`` rows -> PNG plots; nothing here measures anything.
+"""Diagnosis report (``report.json``'s dict), ``--max-drop`` rows and leave-one-out sweeps -> PNG plots; nothing here
+measures anything.
 
 The diagnosis gets four figures, each comparing every model of the report on one axis (layers are matched by name,
 in the first model's order, so twins such as yolo_qarep_s / yolo_repvgg_s line up bar by bar): the isolated output
@@ -197,5 +198,37 @@ def plot_max_drop(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         h, lab = ax.get_legend_handles_labels()
         ax.legend(h + handles, lab + labels, fontsize=7, loc="lower right")
     fig.suptitle("ptq_eval --max-drop: tuning mAP and INT8 latency against the convs kept float")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_leave_one_out(sweeps: dict[str, dict[str, Any]], rankings: dict[str, Sequence[str]], path: Path,
+                       title: str, top: int = 5) -> Path:  # fmt: skip
+    """The leave-one-out ground truth, one panel per backend: the tuning mAP50-95 each conv wins back reverted alone
+    (``LeaveOneOut.as_dict()`` of each backend), as bars in model order, the sweep's own top ``top`` black; above
+    them a row of markers per ranking on its top ``top`` convs, labelled with how many of the sweep's top it found."""
+    longest = max(len(sweep["rows"]) for sweep in sweeps.values())
+    fig = Figure(figsize=(max(8.0, 2.5 + INCH_PER_LAYER * longest), 1.5 + 3.6 * len(sweeps)), layout="constrained")
+    axes = fig.subplots(len(sweeps), 1, squeeze=False)[:, 0]
+    for ax, (backend, sweep) in zip(axes, sweeps.items(), strict=True):
+        names = [row["name"] for row in sweep["rows"]]
+        gains = [row["gain"] for row in sweep["rows"]]
+        best = set(sorted(names, key=lambda n: (-gains[names.index(n)], names.index(n)))[:top])
+        ax.bar(range(len(names)), gains, 0.8, color=["black" if n in best else "C7" for n in names])
+        ax.axhline(0, color="black", linewidth=0.6)
+        high = max(max(gains), 0.0) or 1.0  # the marker rows sit above the highest bar
+        for k, (name, ranking) in enumerate(rankings.items()):
+            picked = [names.index(n) for n in ranking[:top] if n in names]
+            found = len(best & set(ranking[:top]))
+            ax.plot(picked, [high * (1.1 + 0.12 * k)] * len(picked), "v", color=f"C{k}", markersize=7,
+                    markeredgecolor="black", label=f"{name}: its top {top} ({found}/{top} of the sweep's)")  # fmt: skip
+        ax.set_ylim(top=high * (1.15 + 0.12 * len(rankings)))
+        _layer_axis(ax, names)
+        ax.set_ylabel("tuning mAP50-95 gained\nreverting this conv alone")
+        fp32 = "" if sweep.get("fp32_tune_map50_95") is None else f", FP32 {sweep['fp32_tune_map50_95']:.2f}"
+        ax.set_title(f"{backend}: fully INT8 {sweep['int8_tune_map50_95']:.2f}{fp32} on {sweep['tune_images']} tuning "
+                     f"images; black bars: the sweep's top {top} (ties in model order)", fontsize=10)  # fmt: skip
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the panel, never over a marker
+    fig.suptitle(title)
     fig.savefig(path, dpi=110)
     return path
