@@ -25,8 +25,8 @@ from qarep_det.eval.predict import evaluate_runner
 from qarep_det.eval.protocol import EvalProtocol
 from qarep_det.eval.ptq import RANK_IMAGES
 from qarep_det.eval.tuning import tuning_set
-from qarep_det.integrations.rankings import rank_sensitivity
 from qarep_det.integrations.checkpoint import load_detector
+from qarep_det.integrations.rankings import rank_sensitivity
 from qarep_det.quant.calibration import calibration_set
 from qarep_det.quant.recipe import QuantRecipe
 from qarep_det.quant.runner import torch_runner

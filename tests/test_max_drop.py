@@ -233,6 +233,9 @@ def test_bad_max_drop_and_rank_images_fail_with_one_line_before_any_work(
         (diagnose_cli, ["--rank-images", "9"], "rank_images (9) cannot exceed calib_images (8)"),
         (ptq_cli, ["--max-drop", "0.3", "--tune-split", "val"], "cannot be the scored 'val' split"),
         (ptq_cli, ["--max-drop", "0.3", "--calib-images", "24"], "no train image is left for tuning"),
+        (ptq_cli, ["--max-drop", "0.3", "--tune-images", "1"], "a tuning set needs at least 2 images"),
+        (ptq_cli, ["--max-drop", "0.3", "--calib-images", "23"], "a tuning set needs at least 2 images"),
+        (ptq_cli, ["--max-drop", "0.3", "--rank-by", "sqnr"], "unknown ranking 'sqnr'"),
     ]
     for tool, args, message in cases:
         try:

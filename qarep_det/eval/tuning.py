@@ -75,6 +75,8 @@ def tuning_set(
     random.Random(seed).shuffle(pool)
     taken = _real(calibration) | _real(scored)
     left = [p for p in pool if os.path.realpath(p) not in taken]
+    if len(left) == 1 or n == 1:
+        raise ValueError("a tuning set needs at least 2 images: its drop's standard error is a spread over images")
     if not left:
         raise ValueError(
             f"no {split} image is left for tuning: all {len(pool)} are calibration or {SCORED_SPLIT} images; "
