@@ -38,6 +38,7 @@ from qarep_det.integrations.analysis import (
     FAST_LAYOUT,
     ConvWalk,
     add_detection,
+    detection_noise,
     isolated_noise,
     out_of_place,
     rank_by_noise,
@@ -219,8 +220,9 @@ def rank(
     :class:`CalibrationSet`: its paths give the labels), ``calibrated`` the fully INT8 model."""
     if check_ranking(rank_by) == "isolated":
         return rank_by_noise(isolated_noise(fused, calibrated, images, recipe, device, progress))
-    if rank_by == "revert":  # the highest SQNR once restored is the largest gain
-        return rank_by_noise(revert_noise(fused, calibrated, images, recipe, device, progress))[::-1]
+    if rank_by == "revert":  # the highest SQNR once restored is the largest gain; ties keep model order
+        noise = revert_noise(fused, calibrated, images, recipe, device, progress)
+        return sorted(noise, key=lambda name: -detection_noise(*noise[name]))
     if not isinstance(images, CalibrationSet):
         raise TypeError("the gradient ranking reads labels: pass the calibration set itself")
     check_labelled(images.paths)
