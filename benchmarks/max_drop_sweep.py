@@ -75,7 +75,8 @@ def main() -> None:
         curve.append({"k": k, "tune_drop": fp32_tune - score(runner, tuning.ground_truth),
                       "val_drop": fp32_val - score(runner, val)})  # fmt: skip
     tune = [c["tune_drop"] for c in curve]
-    bisection = search_float_convs(len(ranking), fp32_tune, lambda k: (fp32_tune - tune[k], 0.0), args.max_drop)
+    # without --refine every candidate is a prefix of the ranking: K = len(names) on the measured curve
+    bisection = search_float_convs(ranking, fp32_tune, lambda names: (fp32_tune - tune[len(names)], 0.0), args.max_drop)
     fewest = next((c["k"] for c in curve if c["tune_drop"] <= args.max_drop), None)
     rises = sum(b > a for a, b in zip(tune, tune[1:], strict=False))  # K + 1 worse than K
     report = {

@@ -29,15 +29,48 @@ BACKENDS = ("torch", "openvino", "onnxruntime")
 CALIB, TUNE = 8, 16  # of the known answer's 24 train images
 
 
-def curve_search(drops: list[float], max_drop: float) -> tuple[max_drop.SearchResult, list[int]]:
+def curve_search(drops: list[float], max_drop: float, refine: int = 0) -> tuple[max_drop.SearchResult, list[int]]:
     """Search a given drop curve (drops[k] for K = 0 .. L - 1), recording the K evaluated."""
+    ranking = names(len(drops))
     asked: list[int] = []
 
-    def evaluate(k: int) -> tuple[float, float]:
-        asked.append(k)
-        return 50.0 - drops[k], 1.0
+    def evaluate(float_set: tuple[str, ...]) -> tuple[float, float]:
+        assert float_set == tuple(ranking[: len(float_set)])  # unrefined: a prefix of the ranking
+        asked.append(len(float_set))
+        return 50.0 - drops[len(float_set)], 1.0
 
-    return search_float_convs(len(drops), 50.0, evaluate, max_drop, report=lambda _: None), asked
+    return search_float_convs(ranking, 50.0, evaluate, max_drop, report=lambda _: None, refine=refine), asked
+
+
+def names(convs: int) -> list[str]:
+    return [f"conv{i}" for i in range(convs)]
+
+
+def bisection_probes(drops: list[float], max_drop: float) -> list[int]:
+    """The K a plain bisection of (0, L] probes after K = 0, by hand: the search without refinement, as it was."""
+    probes, lo, hi = [0], 0, len(drops)
+    if drops[0] > max_drop:
+        while hi - lo > 1:
+            probes.append((lo + hi) // 2)
+            lo, hi = (lo, probes[-1]) if drops[probes[-1]] <= max_drop else (probes[-1], hi)
+    return probes
+
+
+def additive_search(
+    ranking: list[str], gains: dict[str, float], max_drop: float, refine: int, noise: float = 0.0, seed: int = 0
+) -> tuple[max_drop.SearchResult, list[tuple[str, ...]], list[str]]:
+    """A search where the convs kept float win back their gains from a fully INT8 drop of 3 (plus a fixed noise per
+    float set): the result, the float sets evaluated in order, and the report lines."""
+    rng, asked, lines = random.Random(seed), [], []
+    noises: dict[frozenset[str], float] = {}
+
+    def evaluate(float_set: tuple[str, ...]) -> tuple[float, float]:
+        asked.append(float_set)
+        drop = max(0.0, 3.0 - sum(gains[name] for name in float_set))
+        return 50.0 - drop - noises.setdefault(frozenset(float_set), rng.gauss(0, noise)), 1.0
+
+    result = search_float_convs(ranking, 50.0, evaluate, max_drop, report=lines.append, refine=refine)
+    return result, asked, lines
 
 
 # --- the search ------------------------------------------------------------------------------------------------
@@ -56,6 +89,7 @@ def test_on_a_monotone_curve_the_search_finds_the_fewest_k_within_the_budget() -
             assert result.met == (fewest is not None)
             if result.met:
                 assert result.chosen.k == fewest and result.shortfall == 0
+                assert result.float_layers == tuple(names(convs)[:fewest])
 
 
 def test_on_non_monotone_curves_the_search_answers_a_measured_boundary() -> None:
@@ -76,10 +110,81 @@ def test_on_non_monotone_curves_the_search_answers_a_measured_boundary() -> None
             assert all(d > target for d in steps.values())
 
 
+def test_without_refinement_the_search_probes_the_plain_bisection() -> None:
+    """refine = 0 asks exactly the K a bisection asks (the search as it was before --refine); any refine asks only
+    K = 0 when the fully INT8 model meets D."""
+    rng = random.Random(2)
+    for _ in range(300):
+        convs = rng.randint(1, 80)
+        drops = [max(0.0, 2.0 - 0.1 * k) + rng.gauss(0, 0.3) for k in range(convs)]
+        target = rng.uniform(0, 1)
+        result, asked = curve_search(drops, target)
+        assert asked == bisection_probes(drops, target) == [s.k for s in result.steps]
+        assert not any(s.reverted for s in result.steps) and result.row()["refine"] == 0
+        assert all("reverted" not in s for s in result.row()["tune_steps"])
+    result, asked = curve_search([0.2, 5.0, 5.0], 0.3, refine=2)
+    assert asked == [0] and result.chosen.k == 0 and result.evals == 2
+
+
+def test_refinement_finds_the_one_conv_deep_in_its_first_r() -> None:
+    """conv6 alone wins back the drop; the ranking puts it seventh: the bisection alone keeps 7 convs float,
+    the refinement of the first 8 keeps conv6 alone, after 8 singles and nothing more."""
+    ranking = names(59)
+    gains = {name: 0.05 for name in ranking} | {"conv6": 2.9}
+    plain, asked, _ = additive_search(ranking, gains, 0.3, refine=0)
+    assert plain.met and plain.float_layers == tuple(ranking[:7])
+    result, asked, lines = additive_search(ranking, gains, 0.3, refine=8)
+    assert result.met and result.chosen.k == 1 and result.float_layers == ("conv6",)
+    assert asked == [(), *((name,) for name in ranking[:8])]  # K = 0, then each of the first 8 alone
+    assert result.evals == 10 < evaluation_budget(59, 8) == 2 + 8 + 6
+    assert sum(" reverted alone: tuning mAP50-95" in line for line in lines) == 8
+    assert any(line.startswith("  conv6 reverted alone: tuning mAP50-95  49.90  drop  +0.10 <=") for line in lines)
+    assert lines[-1].startswith("  re-ranked by tuning mAP, each reverted alone: conv6, ")
+    row = result.row()
+    assert row["refine"] == 8 and row["tune_drop"] == pytest.approx(0.1) and row["tune_evals"] == 10
+    assert [s.get("reverted") for s in row["tune_steps"]] == [None, *ranking[:8]]
+    assert all(s["k"] == 1 for s in row["tune_steps"][1:])
+
+
+def test_refinement_bisects_on_the_re_ranked_order() -> None:
+    """No single meets D: the bisection runs over (1, L] on the first R sorted by their tuning mAP (ties in ranking
+    order), then the rest of the ranking."""
+    ranking = names(20)
+    gains = {name: 0.1 for name in ranking} | {"conv0": 0.5, "conv1": 0.6, "conv2": 0.5, "conv3": 2.0}
+    result, asked, lines = additive_search(ranking, gains, 0.3, refine=4)
+    order = ["conv3", "conv1", "conv0", "conv2", *ranking[4:]]
+    bisected = asked[5:]
+    assert asked[:5] == [(), ("conv0",), ("conv1",), ("conv2",), ("conv3",)] and bisected
+    assert all(float_set == tuple(order[: len(float_set)]) and len(float_set) > 1 for float_set in bisected)
+    assert result.met and result.float_layers == tuple(order[:3])  # 3 - 2.0 - 0.6 > 0.3; - 0.5 meets (conv0: the tie)
+    assert result.evals <= evaluation_budget(20, 4)
+    assert "  re-ranked by tuning mAP, each reverted alone: conv3, conv1, conv0, conv2" in lines
+
+
+def test_refinement_never_exceeds_its_budget_and_answers_a_measured_boundary() -> None:
+    rng = random.Random(3)
+    for _ in range(300):
+        convs, target = rng.randint(1, 80), rng.uniform(0, 1.5)
+        refine = rng.randint(0, convs + 3)
+        ranking = names(convs)
+        gains = {name: rng.expovariate(1 / rng.choice((0.05, 0.3, 1.0))) for name in ranking}
+        result, asked, _ = additive_search(ranking, gains, target, refine, noise=0.2, seed=rng.randint(0, 10**6))
+        assert result.evals == 1 + len(asked) <= evaluation_budget(convs, refine)
+        assert evaluation_budget(convs, refine) == 2 + min(refine, convs) + math.ceil(math.log2(convs))
+        assert len({frozenset(a) for a in asked}) == len(asked)  # no float set twice
+        missed = [s for s in result.steps if s.tune_drop > target]
+        if result.met:
+            assert result.chosen.tune_drop <= target and result.float_layers in asked
+            assert all(s in missed for s in result.steps if s.k < result.chosen.k)  # every smaller K measured missed
+        else:
+            assert missed == list(result.steps) and result.chosen == min(missed, key=lambda s: (s.tune_drop, s.k))
+
+
 def test_an_unreachable_target_keeps_the_lowest_drop_and_reports_the_shortfall() -> None:
     drops = [3.0, 2.0, 0.8, 1.5, 1.1, 0.9, 1.0]
     lines: list[str] = []
-    result = search_float_convs(len(drops), 50.0, lambda k: (50.0 - drops[k], 1.0), 0.5, report=lines.append)
+    result = search_float_convs(names(7), 50.0, lambda float_set: (50.0 - drops[len(float_set)], 1.0), 0.5,
+                                report=lines.append)  # fmt: skip
     assert not result.met and result.evals == evaluation_budget(7) == 5
     evaluated = {s.k: s.tune_drop for s in result.steps}
     best = min(evaluated, key=evaluated.get)

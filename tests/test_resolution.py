@@ -81,7 +81,8 @@ def test_identical_models_drop_nothing_with_no_error(truth: GroundTruth, tmp_pat
     assert drop == 0 and noise == Resolution(0.0, 3)
     assert drop - 2 * noise.standard_error <= 0 <= drop + 2 * noise.standard_error
     assert noise.resolves(0.0) and noise.images_needed(0.0) == 0
-    result = search_float_convs(4, 40.0, lambda k: (40.0, 1.0), 0.0, lambda: noise, report=lambda _: None)
+    result = search_float_convs(["a", "b", "c", "d"], 40.0, lambda _: (40.0, 1.0), 0.0, lambda: noise,
+                                report=lambda _: None)  # fmt: skip
     assert result.chosen.k == 0 and result.met and result.row()["tune_drop_se"] == 0.0
 
 
@@ -109,7 +110,8 @@ def search(max_drop: float, noise: Resolution, calls: list[str] | None = None) -
     calls = [] if calls is None else calls
     lines: list[str] = []
 
-    def evaluate(k: int) -> tuple[float, float]:
+    def evaluate(float_set: tuple[str, ...]) -> tuple[float, float]:
+        k = len(float_set)
         calls.append(f"K={k}")
         return 40.0 - max(0.0, 3.0 - 0.1 * k), 1.0
 
@@ -119,7 +121,8 @@ def search(max_drop: float, noise: Resolution, calls: list[str] | None = None) -
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = search_float_convs(60, 40.0, evaluate, max_drop, resolution, report=lines.append)
+        result = search_float_convs([f"conv{i}" for i in range(60)], 40.0, evaluate, max_drop, resolution,
+                                    report=lines.append)  # fmt: skip
     return result, lines, [w for w in caught if issubclass(w.category, UserWarning)]
 
 

@@ -18,7 +18,7 @@ import os
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,7 @@ class PTQSettings:
     max_drop: float | None = None  # keep the fewest of the ranking float for a tuning drop <= this (mAP50-95 points)
     tune_images: int = TUNE_IMAGES  # the tuning set of max_drop (see eval/tuning.py)
     tune_split: str = "train"
+    refine: int = 0  # max_drop: re-rank the first R convs of the ranking by their tuning mAP, each reverted alone
     rank_images: int | None = None  # images of the calibration draw the ranking runs on (None: RANK_IMAGES or all)
     rank_by: str = DEFAULT_RANKING  # how the convs are ranked (integrations/rankings.py)
     fp32_weights: Path | None = None  # the FP32 model of a QAT checkpoint that does not carry one (Ultralytics')
@@ -79,6 +80,8 @@ class PTQSettings:
             raise ValueError("keep K convs float, name them, or give a largest drop: one of the three")
         if self.max_drop is not None and not self.max_drop >= 0:
             raise ValueError(f"max_drop must be >= 0 mAP50-95 points, got {self.max_drop}")
+        if check_count("refine", self.refine, 0) and self.max_drop is None:
+            raise ValueError("refine re-ranks the candidates of max_drop's search: give max_drop too")
         check_count("tune_images", self.tune_images)
         check_ranking(self.rank_by)
         if self.rank_images is not None and check_count("rank_images", self.rank_images) > self.recipe.calib_images:
@@ -116,16 +119,20 @@ def _search(
     job: Job, backend: str, sensitivity: Sensitivity, tuning: TuningSet, fp32_tune: dict[str, Any],
     settings: PTQSettings, scratch: Path, progress: bool,
 ) -> tuple[Job, dict[str, Any]]:  # fmt: skip
-    """The search step: the fewest convs of the ranking kept float for ``max_drop`` on ``backend``, scored on the
-    tuning set; the row's job (its artefacts named per backend) and the search's row keys."""
+    """The search step: the fewest convs of the ranking kept float for ``max_drop`` on ``backend`` (its first
+    ``refine`` re-ranked), scored on the tuning set; the row's job (its artefacts named per backend) and the search's
+    row keys."""
     name = job.stem.name
+
+    def kept(names: tuple[str, ...]) -> QuantRecipe:
+        return replace(job.recipe, float_layers=job.recipe.float_layers + names)
+
     search, extra = search_backend(
-        lambda k: BACKENDS[backend].candidate(job.with_recipe(sensitivity.keep(job.recipe, k)), scratch),
-        len(sensitivity.ranking), tuning, fp32_tune["map50_95"], fp32_tune["per_image"], settings.max_drop, scratch,
-        f"{name} on {backend}", settings.protocol, settings.batch, progress,
+        lambda names: BACKENDS[backend].candidate(job.with_recipe(kept(names)), scratch), sensitivity.ranking, tuning,
+        fp32_tune["map50_95"], fp32_tune["per_image"], settings.max_drop, scratch, f"{name} on {backend}",
+        settings.protocol, settings.batch, progress, settings.refine,
     )  # fmt: skip
-    chosen = sensitivity.keep(job.recipe, search.chosen.k)
-    return job.with_recipe(chosen, job.stem.with_name(f"{name}_{backend}")), extra
+    return job.with_recipe(kept(search.float_layers), job.stem.with_name(f"{name}_{backend}")), extra
 
 
 def _row(
