@@ -4,10 +4,10 @@ same calibration and tuning images, the same INT8 recipe, the same mAP50-95 targ
   python benchmarks/accuracy_control.py --weights best.pt --data data.yaml --imgsz 160 --calib-images 256 \\
       --tune-images 256 --max-drop 0.3 --out runs/accuracy_control
 
-- ours: ``run_ptq_eval(..., backends=("openvino",), max_drop=D, rank_by=R)``, the tool itself, once per ``--rank-by
-  R`` given (NNCF runs once); its wall time is the torch
+- ours: ``run_ptq_eval(..., backends=("openvino",), max_drop=D, rank_by=R, refine=--refine)``, the tool itself, once
+  per ``--rank-by R`` given (NNCF runs once); its wall time is the torch
   calibration and the ranking (the isolated passes) plus the search (the FP32 tuning evaluation, then one NNCF
-  quantization and one tuning evaluation per K tried);
+  quantization and one tuning evaluation per candidate tried, with ``--refine`` the first convs reverted alone);
 - NNCF: ``nncf.quantize_with_accuracy_control`` with ptq_eval's NNCF arguments (``nncf_arguments``: preset, subset
   size, ignored scope, bias correction off, overflow fix, range estimator) and a validation function that returns
   the project's mAP50-95 on the same tuning set (``predict`` + ``evaluate_coco``) and, on whole-set calls,
@@ -185,6 +185,8 @@ def main() -> None:
         help="NNCF's ranking_subset_size, one run each (default: NNCF's own, min(tuning images, calibration images))",
     )
     parser.add_argument("--latency-runs", type=int, default=100)
+    parser.add_argument("--refine", type=int, default=0, metavar="R",
+                        help="ptq_eval's --refine: its first R convs re-ranked by their tuning mAP")  # fmt: skip
     parser.add_argument("--rank-by", nargs="+", default=[DEFAULT_RANKING], choices=list(RANKINGS),
                         help="ptq_eval's rankings, one run of ours each (NNCF runs once)")  # fmt: skip
     args = parser.parse_args()
@@ -196,7 +198,8 @@ def main() -> None:
     ours, ours_total_s = {}, {}
     for rank_by in args.rank_by:
         settings = PTQSettings(args.data, recipe, ("openvino",), args.imgsz, max_drop=args.max_drop,
-                               tune_images=args.tune_images, overwrite=True, rank_by=rank_by)  # fmt: skip
+                               tune_images=args.tune_images, overwrite=True, rank_by=rank_by,
+                               refine=args.refine)  # fmt: skip
         start = time.perf_counter()
         (ours[rank_by],), _, _ = run_ptq_eval([args.weights], settings, args.out / f"ptq_eval_{rank_by}")
         ours_total_s[rank_by] = time.perf_counter() - start
@@ -249,13 +252,14 @@ def main() -> None:
         for subset, (ir, cost) in nncf.items()
     }
     rows |= {
-        f"ptq_eval --max-drop --rank-by {rank_by}": {
+        f"ptq_eval --max-drop --rank-by {rank_by}" + (f" --refine {args.refine}" if args.refine else ""): {
             "float_convs": float_convs(ours_irs[rank_by], candidates),
             "float_layers": row["float_layers"],
             "wall_s": row["calibrate_s"] + row["rank_s"] + row["search_s"],
             "ptq_eval_total_s": ours_total_s[rank_by],
             "tune_evals": row["tune_evals"],
             "tune_images_run": row["tune_evals"] * tuning.images,
+            "refine": row["refine"],
             "tune_steps": row["tune_steps"],
             "tune_drop_se": row.get("tune_drop_se"),
             "calibrate_s": row["calibrate_s"],

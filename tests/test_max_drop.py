@@ -341,6 +341,8 @@ def test_bad_max_drop_and_rank_images_fail_with_one_line_before_any_work(
         (ptq_cli, ["--max-drop", "0.3", "--tune-images", "1"], "a tuning set needs at least 2 images"),
         (ptq_cli, ["--max-drop", "0.3", "--calib-images", "23"], "a tuning set needs at least 2 images"),
         (ptq_cli, ["--max-drop", "0.3", "--rank-by", "sqnr"], "unknown ranking 'sqnr'"),
+        (ptq_cli, ["--max-drop", "0.3", "--refine", "-1"], "refine must be an integer >= 0, got -1"),
+        (ptq_cli, ["--keep-float", "2", "--refine", "3"], "refine re-ranks the candidates of max_drop's search"),
     ]
     for tool, args, message in cases:
         try:

@@ -56,8 +56,9 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
         type=float,
         metavar="D",
         help="keep the fewest convs float, in ranking order, for an INT8 mAP50-95 drop of at most D points on the "
-        "tuning set, per model and backend (a bisection over K: at most 2 + ceil(log2(convs)) tuning evaluations). "
-        "The tuning set is never the scored val split, whose drop would then be optimistic, nor a calibration image",
+        "tuning set, per model and backend (a bisection over K: at most 2 + ceil(log2(convs)) tuning evaluations, "
+        "R more with --refine R). The tuning set is never the scored val split, whose drop would then be optimistic, "
+        "nor a calibration image",
     )
     parser.add_argument(
         "--tune-images",
@@ -68,6 +69,15 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
         "continuation of the calibration draw's seeded shuffle for train, scored against their YOLO labels",
     )
     parser.add_argument("--tune-split", default="train", help="split of the data YAML to draw the tuning images from")
+    parser.add_argument(
+        "--refine",
+        type=int,
+        default=0,
+        metavar="R",
+        help="--max-drop only: re-rank the first R convs of the ranking by their tuning mAP with each reverted alone "
+        "to float (as NNCF's accuracy control ranks, on the first R only), then bisect on that order; R more tuning "
+        "evaluations, made only when the fully INT8 model misses D (default 0: the ranking's order)",
+    )
     add_rank_args(parser, f"{RANK_IMAGES}, or all if fewer are calibrated")
     parser.add_argument(
         "--rank-by",
@@ -116,6 +126,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             max_drop=args.max_drop,
             tune_images=args.tune_images,
             tune_split=args.tune_split,
+            refine=args.refine,
             rank_images=args.rank_images,
             rank_by=args.rank_by,
             fp32_weights=args.fp32_weights,
