@@ -180,6 +180,20 @@ def test_refinement_never_exceeds_its_budget_and_answers_a_measured_boundary() -
             assert missed == list(result.steps) and result.chosen == min(missed, key=lambda s: (s.tune_drop, s.k))
 
 
+def test_the_trade_off_plot_draws_a_refined_search_beside_a_plain_one(tmp_path: Path) -> None:
+    from qarep_det.eval.plots import plot_max_drop
+
+    ranking = names(20)
+    gains = {name: 0.1 for name in ranking} | {"conv3": 2.0}
+    rows = []
+    for backend, refine in (("torch", 0), ("openvino", 4)):
+        result, _, _ = additive_search(ranking, gains, 0.3, refine)
+        rows.append({**result.row(), "model": "m", "backend": backend, "float_layers": list(result.float_layers),
+                     "fp32_ms": 1.0, "tune_images": 16})  # fmt: skip
+    assert any("reverted" in s for s in rows[1]["tune_steps"])
+    assert plot_max_drop(rows, tmp_path / "max_drop.png").stat().st_size > 10_000
+
+
 def test_an_unreachable_target_keeps_the_lowest_drop_and_reports_the_shortfall() -> None:
     drops = [3.0, 2.0, 0.8, 1.5, 1.1, 0.9, 1.0]
     lines: list[str] = []
