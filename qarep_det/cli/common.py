@@ -59,8 +59,8 @@ def add_partial_args(parser: argparse.ArgumentParser) -> argparse._MutuallyExclu
         type=int,
         default=0,
         metavar="K",
-        help="keep the K convs float that hurt most alone (diagnose's ranking on the calibration images; each model "
-        "gets its own)",
+        help="keep the K most sensitive convs float (ptq-eval: by --rank-by; qat: diagnose's isolated ranking; on the "
+        "calibration images, each model its own)",
     )
     partial.add_argument(
         "--keep-float-layers",

@@ -15,8 +15,10 @@ model the torch backend runs), on the first images of the calibration draw, most
   precisions by, ``modelopt/torch/quantization/algorithms.py``). It needs the calibration images' YOLO labels.
 
 In every ranking a conv's group is its weight quantizer and its input quantizer; for the stem that input quantizer
-is the image input's, which NNCF also counts with the stem. How they compare against the leave-one-out mAP
-(``benchmarks/leave_one_out.py``) and what they cost: docs/diagnose.md, "Which ranking".
+is the image input's, which NNCF also counts with the stem. ``fisher`` is the default: the cheapest (one backward
+pass per batch against one restarted forward per conv and batch), and the one that kept no more convs float than
+NNCF's accuracy control for the same target; how each agrees with the leave-one-out mAP
+(``benchmarks/leave_one_out.py``): docs/results.md.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ RANKINGS = {
     "revert": "the output noise of the INT8 model with only that conv float",
     "fisher": "the detection loss's increase, from one backward pass (needs the calibration images' labels)",
 }
-DEFAULT_RANKING = "isolated"
+DEFAULT_RANKING = "fisher"  # measured: docs/results.md, "Against NNCF's accuracy control"
 RANKING_HELP = "; ".join(f"{name}: {what}" for name, what in RANKINGS.items())
 
 
