@@ -71,7 +71,9 @@ def test_labels_are_mapped_into_the_letterbox(tmp_path: Path) -> None:
     image = tmp_path / "images" / "a.jpg"
     cv2.imwrite(str(image), np.full((100, 200, 3), 128, np.uint8))
     (tmp_path / "labels" / "a.txt").write_text("2 0.5 0.5 0.5 0.5\n1 0.25 0.2 0.1 0.2\n")
-    (batch,) = labelled_batches([image], 96, 8, nc=3)
+    broken = tmp_path / "images" / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    (batch,) = labelled_batches([broken, image], 96, 8, nc=3)  # an unreadable image is skipped, as calibration does
     assert batch["img"].shape == (1, 3, 96, 96)
     assert batch["batch_idx"].tolist() == [0.0, 0.0]
     boxes = dict(zip(batch["cls"].flatten().tolist(), batch["bboxes"].tolist(), strict=True))

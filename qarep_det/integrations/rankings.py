@@ -118,9 +118,12 @@ def labelled_batches(paths: Sequence[Path], imgsz: int, batch_size: int, nc: int
     labels = img2label_paths([str(p) for p in paths])
     for start in range(0, len(paths), batch_size):
         images, classes, boxes, index = [], [], [], []
-        for i, (path, label) in enumerate(zip(paths[start : start + batch_size], labels[start : start + batch_size],
-                                              strict=True)):  # fmt: skip
-            chw, (h0, w0), ((rw, rh), (left, top)) = load_letterboxed(path, imgsz)
+        for path, label in zip(paths[start : start + batch_size], labels[start : start + batch_size], strict=True):
+            try:
+                chw, (h0, w0), ((rw, rh), (left, top)) = load_letterboxed(path, imgsz)
+            except ValueError:  # unreadable: calibration skipped it too, with its warning
+                continue
+            i = len(images)
             cls, xywh = read_yolo_label(label, nc)
             xywh = xywh * np.array([w0 * rw, h0 * rh, w0 * rw, h0 * rh], dtype=np.float32)
             xywh[:, 0] += left
@@ -129,6 +132,8 @@ def labelled_batches(paths: Sequence[Path], imgsz: int, batch_size: int, nc: int
             classes.append(cls.astype(np.float32))
             boxes.append(xywh / imgsz)
             index.append(np.full(len(cls), i, dtype=np.float32))
+        if not images:
+            continue
         yield {
             "img": torch.from_numpy(np.stack(images)),
             "cls": torch.from_numpy(np.concatenate(classes))[:, None],
