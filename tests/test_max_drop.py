@@ -92,13 +92,19 @@ def test_on_a_monotone_curve_the_search_finds_the_fewest_k_within_the_budget() -
                 assert result.float_layers == tuple(names(convs)[:fewest])
 
 
+def noisy_curve(rng: random.Random) -> tuple[list[float], float]:
+    """A drop curve falling with K under noise (1 to 80 convs), and a target drop for it."""
+    convs = rng.randint(1, 80)
+    drops = [max(0.0, 2.0 - 0.1 * k) + rng.gauss(0, 0.3) for k in range(convs)]
+    return drops, rng.uniform(0, 1)
+
+
 def test_on_non_monotone_curves_the_search_answers_a_measured_boundary() -> None:
     """Noisy drops: the answer's drop was measured within D and K - 1 was measured above it (or K = 0)."""
     rng = random.Random(1)
     for _ in range(300):
-        convs = rng.randint(1, 80)
-        drops = [max(0.0, 2.0 - 0.1 * k) + rng.gauss(0, 0.3) for k in range(convs)]
-        target = rng.uniform(0, 1)
+        drops, target = noisy_curve(rng)
+        convs = len(drops)
         result, asked = curve_search(drops, target)
         assert result.evals <= evaluation_budget(convs)
         steps = {s.k: s.tune_drop for s in result.steps}
@@ -115,9 +121,7 @@ def test_without_refinement_the_search_probes_the_plain_bisection() -> None:
     K = 0 when the fully INT8 model meets D."""
     rng = random.Random(2)
     for _ in range(300):
-        convs = rng.randint(1, 80)
-        drops = [max(0.0, 2.0 - 0.1 * k) + rng.gauss(0, 0.3) for k in range(convs)]
-        target = rng.uniform(0, 1)
+        drops, target = noisy_curve(rng)
         result, asked = curve_search(drops, target)
         assert asked == bisection_probes(drops, target) == [s.k for s in result.steps]
         assert not any(s.reverted for s in result.steps) and result.row()["refine"] == 0
