@@ -131,7 +131,7 @@ def known_answer_detector(root: Path, imgsz: int = 96, n_train: int = 24, n_val:
     from qarep_det.data.images import list_images
     from qarep_det.data.synthetic import make_dataset
     from qarep_det.eval.predict import predict_to_json
-    from qarep_det.integrations.checkpoint import save_fused
+    from qarep_det.integrations.checkpoint import save_detector
     from qarep_det.quant.calibration import calibration_set
     from qarep_det.quant.planted import plant_outlier
     from qarep_det.quant.runner import torch_runner
@@ -169,6 +169,6 @@ def known_answer_detector(root: Path, imgsz: int = 96, n_train: int = 24, n_val:
         ]
         Path(label).write_text("\n".join(rows) + "\n")
     calib = torch.cat(list(calibration_set(data, imgsz, 8, batch_size=8, progress=False)))
-    clean = save_fused(fused, root / "clean.pt", calib)
+    clean = save_detector(fused, root / "clean.pt", calib)
     planted, info = plant_outlier(fused, *PLANT, calib)
-    return KnownAnswer(data, clean, unfused, save_fused(planted, root / "planted.pt", calib), info.consumer, imgsz)
+    return KnownAnswer(data, clean, unfused, save_detector(planted, root / "planted.pt", calib), info.consumer, imgsz)

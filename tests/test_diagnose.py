@@ -26,7 +26,7 @@ from ultralytics.nn.tasks import DetectionModel
 from qarep_det import reparameterize_model
 from qarep_det.data.synthetic import make_dataset
 from qarep_det.integrations.analysis import analyze, enclosing_block, isolated_noise, rank_by_noise
-from qarep_det.integrations.checkpoint import load_detector, save_fused
+from qarep_det.integrations.checkpoint import load_detector, save_detector
 from qarep_det.integrations.restartable import RestartableForward
 from qarep_det.quant.calibration import calibration_set, first_images
 from qarep_det.quant.planted import plant_outlier
@@ -187,7 +187,7 @@ def test_planting_refuses_what_fp32_would_notice(fused, images):
 
 def test_planted_checkpoint_is_float32_and_loads_fused(planted, images, tmp_path):
     model, info = planted
-    path = save_fused(model, tmp_path / "planted.pt", images, planted_outlier=asdict(info))
+    path = save_detector(model, tmp_path / "planted.pt", images, planted_outlier=asdict(info))
     checkpoint = torch.load(path, weights_only=False)
     assert all(p.dtype == torch.float32 for p in checkpoint["model"].parameters())  # fp16 would lose 2^-12 weights
     assert checkpoint["planted_outlier"]["consumer"] == CONSUMER
@@ -196,7 +196,7 @@ def test_planted_checkpoint_is_float32_and_loads_fused(planted, images, tmp_path
     with torch.no_grad():
         assert torch.equal(refused(images)[0], model(images)[0])
     with pytest.raises(FileExistsError):
-        save_fused(model, path, images)
+        save_detector(model, path, images)
 
 
 # --- the tools ------------------------------------------------------------------------------------------------
@@ -275,3 +275,20 @@ def test_plant_outlier_tool_writes_a_checkpoint_ptq_eval_can_load(data, checkpoi
     assert load_detector(out).is_fused()
     again = run_tool("plant_outlier.py", *args, "--imgsz", "64", "--out", str(out))
     assert again.returncode != 0 and "exists" in again.stderr
+
+
+def test_plant_outlier_unfused_writes_the_training_form_and_refuses_a_fused_start(data, checkpoints, tmp_path):
+    """--unfused: the stem shrinks, the next (stride-2, identity-free) block grows; what QAT and quantize=8 start
+    from. A fused checkpoint cannot give that training form back: one line, nothing written."""
+    out, refused = tmp_path / "unfused.pt", tmp_path / "refused.pt"
+    args = ["--producer", "model.0", "--consumer", "model.1", "--data", str(data), "--imgsz", "64", "--unfused"]
+    result = run_tool("plant_outlier.py", "--weights", str(checkpoints[0]), *args, "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "model.1.conv" in result.stdout and not load_detector(out).is_fused()
+    assert torch.load(out, weights_only=False)["planted_outlier"]["consumer"] == "model.1.conv"
+    fused = tmp_path / "fused.pt"
+    fused_run = run_tool("plant_outlier.py", "--weights", str(checkpoints[0]), *args[:-1], "--out", str(fused))
+    assert fused_run.returncode == 0, fused_run.stderr[-2000:]
+    again = run_tool("plant_outlier.py", "--weights", str(fused), *args, "--out", str(refused))
+    assert again.returncode != 0 and again.stderr.strip().splitlines()[-1].startswith("error: --unfused needs")
+    assert not refused.exists() and "Traceback" not in again.stderr

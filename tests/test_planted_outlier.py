@@ -8,12 +8,13 @@ for the training form) must see the cause before fusion hides it.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import randomize_bn
 from torch import nn
 
 from qarep_det import reparameterize_model
-from qarep_det.nn import QARepBlock, QARepBlockV2, RepVGGBlock
+from qarep_det.nn import ConvBNReLU, QARepBlock, QARepBlockV2, RepVGGBlock
 from qarep_det.quant.diagnostics import BN_OUTLIER_FACTOR, bn_scales, fake_quant_per_channel, max_to_median, sqnr_db
 from qarep_det.quant.planted import plant_outlier
 
@@ -95,3 +96,33 @@ def test_planting_needs_a_positively_homogeneous_producer() -> None:
         assert "'0' ends in SiLU, which is not positively homogeneous" in str(e) and "\n" not in str(e)
     else:
         raise AssertionError("a SiLU producer was planted")
+
+
+@pytest.mark.parametrize(
+    ("producer", "consumer"),
+    [
+        (QARepBlock(8, 8), QARepBlock(8, 16, 2)),  # QARep: the post-BN alone ends the sum
+        (QARepBlockV2(8, 8), ConvBNReLU(8, 16, 3)),
+        (RepVGGBlock(8, 8), RepVGGBlock(8, 16, 2)),  # RepVGG: every branch BN, the identity's too
+        (ConvBNReLU(8, 8, 3), QARepBlockV2(8, 16, 2)),
+    ],
+    ids=["qarep", "qarep_v2", "repvgg", "conv_bn"],
+)
+def test_planting_into_the_training_form_fuses_to_the_fused_planting(producer: nn.Module, consumer: nn.Module) -> None:
+    """What QAT and quantize=8 start from: the unfused planting is FP32-exact, and fusing it gives the outlier that
+    planting into the fused model gives (the same channels, the same fused weights up to rounding)."""
+    x = torch.rand(4, 8, 9, 9)
+    unfused = randomize_bn(Pair(producer, consumer)).eval()
+    planted, info = plant_outlier(unfused, "0", "1", x, exponent=12)
+    assert info.fp32_max_rel_change == 0 and info.consumer == "1.conv"
+    assert not planted[0].fused and not planted[1].fused  # still the training form
+    fused_planting, fused_info = plant_outlier(reparameterize_model(unfused), "0", "1", x, exponent=12)
+    assert fused_info.channels == info.channels
+    for a, b in zip(reparameterize_model(planted).parameters(), fused_planting.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+
+
+def test_an_unfused_consumer_with_an_identity_is_refused() -> None:
+    """An identity branch passes the shrunken channels on unscaled: refused, not silently changed."""
+    with pytest.raises(ValueError, match="'1' has an identity branch"):
+        plant_outlier(randomize_bn(Pair(QARepBlock(8, 8), RepVGGBlock(8, 8))), "0", "1", torch.rand(2, 8, 9, 9))

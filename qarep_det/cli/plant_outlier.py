@@ -8,7 +8,8 @@ The busiest FRACTION of the producer block's output channels (largest mean activ
 are scaled by 2^-EXPONENT and the consumer's matching input weights by 2^+EXPONENT. ReLU is positively homogeneous,
 so the FP32 output is unchanged (checked; refused otherwise), while at INT8 the consumer's input scale rounds those
 channels away and its weight scales the other channels' weights. The output is an Ultralytics checkpoint of the
-fused model in float32.
+fused model in float32; with --unfused, of the training form (BatchNorms scaled instead of fused weights), which QAT and
+`qarep-det yolo train ... quantize=8` start from.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from pathlib import Path
 import torch
 
 from qarep_det.cli.common import tool_parser
-from qarep_det.integrations.checkpoint import load_detector, save_fused
+from qarep_det.integrations.checkpoint import load_detector, save_detector
+from qarep_det.integrations.ultralytics_qat import has_fused_blocks
 from qarep_det.quant.calibration import calibration_set
 from qarep_det.quant.planted import plant_outlier
 from qarep_det.reparam import reparameterize_model
@@ -38,6 +40,7 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     parser.add_argument("--imgsz", type=int, default=640, help="square letterbox size of those images")
     parser.add_argument("--images", type=int, default=8, help="how many train images (seeded draw)")
     parser.add_argument("--seed", type=int, default=0, help="image draw")
+    parser.add_argument("--unfused", action="store_true", help="plant into the training form and keep it unfused")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint to write (.pt)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return parser.parse_args(argv)
@@ -48,11 +51,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         if args.out.exists() and not args.overwrite:  # before any work
             raise FileExistsError(f"'{args.out}' exists; pass --overwrite to replace it")
-        fused = reparameterize_model(load_detector(args.weights))
+        model = load_detector(args.weights)
+        if args.unfused and has_fused_blocks(model):
+            raise ValueError(f"--unfused needs a training-form checkpoint; '{args.weights}' is fused")
+        if not args.unfused:
+            model = reparameterize_model(model)
         calib = calibration_set(args.data, args.imgsz, args.images, args.seed, batch_size=args.images, progress=False)
         images = torch.cat(list(calib))
-        planted, info = plant_outlier(fused, args.producer, args.consumer, images, args.fraction, args.exponent)
-        path = save_fused(planted, args.out, images, overwrite=args.overwrite, planted_outlier=asdict(info))
+        planted, info = plant_outlier(model, args.producer, args.consumer, images, args.fraction, args.exponent)
+        path = save_detector(planted, args.out, images, overwrite=args.overwrite, planted_outlier=asdict(info))
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,5 +1,5 @@
 """Detector checkpoints: load one with one clear error for each way it can be wrong, load and fuse one once for the
-report tools, name one, save a fused one exactly."""
+report tools, name one, save one exactly."""
 
 from __future__ import annotations
 
@@ -107,17 +107,17 @@ def checkpoint_paths(weights: Sequence[str | os.PathLike]) -> list[Path]:
     return paths
 
 
-def save_fused(
+def save_detector(
     model: nn.Module,
     path: str | os.PathLike,
     images: torch.Tensor,
     overwrite: bool = False,
     **extra: Any,
 ) -> Path:
-    """Write a float32 Ultralytics checkpoint of a fused detector (``extra`` keys stored beside it), then check that
-    it loads with :func:`load_detector` and that fusing it again changes nothing on ``images`` (as ptq_eval and
-    diagnose will do); a checkpoint that fails the check is deleted. Float32 because Ultralytics' fp16 default
-    would flush small weights, e.g. a planted outlier's (``quant.planted``).
+    """Write a float32 Ultralytics checkpoint of a detector, fused or in training form (``extra`` keys stored beside
+    it), then check that it loads with :func:`load_detector` and fuses to what ``model`` fuses to on ``images`` (as
+    ptq_eval, diagnose and QAT will fuse it); a checkpoint that fails the check is deleted. Float32 because
+    Ultralytics' fp16 default would flush small weights, e.g. a planted outlier's (``quant.planted``).
     """
     path = Path(path)
     if path.suffix != ".pt":
@@ -133,7 +133,8 @@ def save_fused(
         **extra,
     }
     torch.save(checkpoint, path)
-    diff = output_difference(model.cpu(), reparameterize_model(load_detector(path)), images.cpu()).max_abs
+    reference, loaded = (reparameterize_model(m.cpu()) for m in (model, load_detector(path)))
+    diff = output_difference(reference, loaded, images.cpu()).max_abs
     if diff != 0:
         path.unlink()
         raise RuntimeError(f"the saved checkpoint does not reproduce the model (max abs diff {diff:.3g})")

@@ -12,8 +12,13 @@ barely show it, the consumer's output does.
 
 The producer's activation must be positively homogeneous: ReLU and LeakyReLU qualify (``lrelu(a z) = a lrelu(z)``),
 SiLU does not and is refused before anything is changed. The planted model is saved by
-:func:`qarep_det.integrations.checkpoint.save_fused` in float32: fp16, Ultralytics' checkpoint default, would flush
+:func:`qarep_det.integrations.checkpoint.save_detector` in float32: fp16, Ultralytics' checkpoint default, would flush
 2^-12-scaled weights towards zero and change the FP32 model.
+
+The same outlier can be planted into the training form, for what starts from an unfused checkpoint (QAT, Ultralytics'
+``quantize=8``): the BatchNorms that end the producer's sum (QARep's post-BN; every branch BN of a RepVGG block or a
+conv-BN) take the 2^-exponent on their weight and bias, and every conv of a consumer without an identity branch the
+2^+exponent on its input channels. Fusing that model gives the outlier the fused form would have had.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qarep_det.nn import positively_homogeneous
+from qarep_det.nn import Reparameterizable, positively_homogeneous
 from qarep_det.reparam import output_difference
 
 MAX_REL_CHANGE = 1e-5  # FP32 output change (relative to its largest value) above which planting is refused
@@ -41,17 +46,38 @@ class PlantedOutlier:
     fp32_max_rel_change: float
 
 
-def block_conv(model: nn.Module, name: str) -> tuple[str, nn.Conv2d]:
-    """A conv by its own name or by the name of a fused block holding it as ``.conv``."""
+def named_module(model: nn.Module, name: str) -> nn.Module:
+    """``model.get_submodule(name)`` with a one-line ``ValueError`` for a wrong name."""
     try:
-        module = model.get_submodule(name)
+        return model.get_submodule(name)
     except AttributeError as e:
         raise ValueError(f"'{name}' is not a module of this model") from e
-    if isinstance(module, nn.Conv2d):
-        return name, module
-    if isinstance(getattr(module, "conv", None), nn.Conv2d):
-        return f"{name}.conv", module.conv
-    raise ValueError(f"'{name}' is a {type(module).__name__}, neither a Conv2d nor a fused block with a .conv")
+
+
+def output_scaled(block: nn.Module, name: str) -> list[torch.Tensor]:
+    """The tensors whose rows are a producer's pre-activation output channels: a fused block's conv weight and bias,
+    or the BatchNorms that end a training-form block's sum (QARep's post-BN; each branch BN of RepVGG or conv-BN)."""
+    conv = getattr(block, "conv", None)
+    if isinstance(conv, nn.Conv2d) and conv.bias is not None:
+        return [conv.weight, conv.bias]
+    bns = block.branch_bns() if isinstance(block, Reparameterizable) else {}
+    if not bns:
+        raise ValueError(f"'{name}' is a {type(block).__name__}, neither a fused block nor a training-form one of ours")
+    ends = [bns["post"]] if "post" in bns else list(bns.values())
+    return [t for bn in ends for t in (bn.weight, bn.bias)]
+
+
+def input_scaled(block: nn.Module, name: str) -> list[torch.Tensor]:
+    """The conv weights through which a consumer (a conv, a fused block, or a training-form block without an
+    identity: an identity would pass the shrunken channels on unscaled) reads its input, input channels on dim 1."""
+    if isinstance(block, nn.Conv2d):
+        return [block.weight]
+    if isinstance(block, Reparameterizable) and not block.fused and getattr(block, "has_identity", False):
+        raise ValueError(f"'{name}' has an identity branch, which would pass the planted channels on unscaled")
+    weights = [m.weight for m in block.modules() if isinstance(m, nn.Conv2d)]
+    if not weights:
+        raise ValueError(f"'{name}' is a {type(block).__name__} without a conv to consume with")
+    return weights
 
 
 def check_producer_activation(model: nn.Module, producer: str) -> None:
@@ -85,32 +111,35 @@ def plant_outlier(
     fraction: float = 0.25,
     exponent: int = 12,
 ) -> tuple[nn.Module, PlantedOutlier]:
-    """A float32 copy of the float32 detector ``fused`` with the outlier planted between ``producer`` (a fused
-    block) and ``consumer`` (a fused block or conv); ``fused`` is untouched.
+    """A float32 copy of the float32 detector ``fused`` with the outlier planted between ``producer`` (a block)
+    and ``consumer`` (a block or a conv), fused or in training form; ``fused`` is untouched.
 
     Raises ``ValueError`` for bad names, shapes or arguments, a producer whose activation is not positively
-    homogeneous (SiLU), and when the FP32 output on ``images`` changes (the producer's output feeds something else).
+    homogeneous (SiLU), a training-form consumer with an identity branch, and when the FP32 output on ``images``
+    changes (the producer's output feeds something else).
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     if not isinstance(exponent, int) or not 1 <= exponent <= 30:
         raise ValueError(f"exponent must be an int in [1, 30], got {exponent!r}")
     planted = copy.deepcopy(fused).float().eval()
-    _, producer_conv = block_conv(planted, producer)
+    shrink = output_scaled(named_module(planted, producer), producer)
     check_producer_activation(planted, producer)
-    consumer_name, consumer_conv = block_conv(planted, consumer)
-    if producer_conv.bias is None:
-        raise ValueError(f"'{producer}' has no fused bias; plant into a fused (re-parameterized) model")
-    if consumer_conv.groups != 1 or consumer_conv.in_channels != producer_conv.out_channels:
-        raise ValueError(
-            f"'{consumer_name}' ({consumer_conv.in_channels} input channels, groups {consumer_conv.groups}) cannot "
-            f"consume '{producer}' ({producer_conv.out_channels} channels) one to one"
-        )
-    k = max(1, round(fraction * producer_conv.out_channels))
-    channels = busiest_channels(planted, producer, images, k)
-    producer_conv.weight[channels] *= 2.0**-exponent
-    producer_conv.bias[channels] *= 2.0**-exponent
-    consumer_conv.weight[:, channels] *= 2.0**exponent
+    consumer_module = named_module(planted, consumer)
+    grow = input_scaled(consumer_module, consumer)
+    consumer_name = consumer if isinstance(consumer_module, nn.Conv2d) else f"{consumer}.conv"  # its name once fused
+    width = len(shrink[0])
+    for weight in grow:  # a grouped conv's filters read in_channels / groups each: not one to one
+        if weight.shape[1] != width:
+            raise ValueError(
+                f"'{consumer}' ({weight.shape[1]} input channels per filter) cannot consume '{producer}' ({width} "
+                "channels) one to one"
+            )
+    channels = busiest_channels(planted, producer, images, max(1, round(fraction * width)))
+    for t in shrink:
+        t[channels] *= 2.0**-exponent
+    for weight in grow:
+        weight[:, channels] *= 2.0**exponent
     change = output_difference(fused, planted, images).max_rel
     if change > MAX_REL_CHANGE:
         raise ValueError(
