@@ -19,25 +19,16 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from benchmark_args import benchmark_parser
 from ultralytics import YOLO
 
 import qarep_det  # noqa: F401  (registers our modules before Ultralytics unpickles the checkpoint)
 from qarep_det.quant.calibration import calibration_set
+from qarep_det.quant.onnx_qdq import onnx_runner
+from qarep_det.quant.runner import torch_runner
 
 CONFIDENT = 0.25  # Ultralytics' default predict confidence
-
-
-def detect_output(model: torch.nn.Module | ort.InferenceSession, images: torch.Tensor) -> np.ndarray:
-    """The (N, 4 + classes, anchors) decoded Detect output, one image at a time as an exported engine runs it."""
-    if isinstance(model, ort.InferenceSession):
-        name = model.get_inputs()[0].name
-        return np.concatenate([model.run(None, {name: x[None].numpy()})[0] for x in images])
-    with torch.no_grad():
-        out = model(images)
-    return (out[0] if isinstance(out, (list, tuple)) else out).numpy()
 
 
 def gap(weights: Path, images: torch.Tensor, imgsz: int) -> dict[str, float]:
@@ -45,9 +36,9 @@ def gap(weights: Path, images: torch.Tensor, imgsz: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / weights.name
         shutil.copy(weights, copy)
-        onnx = YOLO(str(copy)).export(format="onnx", imgsz=imgsz)
-        fake_quant = detect_output(YOLO(str(copy)).model.float().eval(), images)
-        engine = detect_output(ort.InferenceSession(onnx), images)
+        run_onnx = onnx_runner(YOLO(str(copy)).export(format="onnx", imgsz=imgsz))
+        engine = torch.cat([run_onnx(x[None]) for x in images]).numpy()  # a batch-1 graph: image by image
+        fake_quant = torch_runner(YOLO(str(copy)).model.float())(images).numpy()
     diff = np.abs(fake_quant - engine)
     confident = np.maximum(fake_quant[:, 4:].max(1), engine[:, 4:].max(1)) > CONFIDENT  # (N, anchors)
     box = diff[:, :4].transpose(0, 2, 1)[confident]  # (confident anchors, 4)
