@@ -70,11 +70,9 @@ def output_scaled(block: nn.Module, name: str) -> list[torch.Tensor]:
 def input_scaled(block: nn.Module, name: str) -> list[torch.Tensor]:
     """The conv weights through which a consumer (a conv, a fused block, or a training-form block without an
     identity: an identity would pass the shrunken channels on unscaled) reads its input, input channels on dim 1."""
-    if isinstance(block, nn.Conv2d):
-        return [block.weight]
     if isinstance(block, Reparameterizable) and not block.fused and getattr(block, "has_identity", False):
         raise ValueError(f"'{name}' has an identity branch, which would pass the planted channels on unscaled")
-    weights = [m.weight for m in block.modules() if isinstance(m, nn.Conv2d)]
+    weights = [m.weight for m in block.modules() if isinstance(m, nn.Conv2d)]  # a bare conv: itself
     if not weights:
         raise ValueError(f"'{name}' is a {type(block).__name__} without a conv to consume with")
     return weights
