@@ -32,7 +32,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from benchmark_args import benchmark_parser
+from benchmark_args import add_overflow_fix, benchmark_parser, overflow_fix
 
 from qarep_det.eval.benchmark import interleaved_ms
 from qarep_det.eval.coco import GroundTruth, evaluate_coco, load_ground_truth, per_image_map50_95
@@ -129,12 +129,13 @@ def float_convs(ov_model, candidates: list[str]) -> list[str]:
     ]  # fmt: skip
 
 
-def run_nncf(fused, calib, fp32_ir, recipe, metric: TuningMetric, tuning: TuningSet, max_drop: float, ranking: int):
-    """NNCF's accuracy control with ptq_eval's arguments; returns the IR and what it cost."""
+def run_nncf(fused, calib, fp32_ir, recipe, metric: TuningMetric, tuning: TuningSet, max_drop: float, ranking: int,
+             fix: bool | None = None):  # fmt: skip
+    """NNCF's accuracy control with ptq_eval's arguments (``fix``: its overflow fix); returns the IR and its cost."""
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
-    shared, advanced = nncf_arguments(fused, fp32_ir, recipe)
+    shared, advanced = nncf_arguments(fused, fp32_ir, recipe, fix)
     restorer = AdvancedAccuracyRestorerParameters(ranking_subset_size=ranking, num_ranking_workers=1)
     log = io.StringIO()
     handler = logging.StreamHandler(log)
@@ -189,6 +190,7 @@ def main() -> None:
                         help="ptq_eval's --refine: its first R convs re-ranked by their tuning mAP")  # fmt: skip
     parser.add_argument("--rank-by", nargs="+", default=[DEFAULT_RANKING], choices=list(RANKINGS),
                         help="ptq_eval's rankings, one run of ours each (NNCF runs once)")  # fmt: skip
+    add_overflow_fix(parser)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     recipe = QuantRecipe(calib_images=args.calib_images)
@@ -199,7 +201,7 @@ def main() -> None:
     for rank_by in args.rank_by:
         settings = PTQSettings(args.data, recipe, ("openvino",), args.imgsz, max_drop=args.max_drop,
                                tune_images=args.tune_images, overwrite=True, rank_by=rank_by,
-                               refine=args.refine)  # fmt: skip
+                               refine=args.refine, overflow_fix=overflow_fix(args))  # fmt: skip
         start = time.perf_counter()
         (ours[rank_by],), _, _ = run_ptq_eval([args.weights], settings, args.out / f"ptq_eval_{rank_by}")
         ours_total_s[rank_by] = time.perf_counter() - start
@@ -214,7 +216,8 @@ def main() -> None:
     nncf = {}
     for subset in args.ranking_subset or [min(recipe.calib_images, tuning.images)]:  # the default: NNCF's own
         metric = TuningMetric(tuning, protocol, args.out)
-        nncf[subset] = run_nncf(fused, calib, fp32_ir, recipe, metric, tuning, args.max_drop, subset)
+        nncf[subset] = run_nncf(fused, calib, fp32_ir, recipe, metric, tuning, args.max_drop, subset,
+                                overflow_fix(args))  # fmt: skip
 
     # both final IRs measured the same way
     import openvino as ov

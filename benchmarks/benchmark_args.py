@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from qarep_det.quant.openvino import OVERFLOW_FIX
+
 
 def benchmark_parser(doc: str | None, imgsz: int, calib_images: int) -> argparse.ArgumentParser:
     """A parser with ``--weights``, ``--data``, ``--imgsz``, ``--calib-images`` and ``--out``; the first line of the
@@ -16,3 +18,17 @@ def benchmark_parser(doc: str | None, imgsz: int, calib_images: int) -> argparse
     parser.add_argument("--calib-images", type=int, default=calib_images)
     parser.add_argument("--out", type=Path, required=True)
     return parser
+
+
+def add_overflow_fix(parser: argparse.ArgumentParser) -> None:
+    """``--overflow-fix``, as ptq_eval takes it: NNCF's 7-bit weight grid on or off, or as this CPU needs."""
+    parser.add_argument(
+        "--overflow-fix",
+        choices=OVERFLOW_FIX,
+        default="auto",
+        help="openvino: NNCF's overflow fix (7-bit weights); auto: on where this CPU has no VNNI",
+    )
+
+
+def overflow_fix(args: argparse.Namespace) -> bool | None:
+    return OVERFLOW_FIX[args.overflow_fix]

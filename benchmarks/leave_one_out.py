@@ -5,8 +5,10 @@
 
 The checkpoint is loaded and fused, and its calibration and tuning images drawn, as ``ptq_eval --max-drop`` does
 (the same seed, the tuning set neither calibration nor val images). Each ranking of
-``qarep_det.integrations.rankings`` is computed once (calibration included, on the first ``--rank-images`` of the
-draw). Per backend, every quantized conv is reverted alone from the fully INT8 model, the torch model being the one
+``qarep_det.integrations.rankings`` is computed on the first ``--rank-images`` of the draw, after one calibration,
+on the reference weight grid and again on NNCF's half-range grid when a backend computes with it (OpenVINO with its
+overflow fix; ``--overflow-fix on`` reproduces a CPU without VNNI on any CPU, the arithmetic being exact). Per
+backend, every quantized conv is reverted alone from the fully INT8 model, the torch model being the one
 calibration the rankings made, and scored on the tuning set (``qarep_det.eval.leave_one_out``: one tuning evaluation
 per conv, plus the fully INT8 model's). Each ranking is then compared with each backend's sweep (top-5 / top-10
 overlap, the same first conv, Kendall's tau), and so is each backend's sweep with the others'.
@@ -23,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from benchmark_args import benchmark_parser
+from benchmark_args import add_overflow_fix, benchmark_parser, overflow_fix
 
 from qarep_det.eval.backends import BACKENDS, Job
 from qarep_det.eval.coco import load_ground_truth
@@ -63,6 +65,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", default="cpu", help="of the simulated model and the rankings")
     parser.add_argument("--seed", type=int, default=0)
+    add_overflow_fix(parser)
     args = parser.parse_args()
     try:  # ptq_eval's own checks and draws; a refusal is one line, and --out is not made
         settings = PTQSettings(args.data, QuantRecipe(calib_images=args.calib_images, seed=args.seed),
@@ -73,10 +76,16 @@ def main() -> None:
         val = load_ground_truth(args.data)
         calib = calibration_set(args.data, args.imgsz, recipe.calib_images, recipe.seed, args.batch)
         tuning = tuning_set(args.data, args.tune_images, recipe.seed, calib.paths, val.image_files, args.tune_split)
-        sensitivities = {
-            name: rank_sensitivity(fused, calib, recipe, args.device, rank_images=settings.ranked_images, rank_by=name)
-            for name in args.rankings
-        }
+        # every ranking on the reference weight grid, and again on NNCF's half range if a backend computes with it
+        grids = dict.fromkeys([False] + [BACKENDS[b].half_range(overflow_fix(args)) for b in args.backends])
+        calibrated = None
+        sensitivities = {}
+        for half_range in grids:
+            for name in args.rankings:
+                sensitivities[f"{name} (half-range weights)" if half_range else name] = s = rank_sensitivity(
+                    fused, calib, recipe, args.device, rank_images=settings.ranked_images, rank_by=name,
+                    half_range=half_range, calibrated=calibrated)  # fmt: skip
+                calibrated = s.calibrated
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     names = quantized_conv_names(fused, recipe)
@@ -88,9 +97,8 @@ def main() -> None:
         fp32 = evaluate_runner(torch_runner(fused, args.device), tuning.ground_truth, Path(scratch) / "fp32.json",
                                protocol, args.batch)["map50_95"]  # fmt: skip
         fp32_s = time.perf_counter() - start
-        calibrated = next(iter(sensitivities.values())).calibrated  # the model every ranking and --max-drop use
         job = Job(fused.cpu(), calib, recipe, args.imgsz, args.device, Path(scratch) / "loo", save=False,
-                  overwrite=True, calibrated=calibrated)  # fmt: skip
+                  overwrite=True, calibrated=calibrated, overflow_fix=overflow_fix(args))  # fmt: skip
         for backend in args.backends:
             sweeps[backend] = leave_one_out(job, backend, names, tuning, protocol, Path(scratch), args.batch,
                                             fp32_tune_map=fp32)  # fmt: skip

@@ -21,6 +21,7 @@ from qarep_det.eval.ptq import PTQSettings, run_ptq_eval
 from qarep_det.eval.tuning import tuning_set
 from qarep_det.integrations.checkpoint import load_detector
 from qarep_det.quant.calibration import calibration_set, draw_calibration_images, train_images
+from qarep_det.quant.openvino import cpu_has_vnni
 from qarep_det.quant.recipe import QuantRecipe
 from qarep_det.reparam import reparameterize_model
 
@@ -303,6 +304,7 @@ def test_max_drop_keeps_exactly_the_planted_conv_float_on_every_backend(known_an
             assert row["float_layers"] == [known_answer.consumer] and steps[1]["tune_drop"] <= 5.0, row["backend"]
         assert row["int8_map50_95"] > 0.7 * row["fp32_map50_95"]  # and so is the scored split (val drop)
         assert row["tune_images"] == TUNE and row["rank_images"] == 4
+        assert row["rank_half_range"] == (row["backend"] == "openvino" and not cpu_has_vnni())  # the grid it ranked
     torch_row = next(r for r in stored if r["backend"] == "torch")
     convs = qdq_convs(torch_row["int8_file"])  # the saved file is the chosen candidate
     assert convs[known_answer.consumer] == (None, None) and all(q is not None for q in convs["model.2.0.conv"])

@@ -362,6 +362,52 @@ def test_openvino_backend_is_int8_and_matches_the_simulated_ranges(model, qmodel
     assert "FakeQuantize" in xml.read_text()
 
 
+def _ir_weights(ov_model) -> dict[str, np.ndarray]:
+    """Each INT8 conv's weights as the IR computes with them: its weight subgraph (int8 codes, scales) folded."""
+    import openvino as ov
+    from openvino import opset13
+
+    from qarep_det.quant import openvino as qov
+
+    weights = {}
+    for name, (op, *_) in qov.conv_ops_by_module(ov_model).items():
+        if op.input_value(0).get_node().get_type_name() == "FakeQuantize":
+            graph = ov.Model([opset13.result(op.input_value(1))], [])
+            weights[name] = ov.Core().compile_model(graph, "CPU")({})[0]
+    return weights
+
+
+@pytest.mark.parametrize("overflow_fix", [True, False])
+def test_the_half_range_simulation_is_the_grid_of_nncfs_overflow_fix(model, qmodel, calib, overflow_fix: bool):
+    """With the fix on, OpenVINO's weights are ``half_range_weights``' (and not the reference's); with it off, the
+    reference's: equal but for rounding ties (a weight at k + 0.5 steps), never more than one step apart."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from qarep_det.quant import openvino as qov
+    from qarep_det.quant.simulated import half_range_weights, verify_scheme
+
+    half = half_range_weights(qmodel)
+    with pytest.raises(RuntimeError, match="not symmetric int8"):
+        verify_scheme(half, QuantRecipe(calib_images=8))
+    verify_scheme(qmodel, QuantRecipe(calib_images=8))  # the calibrated model is left as it was
+    ir = _ir_weights(qov.quantize_openvino(model, calib, IMGSZ, QuantRecipe(calib_images=8), overflow_fix=overflow_fix))
+    assert len(ir) == sum(s.weight_quantized for s in conv_quant_states(qmodel))
+    matched, other = (half, qmodel) if overflow_fix else (qmodel, half)
+    off_grid, weights = 0, 0
+    with torch.no_grad():
+        for name, w_ir in ir.items():
+            conv = matched.get_submodule(name)
+            step = qmodel.get_submodule(name).weight_quantizer.amax / 127 * (2 if overflow_fix else 1)
+            w_sim = conv.weight_quantizer(conv.weight).numpy()
+            steps = np.abs(w_ir - w_sim) / step.reshape(-1, *[1] * (w_sim.ndim - 1)).numpy()
+            assert steps.max() < 1.001, name
+            off_grid += int((steps > 1e-3).sum())
+            weights += w_sim.size
+            conv = other.get_submodule(name)
+            assert not np.allclose(conv.weight_quantizer(conv.weight).numpy(), w_ir, rtol=0, atol=1e-7), name
+    assert off_grid < 1e-3 * weights
+
+
 def test_openvino_reuses_a_given_fp32_ir_and_runs_integer_kernels(model, calib):
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")

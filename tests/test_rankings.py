@@ -4,6 +4,7 @@ ranking's labels land where the letterbox puts the objects, and bad input fails 
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -41,6 +42,38 @@ def test_every_ranking_puts_the_planted_conv_first(known_answer, planted, rank_b
     assert sensitivity.ranking[0] == known_answer.consumer
     assert sorted(sensitivity.ranking) == sorted(rank_sensitivity(fused, calib, recipe, progress=False,
                                                                   rank_images=1).ranking)  # fmt: skip
+
+
+def test_each_backend_is_ranked_on_its_own_weight_grid_after_one_calibration(
+    known_answer, planted, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenVINO with NNCF's overflow fix rounds weights to the half range: its ranking sees that grid (what the
+    ranking runs on is recorded), the other backends share the reference ranking, and all share one calibration."""
+    from qarep_det.eval import ptq
+    from qarep_det.integrations import rankings
+
+    fused, calib, recipe = planted
+    grids = []
+    rank = rankings.rank
+
+    def recording(rank_by, fused, calibrated, *args, **kwargs):
+        quantizers = [getattr(m, "weight_quantizer", None) for m in calibrated.modules()]
+        grids.append({q.num_bits for q in quantizers if q is not None and q.is_enabled})
+        return rank(rank_by, fused, calibrated, *args, **kwargs)
+
+    monkeypatch.setattr(rankings, "rank", recording)
+    settings = ptq.PTQSettings(known_answer.data, recipe, ("torch", "openvino", "onnxruntime"), known_answer.imgsz,
+                               keep_float=1, rank_images=RANKED, overflow_fix=True)  # fmt: skip
+    checkpoint = load_fused(known_answer.planted)
+    ranked = ptq._rank(checkpoint, settings, calib, progress=False)
+    assert grids == [{8}, {7}]  # ModelOpt's num_bits: the reference, then the half range (a narrow 7-bit grid)
+    assert ranked["torch"] is ranked["onnxruntime"] and not ranked["torch"].half_range
+    assert ranked["openvino"].half_range and ranked["openvino"].calibrated is ranked["torch"].calibrated
+    assert ranked["openvino"].calibrate_s == 0  # not calibrated again
+    assert ranked["torch"].ranking[0] == ranked["openvino"].ranking[0] == known_answer.consumer
+    grids.clear()
+    ranked = ptq._rank(checkpoint, replace(settings, overflow_fix=False), calib, progress=False)
+    assert grids == [{8}] and ranked["openvino"] is ranked["torch"]
 
 
 def test_revert_one_noise_equals_a_full_forward_with_that_conv_float(planted) -> None:

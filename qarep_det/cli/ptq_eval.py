@@ -34,6 +34,7 @@ from qarep_det.eval.backends import BACKENDS
 from qarep_det.eval.ptq import RANK_IMAGES, TUNE_IMAGES, PTQSettings, run_ptq_eval
 from qarep_det.eval.table import format_console
 from qarep_det.integrations.rankings import DEFAULT_RANKING, RANKING_HELP
+from qarep_det.quant.openvino import OVERFLOW_FIX
 
 DEMO = DemoSettings()
 
@@ -95,6 +96,14 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
         "CPU; shares its calibration)",
     )
     parser.add_argument(
+        "--overflow-fix",
+        choices=OVERFLOW_FIX,
+        default="auto",
+        help="openvino: NNCF's overflow fix (7-bit weights, exact int16 sums), for the CPU the IR will run on: on for "
+        "CPUs without VNNI/AMX (AVX2, AVX-512F), off for those with (8-bit weights; on them the fix only costs "
+        "accuracy); auto: as this CPU needs. The rankings of --keep-float / --max-drop see the same weight grid",
+    )
+    parser.add_argument(
         "--device", default="cpu", help="device of the FP32 and simulated (torch) INT8 models: cpu or a CUDA index"
     )
     parser.add_argument("--batch", type=int, default=8, help="evaluation and calibration batch size")
@@ -130,6 +139,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             rank_images=args.rank_images,
             rank_by=args.rank_by,
             fp32_weights=args.fp32_weights,
+            overflow_fix=OVERFLOW_FIX[args.overflow_fix],
         )
         weights = args.weights
         if demo:

@@ -40,6 +40,7 @@ class Job:
     student: nn.Module | None = None  # a QAT checkpoint's INT8 model: the simulated model, nothing is calibrated
     calibrated: nn.Module | None = None  # the simulated model calibrated once with every conv quantized
     shared: dict[Any, Any] = field(default_factory=dict)  # what the jobs of one checkpoint share (FP32 IR, NNCF IRs)
+    overflow_fix: bool | None = None  # OpenVINO: NNCF's overflow fix (7-bit weights); None: on if this CPU lacks VNNI
 
     def with_recipe(self, recipe: QuantRecipe, stem: Path | None = None) -> Job:
         """This job for another set of float convs, sharing its calibration, FP32 IR and OpenVINO models."""
@@ -89,7 +90,8 @@ class Job:
             return convert_qdq_onnx(self.qdq_onnx)
         key = ("openvino", self.recipe.float_layers)
         if key not in self.shared:
-            self.shared[key] = quantize_openvino(self.fused, self.calib, self.imgsz, self.recipe, fp32=self.fp32_ir)
+            self.shared[key] = quantize_openvino(self.fused, self.calib, self.imgsz, self.recipe,
+                                                 overflow_fix=self.overflow_fix, fp32=self.fp32_ir)  # fmt: skip
         return self.shared[key]
 
 
@@ -112,6 +114,11 @@ class Backend:
     def candidate(self, job: Job, scratch: Path) -> Runner:
         """The job's INT8 runner with nothing saved (files it needs go to ``scratch``)."""
         raise NotImplementedError
+
+    def half_range(self, overflow_fix: bool | None) -> bool:
+        """Whether this backend rounds weights to NNCF's half-range grid (a ranking for it must see that grid's
+        errors: :func:`qarep_det.quant.simulated.half_range_weights`); the reference grid otherwise."""
+        return False
 
 
 class TorchBackend(Backend):
@@ -169,6 +176,11 @@ class OpenVINOBackend(Backend):
         from qarep_det.quant.openvino import openvino_runner
 
         return openvino_runner(job.openvino_int8)
+
+    def half_range(self, overflow_fix: bool | None) -> bool:
+        from qarep_det.quant.openvino import overflow_fix_on
+
+        return overflow_fix_on(overflow_fix)
 
 
 BACKENDS: dict[str, Backend] = {

@@ -74,6 +74,7 @@ class PTQSettings:
     rank_images: int | None = None  # images of the calibration draw the ranking runs on (None: RANK_IMAGES or all)
     rank_by: str = DEFAULT_RANKING  # how the convs are ranked (integrations/rankings.py)
     fp32_weights: Path | None = None  # the FP32 model of a QAT checkpoint that does not carry one (Ultralytics')
+    overflow_fix: bool | None = None  # OpenVINO: NNCF's overflow fix (7-bit weights); None: on if this CPU lacks VNNI
 
     def __post_init__(self) -> None:
         if sum(map(bool, (self.keep_float, self.recipe.float_layers, self.max_drop is not None))) > 1:
@@ -109,10 +110,19 @@ class PTQSettings:
         return bool(self.keep_float) or self.max_drop is not None
 
 
-def _rank(checkpoint: FusedCheckpoint, settings: PTQSettings, calib: CalibrationSet, progress: bool) -> Sensitivity:
-    """The rank step: the simulated model calibrated once on every calibration image, ranked on the first M."""
-    return rank_sensitivity(checkpoint.fused, calib, settings.recipe, settings.device, progress, settings.ranked_images,
-                            settings.rank_by)  # fmt: skip
+def _rank(
+    checkpoint: FusedCheckpoint, settings: PTQSettings, calib: CalibrationSet, progress: bool
+) -> dict[str, Sensitivity]:
+    """The rank step, per backend: the simulated model calibrated once on every calibration image, ranked on the
+    first M on each weight grid the backends compute with (OpenVINO with the overflow fix: NNCF's half range)."""
+    grids = {backend: BACKENDS[backend].half_range(settings.overflow_fix) for backend in settings.backends}
+    by_grid: dict[bool, Sensitivity] = {}
+    for half_range in dict.fromkeys(grids.values()):
+        calibrated = next(iter(by_grid.values())).calibrated if by_grid else None
+        by_grid[half_range] = rank_sensitivity(
+            checkpoint.fused, calib, settings.recipe, settings.device, progress, settings.ranked_images,
+            settings.rank_by, half_range, calibrated)  # fmt: skip
+    return {backend: by_grid[half_range] for backend, half_range in grids.items()}
 
 
 def _search(
@@ -187,24 +197,22 @@ def evaluate_checkpoint(
     fp32 = UNKNOWN_FP32
     if fused is not None:
         fp32 = score(torch_runner(fused, settings.device), ground_truth, out_dir / f"{name}_fp32.json")
-    sensitivity, ranked = None, {}
+    sensitivities: dict[str, Sensitivity] = {}
     if checkpoint.ours:
         recipe = QuantRecipe(**student.qat_recipe)
     elif student is not None:
         recipe = QuantRecipe(calib_method=ULTRALYTICS_QAT["calib_method"])
-    elif settings.ranks:
-        sensitivity = _rank(checkpoint, settings, calib, progress)
-        recipe = sensitivity.keep(settings.recipe, settings.keep_float)  # the recipe names its float convs from here
-        ranked = {"calibrate_s": sensitivity.calibrate_s, "rank_images": settings.ranked_images,
-                  "rank_by": sensitivity.rank_by, "rank_s": sensitivity.rank_s}  # fmt: skip
     else:
         recipe = settings.recipe
+        if settings.ranks:
+            sensitivities = _rank(checkpoint, settings, calib, progress)
+    calibrated = next(iter(sensitivities.values())).calibrated if sensitivities else None  # one for every grid
     rows = []
     with tempfile.TemporaryDirectory(prefix="qarep_ptq_") as scratch:  # runtimes have loaded their files by its end
         stem = (out_dir if settings.save_int8 else Path(scratch)) / name
         job = Job(None if fused is None else fused.cpu(), calib, recipe, settings.imgsz, settings.device, stem,
-                  settings.save_int8, settings.overwrite, student,
-                  None if sensitivity is None else sensitivity.calibrated)  # fmt: skip
+                  settings.save_int8, settings.overwrite, student, calibrated,
+                  overflow_fix=settings.overflow_fix)  # fmt: skip
         if tuning is not None:
             start = time.perf_counter()
             fp32_tune = score(torch_runner(fused, settings.device), tuning.ground_truth, Path(scratch) / "fp32.json")
@@ -212,15 +220,20 @@ def evaluate_checkpoint(
             fp32_tune_s = time.perf_counter() - start
         for backend in settings.backends:
             start = time.perf_counter()
-            chosen, extra = job, {}
+            chosen, extra, sensitivity = job, {}, sensitivities.get(backend)
+            if sensitivity is not None:
+                chosen = job.with_recipe(sensitivity.keep(recipe, settings.keep_float))  # K kept float (0 to search)
+                extra = {"calibrate_s": sensitivity.calibrate_s, "rank_images": settings.ranked_images,
+                         "rank_by": sensitivity.rank_by, "rank_s": sensitivity.rank_s,
+                         "rank_half_range": sensitivity.half_range}  # fmt: skip
             if tuning is not None:
-                chosen, extra = _search(job, backend, sensitivity, tuning, fp32_tune, settings, Path(scratch),
-                                        progress)  # fmt: skip
-                extra["search_s"] = time.perf_counter() - start + fp32_tune_s  # with the FP32 evaluation, shared
+                chosen, searched = _search(chosen, backend, sensitivity, tuning, fp32_tune, settings, Path(scratch),
+                                           progress)  # fmt: skip
+                extra |= searched | {"search_s": time.perf_counter() - start + fp32_tune_s}  # with the FP32 evaluation
             start = time.perf_counter()
             quantized = BACKENDS[backend].quantize(chosen)
             quantize_s = time.perf_counter() - start  # calibration (unless ranked), quantizing, files
-            extra |= ranked | quantized.row
+            extra |= quantized.row
             int8 = score(quantized.runner, ground_truth, out_dir / f"{name}_int8_{backend}.json")
             fp32_ms = fp32["runner_ms"]
             if quantized.fp32_runner is not None:  # the backend's own FP32 model: like-for-like latency

@@ -49,7 +49,7 @@ from qarep_det.integrations.analysis import (
 from qarep_det.quant.calibration import CalibrationSet, first_images
 from qarep_det.quant.diagnostics import NoisePower
 from qarep_det.quant.recipe import QuantRecipe
-from qarep_det.quant.simulated import quantize_torch
+from qarep_det.quant.simulated import half_range_weights, quantize_torch
 
 RANKINGS = {
     "isolated": "the detector's output noise with only that conv INT8",
@@ -208,6 +208,7 @@ class Sensitivity:
     calibrate_s: float
     rank_s: float
     rank_by: str = DEFAULT_RANKING
+    half_range: bool = False  # ranked on NNCF's half-range weights (``calibrated`` is always the reference grid)
 
     def keep(self, recipe: QuantRecipe, keep_float: int) -> QuantRecipe:
         """``recipe`` with the first ``keep_float`` convs of the ranking added to its float layers."""
@@ -245,16 +246,24 @@ def rank_sensitivity(
     progress: bool = True,
     rank_images: int | None = None,
     rank_by: str = DEFAULT_RANKING,
+    half_range: bool = False,
+    calibrated: nn.Module | None = None,
 ) -> Sensitivity:
-    """Calibrate ``fused`` on every image of ``calib``, then rank its convs by ``rank_by`` on the first
-    ``rank_images`` of them (default: all)."""
+    """Calibrate ``fused`` on every image of ``calib`` (unless ``calibrated``, that model, is given), then rank its
+    convs by ``rank_by`` on the first ``rank_images`` of them (default: all); with ``half_range`` on the weight grid
+    of NNCF's overflow fix (:func:`qarep_det.quant.simulated.half_range_weights`, one bit coarser), which OpenVINO
+    computes with on CPUs without VNNI: its errors, not the reference's, decide what to keep float there."""
     check_ranking(rank_by)
     start = time.perf_counter()
-    calibrated = quantize_torch(fused, calib, recipe, device)
-    calibrate_s = time.perf_counter() - start
+    calibrate_s = 0.0  # a calibrated model given: its calibration is counted where it was made
+    if calibrated is None:
+        calibrated = quantize_torch(fused, calib, recipe, device)
+        calibrate_s = time.perf_counter() - start
     images = first_images(calib, rank_images)  # calibration saw all of them; the per-conv passes see these
-    ranking = rank(rank_by, fused, calibrated, images, recipe, device, progress)
-    return Sensitivity(calibrated, ranking, calibrate_s, time.perf_counter() - start - calibrate_s, rank_by)
+    ranked = half_range_weights(calibrated) if half_range else calibrated
+    ranking = rank(rank_by, fused, ranked, images, recipe, device, progress)
+    return Sensitivity(calibrated, ranking, calibrate_s, time.perf_counter() - start - calibrate_s, rank_by,
+                       half_range)  # fmt: skip
 
 
 def keep_most_sensitive(

@@ -168,6 +168,14 @@ def cpu_has_vnni() -> bool:
     return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
+OVERFLOW_FIX: dict[str, bool | None] = {"auto": None, "on": True, "off": False}  # the CLI's --overflow-fix
+
+
+def overflow_fix_on(overflow_fix: bool | None = None) -> bool:
+    """Whether NNCF's overflow fix applies: as given, or (``None``) decided by this CPU, on where it has no VNNI."""
+    return not cpu_has_vnni() if overflow_fix is None else overflow_fix
+
+
 def nncf_arguments(
     model: nn.Module, ov_model: ov.Model, recipe: QuantRecipe, overflow_fix: bool | None = None
 ) -> tuple[dict, object]:
@@ -179,11 +187,9 @@ def nncf_arguments(
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
     range_estimator = _range_estimator(recipe)  # fail on an unsupported method before anything else
-    if overflow_fix is None:
-        overflow_fix = not cpu_has_vnni()
     advanced = AdvancedQuantizationParameters(
         disable_bias_correction=True,
-        overflow_fix=OverflowFix.ENABLE if overflow_fix else OverflowFix.DISABLE,
+        overflow_fix=OverflowFix.ENABLE if overflow_fix_on(overflow_fix) else OverflowFix.DISABLE,
         activations_range_estimator_params=range_estimator,
     )
     shared = {

@@ -175,6 +175,24 @@ def with_float_layers(qmodel: nn.Module, recipe: QuantRecipe) -> nn.Module:
     return model
 
 
+HALF_RANGE_CODES = 63  # NNCF's half range (overflow fix): step 2 amax / 127, codes clamped to +-63 (read off an IR)
+
+
+def half_range_weights(qmodel: nn.Module) -> nn.Module:
+    """A copy of a model calibrated by :func:`quantize_torch` whose weights round to NNCF's half-range grid, its
+    overflow fix on CPUs without VNNI: per output channel a step of ``2 amax / 127`` (the 8-bit step doubled) and
+    codes in [-63, 63], i.e. a narrow 7-bit quantizer of range ``amax * 63 / 63.5``. What OpenVINO computes with that
+    fix, so a ranking for it sees its errors; not the reference scheme (:func:`verify_scheme` refuses it), never
+    exported."""
+    model = copy.deepcopy(qmodel)
+    for m in model.modules():
+        quantizer = getattr(m, "weight_quantizer", None) if isinstance(m, nn.Conv2d) else None
+        if quantizer is not None and quantizer.is_enabled:
+            quantizer.num_bits, quantizer.narrow_range = 7, True
+            quantizer.amax = quantizer.amax * (HALF_RANGE_CODES / (HALF_RANGE_CODES + 0.5))
+    return model
+
+
 @dataclass(frozen=True)
 class ConvQuantState:
     """How one Conv2d of a ModelOpt-quantized model is quantized, read back from its quantizers."""
