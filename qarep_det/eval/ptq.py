@@ -1,8 +1,9 @@
 """FP32 versus INT8 on a val split: the library behind ``ptq_eval``.
 
 Every checkpoint is loaded and fused once, then: its FP32 model is evaluated; with ``keep_float`` or ``max_drop`` its
-convs are ranked (:func:`qarep_det.integrations.analysis.rank_sensitivity`, the ranking diagnose reports, on the
-first ``rank_images`` of the calibration draw); per backend, ``max_drop`` searches the fewest of that ranking kept
+convs are ranked (:func:`qarep_det.integrations.rankings.rank_sensitivity` by ``rank_by``, on the first
+``rank_images`` of the calibration draw, on the weight grid each backend computes with: OpenVINO's is NNCF's half
+range where its overflow fix is on); per backend, ``max_drop`` searches the fewest of that ranking kept
 float (:mod:`qarep_det.eval.max_drop`), the backend quantizes (:mod:`qarep_det.eval.backends`) and the INT8 model is
 evaluated the same way, giving one row per (model, backend). Every model is scored by the same prediction and
 pycocotools code under one :class:`EvalProtocol`.

@@ -14,7 +14,10 @@ model the torch backend runs), on the first images of the calibration draw, most
   forward and one backward pass per batch score every conv (the score ModelOpt's ``auto_quantize`` ranks
   precisions by, ``modelopt/torch/quantization/algorithms.py``). It needs the calibration images' YOLO labels.
 
-In every ranking a conv's group is its weight quantizer and its input quantizer; for the stem that input quantizer
+Each ranks the errors of the backend that will run the model: for OpenVINO with NNCF's overflow fix (CPUs without
+VNNI) the weights are on its half-range grid (:func:`qarep_det.quant.simulated.half_range_weights`), which on such a
+CPU is where nearly all of OpenVINO's INT8 loss comes from (docs/results.md). In every ranking a conv's group is its
+weight quantizer and its input quantizer; for the stem that input quantizer
 is the image input's, which NNCF also counts with the stem. ``fisher`` is the default: the cheapest (one backward
 pass per batch against one restarted forward per conv and batch), and the one that kept no more convs float than
 NNCF's accuracy control for the same target; how each agrees with the leave-one-out mAP

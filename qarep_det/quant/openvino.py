@@ -24,8 +24,10 @@ so the IR computes what TensorRT would.
 A hardware gap: CPUs without VNNI (AVX2, AVX-512F) multiply u8 x s8 pairs into saturating int16 sums, which full
 8-bit weights overflow; NNCF's overflow fix (a 7-bit weight grid, step 2 max/127, codes in [-63, 64]) keeps the sums
 exact (docs/int8.md). So ``overflow_fix=None`` (auto) turns the fix on for every layer when the CPU has no VNNI
-(``/proc/cpuinfo``) and off otherwise, where the IR's weights equal the reference's exactly. With the fix on, the
-OpenVINO model is one weight bit coarser than the reference (weight codes in [-64, 64] instead of [-127, 127]).
+(``/proc/cpuinfo``) and off otherwise, where the IR's weights equal the reference's exactly; ``True`` / ``False``
+(ptq_eval's ``--overflow-fix on|off``) build for another CPU than this one. With the fix on, the OpenVINO model is one
+weight bit coarser than the reference (a step of 2 max/127): :func:`qarep_det.quant.simulated.half_range_weights`
+is that grid in torch (tested against the IR), so a ranking for this backend sees the errors it will make.
 """
 
 from __future__ import annotations

@@ -175,7 +175,7 @@ def with_float_layers(qmodel: nn.Module, recipe: QuantRecipe) -> nn.Module:
     return model
 
 
-HALF_RANGE_CODES = 63  # NNCF's half range (overflow fix): step 2 amax / 127, codes clamped to +-63 (read off an IR)
+HALF_RANGE_CODES = 63  # NNCF's half range (overflow fix): step 2 amax / 127, codes +-63 (+-amax itself is a tie)
 
 
 def half_range_weights(qmodel: nn.Module) -> nn.Module:
