@@ -9,7 +9,7 @@ import pytest
 
 from qarep_det.eval.backends import Job
 from qarep_det.eval.coco import load_ground_truth
-from qarep_det.eval.leave_one_out import agreement, leave_one_out, write_csv
+from qarep_det.eval.leave_one_out import LeaveOneOut, Reverted, agreement, leave_one_out, write_csv
 from qarep_det.eval.plots import plot_leave_one_out
 from qarep_det.eval.protocol import EvalProtocol
 from qarep_det.eval.tuning import tuning_set
@@ -49,6 +49,10 @@ def test_the_planted_conv_has_the_largest_revert_one_gain(known_answer, planted_
     for row in loo.rows:
         assert row.gain == pytest.approx(row.tune_map50_95 - loo.int8_tune_map50_95)
     assert loo.as_dict()["rows"][1]["name"] == known_answer.consumer and loo.fp32_tune_map50_95 == 60.0
+    # each half of the tuning images sees the collapse too: the sweep agrees with itself on the planted conv
+    assert min(loo.rows[1].half_gains) > 30 > max(abs(g) for row in loo.rows if row.name in OTHERS
+                                                 for g in row.half_gains)  # fmt: skip
+    assert loo.ranking(0)[0] == loo.ranking(1)[0] == known_answer.consumer and loo.split_half()["same_top1"]
 
     path = write_csv(loo, scratch / "loo.csv", {"by_name": sorted(names)})
     lines = list(csv.DictReader(path.open()))
@@ -57,6 +61,7 @@ def test_the_planted_conv_has_the_largest_revert_one_gain(known_answer, planted_
     assert planted["loo_position"] == "1"
     assert planted["by_name_position"] == str(sorted(names).index(planted["name"]) + 1)
     assert float(planted["gain"]) == pytest.approx(gains[known_answer.consumer], abs=1e-3)
+    assert float(planted["gain_odd_images"]) == pytest.approx(loo.rows[1].half_gains[1], abs=1e-3)
     assert planted["block"] != planted["name"] and planted["name"].startswith(planted["block"])  # the Rep block's conv
     drawn = plot_leave_one_out({"torch": loo.as_dict()}, {"by_name": sorted(names)}, scratch / "loo.png", "planted")
     assert drawn.stat().st_size > 10_000
@@ -90,3 +95,15 @@ def test_agreement_of_hand_made_orders() -> None:
         agreement(["a", "b"], ["a", "c"])
     with pytest.raises(ValueError, match="two orders of the same convs"):
         agreement(["a", "a"], ["a", "a"])
+
+
+def test_the_split_half_agreement_compares_the_two_halves_rankings() -> None:
+    """Gains that rank the convs one way on the even images and the opposite way on the odd ones: tau -1; the
+    ranking on all images is by the whole gains."""
+    rows = tuple(Reverted(f"conv{i}", f"conv{i}", 50.0 + i, float(i), (float(i), float(-i))) for i in range(12))
+    loo = LeaveOneOut("torch", 16, 50.0, rows, 1.0)
+    assert loo.ranking() == loo.ranking(0) == [f"conv{i}" for i in reversed(range(12))]
+    assert loo.ranking(1) == [f"conv{i}" for i in range(12)]
+    split = loo.split_half()
+    assert split["tau"] == pytest.approx(-1.0) and split["top5"] == 0.0 and not split["same_top1"]
+    assert loo.as_dict()["split_half"] == split
