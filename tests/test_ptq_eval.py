@@ -102,6 +102,8 @@ def test_cli_bad_inputs_fail_with_one_line(data: Path, weights: list[Path], tmp_
         (["--weights", str(corrupt), "--data", str(data)], "cannot read weights"),
         (["--weights", str(weights[0]), "--data", str(no_val)], "val"),
         (["--weights", str(weights[0])], "give both --weights and --data"),
+        (["--weights", str(weights[0]), "--data", str(data), "--overflow-fix", "on"], "NNCF's, for the openvino"),
+        (["--weights", str(weights[0]), "--data", str(data), "--overflow-fix", "maybe"], "invalid choice: 'maybe'"),
     ]
     for args, message in cases:
         result = run_cli(*args, *out)

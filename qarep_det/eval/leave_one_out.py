@@ -38,7 +38,7 @@ class Reverted:
     block: str
     tune_map50_95: float
     gain: float
-    half_gains: tuple[float, float] = (0.0, 0.0)
+    half_gains: tuple[float, float]
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,8 @@ class PTQSettings:
             )
         if unknown := [b for b in self.backends if b not in BACKENDS]:
             raise ValueError(f"unknown backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}")
+        if self.overflow_fix is not None and "openvino" not in self.backends:
+            raise ValueError("the overflow fix is NNCF's, for the openvino backend: add it to the backends")
         check_imgsz(self.imgsz)
         check_count("batch", self.batch)
         torch_device(self.device)  # fails now, in one line, rather than at the first .to(device)
@@ -248,6 +250,9 @@ def evaluate_checkpoint(
 def _load_checked(path: Path, settings: PTQSettings) -> FusedCheckpoint:
     """One checkpoint loaded and fused, refused if the settings' float convs cannot apply to it."""
     checkpoint = load_fused(path, settings.fp32_weights)
+    if checkpoint.student is not None and settings.overflow_fix and "openvino" in settings.backends:
+        raise ValueError(f"'{path}' is a QAT checkpoint: OpenVINO runs its learned 8-bit weights as they are, and "
+                         "NNCF's overflow fix needs a calibration; leave --overflow-fix at auto or off")  # fmt: skip
     if settings.ranks or settings.recipe.float_layers:
         if checkpoint.student is not None:
             raise ValueError(f"'{path}' is a QAT checkpoint: its float convs were fixed when it was trained")
