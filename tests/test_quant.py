@@ -390,7 +390,13 @@ def test_the_half_range_simulation_is_the_grid_of_nncfs_overflow_fix(model, qmod
     with pytest.raises(RuntimeError, match="not symmetric int8"):
         verify_scheme(half, QuantRecipe(calib_images=8))
     verify_scheme(qmodel, QuantRecipe(calib_images=8))  # the calibrated model is left as it was
-    ir = _ir_weights(qov.quantize_openvino(model, calib, IMGSZ, QuantRecipe(calib_images=8), overflow_fix=overflow_fix))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ir_model = qov.quantize_openvino(model, calib, IMGSZ, QuantRecipe(calib_images=8), overflow_fix=overflow_fix)
+    # 8-bit weights on a CPU whose int16 sums they overflow: the scores measured here are not the target CPU's
+    warned = [w for w in caught if "overflow fix off on a CPU without" in str(w.message)]
+    assert len(warned) == (not overflow_fix and not qov.cpu_has_vnni())
+    ir = _ir_weights(ir_model)
     assert len(ir) == sum(s.weight_quantized for s in conv_quant_states(qmodel))
     matched, other = (half, qmodel) if overflow_fix else (qmodel, half)
     off_grid, weights = 0, 0
@@ -406,6 +412,17 @@ def test_the_half_range_simulation_is_the_grid_of_nncfs_overflow_fix(model, qmod
             conv = other.get_submodule(name)
             assert not np.allclose(conv.weight_quantizer(conv.weight).numpy(), w_ir, rtol=0, atol=1e-7), name
     assert off_grid < 1e-3 * weights
+
+
+def test_building_without_the_fix_on_a_cpu_that_needs_it_warns(model, calib, monkeypatch: pytest.MonkeyPatch):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from qarep_det.quant import openvino as qov
+
+    monkeypatch.setattr(qov, "cpu_has_vnni", lambda: False)
+    with pytest.warns(UserWarning, match="not those of the CPU the IR is for"):
+        qov.quantize_openvino(model, calib, IMGSZ, QuantRecipe(calib_images=8), overflow_fix=False)
+    assert qov.overflow_fix_on(None) and not qov.overflow_fix_on(False)  # auto follows this (posed) CPU
 
 
 def test_openvino_reuses_a_given_fp32_ir_and_runs_integer_kernels(model, calib):

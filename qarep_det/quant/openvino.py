@@ -232,6 +232,13 @@ def quantize_openvino(
     recipe = recipe or QuantRecipe()
     _, nncf = _require()
     _range_estimator(recipe)  # fail on an unsupported method before converting anything
+    if overflow_fix is False and not cpu_has_vnni():
+        warnings.warn(
+            "overflow fix off on a CPU without int8 dot-product instructions (VNNI/AMX): OpenVINO sums the 8-bit "
+            "weights in saturating int16 here, so the INT8 scores measured on this CPU are not those of the CPU the "
+            "IR is for",
+            stacklevel=2,
+        )
     ov_model = fp32.clone() if fp32 is not None else convert_openvino(model, imgsz)
     shared, advanced = nncf_arguments(model, ov_model, recipe, overflow_fix)
     with nncf_quiet():
