@@ -138,9 +138,10 @@ def main() -> None:
         *(f"- leave-one-out on {backend}: fully INT8 {s.int8_tune_map50_95:.2f}, {s.evaluations} tuning evaluations "
           f"in {s.seconds:.0f} s; {sum(r.gain != 0 for r in s.rows)} of {len(s.rows)} convs change the tuning mAP "
           f"(the order of the others is model order); top 5: {', '.join(s.ranking()[:5])}; the sweep against itself "
-          f"(its even against its odd tuning images): top-5 overlap {s.split_half()['top5']:.1f}, top-10 "
-          f"{s.split_half()['top10']:.1f}, Kendall tau {s.split_half()['tau']:.2f}"
-          for backend, s in sweeps.items()),
+          f"(its even against its odd tuning images): top-5 overlap {half['top5']:.1f}, top-10 {half['top10']:.1f}, "
+          f"Kendall tau {half['tau']:.2f}"
+          for backend, s in sweeps.items()
+          for half in [report["leave_one_out"][backend]["split_half"]]),  # computed once, for results.json
     ]  # fmt: skip
     (args.out / "agreement.md").write_text("\n".join(lines) + "\n")
     title = f"{args.weights.name} at {args.imgsz} px: the tuning mAP50-95 won back by reverting one conv alone"
