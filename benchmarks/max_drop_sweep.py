@@ -201,7 +201,9 @@ def plot(args, report: dict) -> None:
             chosen = next(c for c in r["curve"] if c["k"] == r["bisection_k"])
             ax.plot(chosen["k"], chosen["tune_drop"], "x", color=color, markersize=10)
     ax.axhline(args.max_drop, color="gray", linestyle=":", label=f"D = {args.max_drop}")
-    ax.set_xlabel("K: convs kept float, the first K of the order (x: the bisection's answer, on the tuning drop)")
+    bisected = any("bisection_k" in r for r in report["orders"].values())
+    ax.set_xlabel("K: convs kept float, the first K of the order"
+                  + (" (x: the bisection's answer, on the tuning drop)" if bisected else ""))  # fmt: skip
     ax.set_ylabel("mAP50-95 drop against torch FP32 (points)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
