@@ -132,23 +132,82 @@ def test_fusion_grid_with_a_limit_model_as_on_cuda(
     assert [row.split()[:2] for row in rows[2:]] == [["fp32", "1"], ["fp16", "2"]]
 
 
-def test_train_throughput_times_a_training_step_of_each_model(clock: FakeClock) -> None:
+def _params_m(cfg: str) -> float:
+    return sum(p.numel() for p in DetectionModel(cfg, nc=80, verbose=False).parameters()) / 1e6
+
+
+@pytest.fixture
+def ms_per_optimizer_step(clock: FakeClock) -> Iterator[FakeClock]:
     """An optimizer step over n parameters takes n / 1e6 ms on the fake clock: a step time that is not a full
     training step of that model (forward, backward, optimizer) shows."""
     handle = register_optimizer_step_post_hook(
         lambda optimizer, *_: clock.advance(sum(p.numel() for g in optimizer.param_groups for p in g["params"]) / 1e6)
     )
-    try:
-        results = train_throughput(N_YAMLS, imgsz=64, batch=2, steps=1)
-        (amp,) = train_throughput(N_YAMLS[:1], imgsz=64, batch=2, steps=1, amp=True)  # the CUDA step, on the CPU
-    finally:
-        handle.remove()
-    params = [sum(p.numel() for p in DetectionModel(cfg, nc=80, verbose=False).parameters()) / 1e6 for cfg in N_YAMLS]
+    yield clock
+    handle.remove()
+
+
+def test_train_throughput_times_a_training_step_of_each_model(ms_per_optimizer_step: FakeClock) -> None:
+    results = train_throughput(N_YAMLS, imgsz=64, batch=2, steps=1)
+    params = [_params_m(cfg) for cfg in N_YAMLS]
     assert params[0] != params[1]  # QARep drops BN parameters RepVGG has: the models are told apart
     assert [r.cfg for r in results] == N_YAMLS and not any(r.amp for r in results)
     assert [r.step_ms for r in results] == pytest.approx(params)
     assert [r.images_per_s for r in results] == pytest.approx([2e3 / p for p in params])
-    assert amp.amp and amp.step_ms == pytest.approx(params[0])
+    assert [(r.skipped, r.warmup_skipped) for r in results] == [(0, 0), (0, 0)]
+
+
+class ScriptedScaler:
+    """AMP's gradient scaler with its decisions scripted, so the test does not depend on whether this CPU's FP16
+    kernels overflow: each ``step`` follows the next entry of its script ("skip": no optimizer step, but 1000 ms on
+    the fake clock, so a skipped step that were timed would move the median; "take": the optimizer steps)."""
+
+    scripts: list[list[str]] = []
+    clock = FakeClock()
+
+    def __init__(self, device: str, enabled: bool) -> None:
+        assert enabled  # only the AMP path builds one here
+        self.script = iter(self.scripts.pop(0))
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if next(self.script) == "take":
+            optimizer.step()
+        else:
+            self.clock.advance(1000)
+
+    def update(self) -> None:
+        pass
+
+
+def test_amp_train_throughput_times_only_the_steps_the_optimizer_took(
+    ms_per_optimizer_step: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first model's scaler skips twice before it settles and twice more while timed, the second's once while
+    timed: each median is that model's optimizer step alone, and the skips are counted where they happened."""
+    monkeypatch.setattr(ScriptedScaler, "clock", ms_per_optimizer_step)
+    monkeypatch.setattr(
+        ScriptedScaler,
+        "scripts",
+        [["skip", "skip", "take", "take", "skip", "skip", "take", "take"], ["take", "skip", "take", "take", "take"]],
+    )
+    monkeypatch.setattr(torch.amp, "GradScaler", ScriptedScaler)
+    results = train_throughput(N_YAMLS, imgsz=64, batch=2, steps=3, amp=True)
+    assert [r.step_ms for r in results] == pytest.approx([_params_m(cfg) for cfg in N_YAMLS])
+    assert [(r.amp, r.warmup_skipped, r.skipped) for r in results] == [(True, 2, 2), (True, 0, 1)]
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        train_throughput(N_YAMLS, imgsz=64, batch=2, steps=0)
+
+
+def test_amp_train_throughput_refuses_a_scaler_that_never_settles(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ScriptedScaler, "clock", FakeClock())
+    monkeypatch.setattr(ScriptedScaler, "scripts", [["skip"] * (benchmark.MAX_SKIPPED_STEPS + 1)])
+    monkeypatch.setattr(torch.amp, "GradScaler", ScriptedScaler)
+    limit = benchmark.MAX_SKIPPED_STEPS + 1
+    with pytest.raises(benchmark.ScalerNeverSettled, match=rf"skipped {limit} optimizer steps.*without AMP"):
+        train_throughput(N_YAMLS[:1], imgsz=64, batch=2, steps=1, amp=True)
 
 
 def test_openvino_int8_benchmark_reports_latency_size_and_calibration(

@@ -87,7 +87,10 @@ def train(args: argparse.Namespace) -> None:
     )
     base = results[0].images_per_s
     for r in results:
-        print(f"  {r.cfg:<36} {r.step_ms:8.0f} ms/step {r.images_per_s:7.2f} img/s  {r.images_per_s / base:5.2f}x")
+        skips = f"  scaler skipped {r.warmup_skipped} warm-up + {r.skipped} timed steps (not timed)" if r.amp else ""
+        print(
+            f"  {r.cfg:<36} {r.step_ms:8.0f} ms/step {r.images_per_s:7.2f} img/s  {r.images_per_s / base:5.2f}x{skips}"
+        )
 
 
 def _kernels(counts: dict[str, int]) -> str:

@@ -159,16 +159,73 @@ def _training_batch(batch: int, imgsz: int, nc: int, boxes_per_image: int = 4) -
 
 @dataclass(frozen=True)
 class TrainThroughput:
-    """Median training step time (forward, loss, backward, SGD step) of one model; images per second."""
+    """Median training step time (forward, loss, backward, SGD step) of one model; images per second.
+
+    With AMP the gradient scaler skips the optimizer step whenever the scaled FP16 gradients overflow; such a step
+    did no training, so it is never timed as one: ``warmup_skipped`` counts the skips before the scaler settled,
+    ``skipped`` those during the timed steps (each left out of the median).
+    """
 
     cfg: str
     step_ms: float
     batch: int
     amp: bool = False  # FP16 autocast with a gradient scaler, as Ultralytics trains on CUDA
+    skipped: int = 0
+    warmup_skipped: int = 0
 
     @property
     def images_per_s(self) -> float:
         return self.batch * 1e3 / self.step_ms
+
+
+MAX_SKIPPED_STEPS = 30  # each skip halves GradScaler's scale: 30 take its default 2**16 below 2**-13
+
+
+class ScalerNeverSettled(RuntimeError):
+    """AMP's gradient scaler kept skipping optimizer steps: FP16 gradients overflow on this device at any scale."""
+
+
+def _skipped_step_guard(skipped: int, cfg: str) -> None:
+    if skipped > MAX_SKIPPED_STEPS:
+        raise ScalerNeverSettled(
+            f"{cfg}: the AMP gradient scaler skipped {skipped} optimizer steps (FP16 gradients overflow on this "
+            "device); time it without AMP"
+        )
+
+
+def _timed_taken_steps(
+    steps: Sequence[Callable[[], bool]], cfgs: Sequence[str], runs: int, device: torch.device
+) -> list[tuple[list[float], int, int]]:
+    """Per model: the wall times of ``runs`` optimizer steps taken, the steps skipped before the scaler settled, and
+    those skipped while timing. Each ``step()`` returns whether its optimizer stepped.
+
+    Warm-up repeats a step until one is taken (the scaler has found a scale at which the gradients fit); timed
+    steps then run interleaved model by model (as in :func:`interleaved_ms`) until each model has ``runs`` taken
+    steps, a skipped one being counted apart and never timed as a training step.
+    """
+    warmup_skipped = []
+    for step, cfg in zip(steps, cfgs, strict=True):
+        skipped = 0
+        while not step():
+            skipped += 1
+            _skipped_step_guard(skipped, cfg)
+        warmup_skipped.append(skipped)
+    times: list[list[float]] = [[] for _ in steps]
+    skipped = [0 for _ in steps]
+    while any(len(ms) < runs for ms in times):
+        for i, (step, cfg) in enumerate(zip(steps, cfgs, strict=True)):
+            if len(times[i]) >= runs:
+                continue
+            _synchronize(device)
+            start = time.perf_counter()
+            taken = step()
+            _synchronize(device)
+            if taken:
+                times[i].append((time.perf_counter() - start) * 1e3)
+            else:
+                skipped[i] += 1
+                _skipped_step_guard(skipped[i], cfg)
+    return list(zip(times, warmup_skipped, skipped, strict=True))
 
 
 def train_throughput(
@@ -183,31 +240,43 @@ def train_throughput(
     """Training throughput of each model on the same fixed batch, steps interleaved model by model.
 
     ``amp`` (default: on for CUDA, off for the CPU, as Ultralytics trains) makes the step Ultralytics' AMP step:
-    FP16 autocast forward and loss, scaled backward. Data loading is left out on purpose: it is the same for every
-    model, and on 2 cores it would blur the difference the models themselves make.
+    FP16 autocast forward and loss, scaled backward. Whether the scaler skips a step depends on the device's FP16
+    kernels (on a GPU the first steps after start-up often are), so the timing counts only steps the optimizer took
+    and reports the skipped ones (:class:`TrainThroughput`). Data loading is left out on purpose: it is the same for
+    every model, and on 2 cores it would blur the difference the models themselves make.
     """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     device = torch.device(device)
     amp = device.type == "cuda" if amp is None else amp
     models, optimizers, scalers = [], [], []
-    for cfg in cfgs:
+    stepped = [False for _ in cfgs]
+    for i, cfg in enumerate(cfgs):
         model = DetectionModel(cfg, nc=nc, verbose=False).to(device).train()
         model.args = get_cfg()  # loss gains (box, cls, dfl) as the trainer sets them
         models.append(model)
-        optimizers.append(torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9))
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        optimizer.register_step_post_hook(lambda *_, i=i: stepped.__setitem__(i, True))  # not when the scaler skips
+        optimizers.append(optimizer)
         scalers.append(torch.amp.GradScaler(device.type, enabled=amp))
     data = {k: v.to(device) for k, v in _training_batch(batch, imgsz, nc).items()}
 
-    def step(i: int) -> None:
+    def step(i: int) -> bool:
+        stepped[i] = False
         with autocast(device, "fp16" if amp else "fp32"):
             loss, _ = models[i].loss(data)
         optimizers[i].zero_grad()
         scalers[i].scale(loss.sum()).backward()
         scalers[i].step(optimizers[i])
         scalers[i].update()
+        return stepped[i]
 
     with _cudnn_autotuned(device):  # warm-up builds each loss criterion
-        times = interleaved_ms([lambda i=i: step(i) for i in range(len(models))], steps, warmup=1, device=device)
-    return [TrainThroughput(cfg, ms, batch, amp) for cfg, ms in zip(cfgs, times, strict=True)]
+        measured = _timed_taken_steps([lambda i=i: step(i) for i in range(len(models))], cfgs, steps, device)
+    return [
+        TrainThroughput(cfg, statistics.median(ms), batch, amp, skipped, warmup_skipped)
+        for cfg, (ms, warmup_skipped, skipped) in zip(cfgs, measured, strict=True)
+    ]
 
 
 @dataclass(frozen=True)
