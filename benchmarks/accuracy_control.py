@@ -34,18 +34,13 @@ from pathlib import Path
 import torch
 from benchmark_args import add_overflow_fix, benchmark_parser, overflow_fix
 
-from qarep_det.eval.benchmark import interleaved_ms
-from qarep_det.eval.coco import GroundTruth, evaluate_coco, load_ground_truth, per_image_map50_95
-from qarep_det.eval.predict import evaluate_runner, predict
-from qarep_det.eval.protocol import EvalProtocol
-from qarep_det.eval.ptq import PTQSettings, run_ptq_eval
-from qarep_det.eval.resolution import Resolution
-from qarep_det.eval.table import markdown_table
-from qarep_det.eval.tuning import TuningSet, tuning_set
-from qarep_det.integrations.checkpoint import load_detector
-from qarep_det.integrations.rankings import DEFAULT_RANKING, RANKINGS
-from qarep_det.quant.calibration import calibration_set
-from qarep_det.quant.openvino import (
+from qarep_det.evaluation.coco import GroundTruth, evaluate_coco, load_ground_truth, per_image_map50_95
+from qarep_det.evaluation.predict import evaluate_runner, predict
+from qarep_det.evaluation.protocol import EvalProtocol
+from qarep_det.evaluation.table import markdown_table
+from qarep_det.pipelines.benchmark import interleaved_ms
+from qarep_det.pipelines.ptq import PTQSettings, run_ptq_eval
+from qarep_det.quant.backends.openvino import (
     SingleImages,
     compile_cpu,
     conv_ops_by_module,
@@ -54,10 +49,15 @@ from qarep_det.quant.openvino import (
     nncf_arguments,
     openvino_runner,
 )
+from qarep_det.quant.calibration import calibration_set
 from qarep_det.quant.recipe import QuantRecipe
 from qarep_det.quant.runner import torch_runner
 from qarep_det.quant.scope import quantized_conv_names
 from qarep_det.reparam import reparameterize_model
+from qarep_det.sensitivity.rankings import DEFAULT_RANKING, RANKINGS
+from qarep_det.sensitivity.resolution import Resolution
+from qarep_det.sensitivity.tuning import TuningSet, tuning_set
+from qarep_det.ultralytics.checkpoint import load_detector
 
 
 class TuningMetric:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qarep_det.quant.openvino import OVERFLOW_FIX
+from qarep_det.quant.backends.openvino import OVERFLOW_FIX
 
 
 def benchmark_parser(doc: str | None, imgsz: int, calib_images: int) -> argparse.ArgumentParser:

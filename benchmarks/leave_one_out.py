@@ -5,12 +5,12 @@
 
 The checkpoint is loaded and fused, and its calibration and tuning images drawn, as ``ptq_eval --max-drop`` does
 (the same seed, the tuning set neither calibration nor val images). Each ranking of
-``qarep_det.integrations.rankings`` is computed on the first ``--rank-images`` of the draw, after one calibration,
+``qarep_det.sensitivity.rankings`` is computed on the first ``--rank-images`` of the draw, after one calibration,
 on the reference weight grid and again on NNCF's half-range grid when a backend computes with it (OpenVINO with its
 overflow fix; ``--overflow-fix on`` reproduces a CPU without VNNI on any CPU, the arithmetic being exact). Per
 backend, every quantized conv is reverted alone from the fully INT8 model, the torch model being the one
-calibration the rankings made, and scored on the tuning set (``qarep_det.eval.leave_one_out``: one tuning evaluation
-per conv, plus the fully INT8 model's). Each ranking is then compared with each backend's sweep (top-5 / top-10
+calibration the rankings made, and scored on the tuning set (``leave_one_out_sweep.py``: one tuning evaluation per
+conv, plus the fully INT8 model's). Each ranking is then compared with each backend's sweep (top-5 / top-10
 overlap, the same first conv, Kendall's tau), and so is each backend's sweep with the others'.
 
 Writes into ``--out``: ``loo_<backend>.csv`` (one line per conv: gain, and its place in every ranking),
@@ -26,22 +26,22 @@ from pathlib import Path
 
 import torch
 from benchmark_args import add_overflow_fix, benchmark_parser, overflow_fix
+from leave_one_out_sweep import LeaveOneOut, agreement, leave_one_out, write_csv
 
-from qarep_det.eval.backends import BACKENDS, Job
-from qarep_det.eval.coco import load_ground_truth
-from qarep_det.eval.leave_one_out import LeaveOneOut, agreement, leave_one_out, write_csv
-from qarep_det.eval.plots import plot_leave_one_out
-from qarep_det.eval.predict import evaluate_runner
-from qarep_det.eval.ptq import TUNE_IMAGES, PTQSettings
-from qarep_det.eval.table import markdown_table
-from qarep_det.eval.tuning import tuning_set
-from qarep_det.integrations.checkpoint import load_detector
-from qarep_det.integrations.rankings import RANKINGS, rank_sensitivity
+from qarep_det.evaluation.coco import load_ground_truth
+from qarep_det.evaluation.plots import plot_leave_one_out
+from qarep_det.evaluation.predict import evaluate_runner
+from qarep_det.evaluation.table import markdown_table
+from qarep_det.pipelines.ptq import TUNE_IMAGES, PTQSettings
+from qarep_det.quant.backends.base import BACKENDS, Job
 from qarep_det.quant.calibration import calibration_set
 from qarep_det.quant.recipe import QuantRecipe
 from qarep_det.quant.runner import torch_runner
 from qarep_det.quant.scope import quantized_conv_names
 from qarep_det.reparam import reparameterize_model
+from qarep_det.sensitivity.rankings import RANKINGS, rank_sensitivity
+from qarep_det.sensitivity.tuning import tuning_set
+from qarep_det.ultralytics.checkpoint import load_detector
 
 
 def agreement_rows(sweeps: dict[str, LeaveOneOut], orders: dict[str, list[str]]) -> list[dict[str, object]]:

@@ -29,22 +29,22 @@ from benchmark_args import add_overflow_fix, benchmark_parser, overflow_fix
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from qarep_det.eval.backends import BACKENDS, Job
-from qarep_det.eval.coco import GroundTruth, load_ground_truth, per_image_map50_95
-from qarep_det.eval.max_drop import search_float_convs
-from qarep_det.eval.predict import evaluate_runner
-from qarep_det.eval.protocol import EvalProtocol
-from qarep_det.eval.ptq import RANK_IMAGES
-from qarep_det.eval.resolution import Resolution
-from qarep_det.eval.table import markdown_table
-from qarep_det.eval.tuning import tuning_set
-from qarep_det.integrations.checkpoint import load_detector
-from qarep_det.integrations.rankings import RANKINGS, rank_sensitivity
+from qarep_det.evaluation.coco import GroundTruth, load_ground_truth, per_image_map50_95
+from qarep_det.evaluation.predict import evaluate_runner
+from qarep_det.evaluation.protocol import EvalProtocol
+from qarep_det.evaluation.table import markdown_table
+from qarep_det.pipelines.ptq import RANK_IMAGES
+from qarep_det.quant.backends.base import BACKENDS, Job
 from qarep_det.quant.calibration import calibration_set
 from qarep_det.quant.recipe import QuantRecipe
 from qarep_det.quant.runner import Runner, torch_runner
 from qarep_det.quant.scope import quantized_conv_names
 from qarep_det.reparam import reparameterize_model
+from qarep_det.sensitivity.max_drop import search_float_convs
+from qarep_det.sensitivity.rankings import RANKINGS, rank_sensitivity
+from qarep_det.sensitivity.resolution import Resolution
+from qarep_det.sensitivity.tuning import tuning_set
+from qarep_det.ultralytics.checkpoint import load_detector
 
 
 def read_order(spec: str, convs: list[str]) -> tuple[str, list[str]]:

@@ -24,8 +24,8 @@ from benchmark_args import benchmark_parser
 from ultralytics import YOLO
 
 import qarep_det  # noqa: F401  (registers our modules before Ultralytics unpickles the checkpoint)
+from qarep_det.quant.backends.onnx_qdq import onnx_runner
 from qarep_det.quant.calibration import calibration_set
-from qarep_det.quant.onnx_qdq import onnx_runner
 from qarep_det.quant.runner import torch_runner
 
 CONFIDENT = 0.25  # Ultralytics' default predict confidence

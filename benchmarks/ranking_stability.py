@@ -8,7 +8,7 @@ isolated passes (``isolated_noise``). A subset's figures are the sums of its bat
 is exactly what ranking that subset alone computes (the ranking divides those sums). For each M: every disjoint
 subset of M consecutive images of the draw (the first one is the prefix ``--rank-images M`` takes), its overlap with
 the full ranking's top 5 and top 10, whether its top K equals the full top K (what ``--keep-float K`` keeps), and
-Kendall's tau between the two orders of all convs (``qarep_det.eval.leave_one_out.agreement``). Writes
+Kendall's tau between the two orders of all convs (``leave_one_out_sweep.agreement``). Writes
 ``stability.json`` and ``stability.md``.
 """
 
@@ -20,17 +20,17 @@ import time
 
 import torch
 from benchmark_args import benchmark_parser
+from leave_one_out_sweep import agreement
 from tqdm import tqdm
 
-from qarep_det.eval.leave_one_out import agreement
-from qarep_det.eval.table import markdown_table
-from qarep_det.integrations.analysis import isolated_noise, rank_by_noise
-from qarep_det.integrations.checkpoint import load_detector
+from qarep_det.evaluation.table import markdown_table
+from qarep_det.quant.backends.simulated import quantize_torch
 from qarep_det.quant.calibration import calibration_set
-from qarep_det.quant.diagnostics import NoisePower
 from qarep_det.quant.recipe import QuantRecipe
-from qarep_det.quant.simulated import quantize_torch
 from qarep_det.reparam import reparameterize_model
+from qarep_det.sensitivity.analysis import isolated_noise, rank_by_noise
+from qarep_det.sensitivity.diagnostics import NoisePower
+from qarep_det.ultralytics.checkpoint import load_detector
 
 Noise = dict[str, tuple[NoisePower, NoisePower]]
 

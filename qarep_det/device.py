@@ -6,6 +6,8 @@ import re
 
 import torch
 
+from qarep_det.errors import InputError
+
 
 def resolve_device(spec: str | torch.device) -> str:
     """``spec`` in Ultralytics' form, or ``ValueError`` in one line: 'auto' ('0' if CUDA is available, else 'cpu'),
@@ -15,18 +17,18 @@ def resolve_device(spec: str | torch.device) -> str:
         return "0" if torch.cuda.is_available() else "cpu"
     if text in {"cpu", "mps"}:
         if text == "mps" and not torch.backends.mps.is_available():
-            raise ValueError("device 'mps': MPS is not available on this machine")
+            raise InputError("device 'mps': MPS is not available on this machine")
         return text
     text = {"cuda": "0"}.get(text, text.removeprefix("cuda:"))
     if not re.fullmatch(r"\d+(,\d+)*", text):
-        raise ValueError(f"device '{spec}' is not a device: use 'cpu', a CUDA index '0' or indices '0,1,2,3'")
+        raise InputError(f"device '{spec}' is not a device: use 'cpu', a CUDA index '0' or indices '0,1,2,3'")
     indices = [int(i) for i in text.split(",")]
     if len(set(indices)) < len(indices):
-        raise ValueError(f"device '{spec}': a CUDA device is listed twice")
+        raise InputError(f"device '{spec}': a CUDA device is listed twice")
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if missing := [i for i in indices if i >= count]:
         seen = f"{count} visible" if count else "CUDA is not available on this machine"
-        raise ValueError(f"device '{spec}': CUDA device {missing[0]} is not available ({seen})")
+        raise InputError(f"device '{spec}': CUDA device {missing[0]} is not available ({seen})")
     return ",".join(map(str, indices))
 
 
@@ -42,5 +44,5 @@ def torch_device(spec: str | torch.device, first: bool = False) -> torch.device:
     if device in {"cpu", "mps"}:
         return torch.device(device)
     if "," in device and not first:
-        raise ValueError(f"device '{spec}': one device only here, not a DDP list")
+        raise InputError(f"device '{spec}': one device only here, not a DDP list")
     return torch.device("cuda", int(device.split(",")[0]))

@@ -11,7 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-import qarep_det  # noqa: F401  (sets offline env and registers our modules before ultralytics is used)
+from qarep_det_launcher import configure_offline
+
+configure_offline()  # as our tools do, before anything imports Ultralytics: the suite never reaches the network
+
+import qarep_det  # noqa: E402, F401  (registers our modules before Ultralytics is used)
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -66,9 +66,9 @@ def check_qdq_onnx(path: str | Path, qmodel, images) -> QDQCheck:
     import onnx
     import torch
 
-    from qarep_det.quant.diagnostics import sqnr_db
-    from qarep_det.quant.onnx_qdq import onnx_runner
+    from qarep_det.quant.backends.onnx_qdq import onnx_runner
     from qarep_det.quant.runner import DecodedOutput
+    from qarep_det.sensitivity.diagnostics import sqnr_db
 
     nodes = [n.op_type for n in onnx.load(str(path)).graph.node]
     with torch.no_grad():
@@ -130,12 +130,12 @@ def known_answer_detector(root: Path, imgsz: int = 96, n_train: int = 24, n_val:
 
     from qarep_det.data.images import list_images
     from qarep_det.data.synthetic import make_dataset
-    from qarep_det.eval.predict import predict_to_json
-    from qarep_det.integrations.checkpoint import save_detector
+    from qarep_det.evaluation.predict import predict_to_json
     from qarep_det.quant.calibration import calibration_set
-    from qarep_det.quant.planted import plant_outlier
     from qarep_det.quant.runner import torch_runner
     from qarep_det.reparam import reparameterize_model
+    from qarep_det.sensitivity.planted import plant_outlier
+    from qarep_det.ultralytics.checkpoint import save_detector
 
     data = make_dataset(root / "data", n_train=n_train, n_val=n_val, imgsz=imgsz, seed=3)
     torch.manual_seed(0)

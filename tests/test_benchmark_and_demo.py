@@ -23,8 +23,8 @@ from ultralytics.utils.patches import torch_load
 from qarep_det.cli.benchmark import _print_grid_fusion
 from qarep_det.cli.demo import DemoSettings, run_demo
 from qarep_det.data.synthetic import CLASS_NAMES, make_dataset
-from qarep_det.eval import benchmark
-from qarep_det.eval.benchmark import fusion_latency, interleaved_ms, median_ms, openvino_int8, train_throughput
+from qarep_det.pipelines import benchmark
+from qarep_det.pipelines.benchmark import fusion_latency, interleaved_ms, median_ms, openvino_int8, train_throughput
 from qarep_det.reparam import reparameterize_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,7 +215,7 @@ def test_openvino_int8_benchmark_reports_latency_size_and_calibration(
 ) -> None:
     """On the fake clock NNCF's quantization takes 7 s, an FP32 inference 5 ms and an INT8 one 3 ms (told apart by
     their kernels): each figure must come from its own step."""
-    qov = pytest.importorskip("qarep_det.quant.openvino")
+    qov = pytest.importorskip("qarep_det.quant.backends.openvino")
     pytest.importorskip("openvino")
     quantize, runner = qov.quantize_openvino, qov.openvino_runner
 

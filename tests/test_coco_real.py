@@ -28,13 +28,13 @@ from ultralytics.data.converter import coco80_to_coco91_class, convert_coco
 from ultralytics.models.yolo.detect import DetectionValidator
 
 import qarep_det  # noqa: F401  (offline settings before ultralytics is used)
-from qarep_det.cli import ptq_eval
+from qarep_det.cli.main import main as cli_main
 from qarep_det.data.labels import read_yolo_label
-from qarep_det.eval.coco import coco80_names, load_ground_truth
-from qarep_det.eval.predict import evaluate_runner
-from qarep_det.eval.protocol import EvalProtocol
-from qarep_det.integrations.checkpoint import load_fused
+from qarep_det.evaluation.coco import coco80_names, load_ground_truth
+from qarep_det.evaluation.predict import evaluate_runner
+from qarep_det.evaluation.protocol import EvalProtocol
 from qarep_det.quant.runner import torch_runner
+from qarep_det.ultralytics.checkpoint import load_fused
 
 FIXTURE = Path(__file__).resolve().parent / "data" / "coco_real"
 OFFICIAL_JSON = FIXTURE / "annotations" / "instances_train2017.json"
@@ -216,7 +216,7 @@ def test_mismatch_refused_in_one_line_before_predicting(case: str, data: Path, t
     bogus.write_bytes(b"")
     out = tmp_path / "out"
     argv = ["--weights", str(bogus), "--data", str(data), "--out", str(out), "--imgsz", str(IMGSZ)]
-    assert ptq_eval.main(argv) == 1
+    assert cli_main(["ptq-eval", *argv]) == 2
     assert capsys.readouterr().err == f"error: {e.value}\n"
     assert not out.exists()
 
@@ -228,9 +228,9 @@ def train_fixture_model(out: Path = CHECKPOINT) -> None:
     """
     import tempfile
 
-    from qarep_det.integrations.run_options import TrainOptions
-    from qarep_det.integrations.trainer import train
     from qarep_det.models import model_yaml
+    from qarep_det.ultralytics.run_options import TrainOptions
+    from qarep_det.ultralytics.trainer import train
 
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)

@@ -25,14 +25,14 @@ from ultralytics.nn.tasks import DetectionModel
 
 from qarep_det import reparameterize_model
 from qarep_det.data.synthetic import make_dataset
-from qarep_det.integrations.analysis import analyze, enclosing_block, isolated_noise, rank_by_noise
-from qarep_det.integrations.checkpoint import load_detector, save_detector
-from qarep_det.integrations.restartable import RestartableForward
+from qarep_det.quant.backends.simulated import quantize_torch
 from qarep_det.quant.calibration import calibration_set, first_images
-from qarep_det.quant.planted import plant_outlier
 from qarep_det.quant.recipe import QuantRecipe
 from qarep_det.quant.scope import quantized_conv_names
-from qarep_det.quant.simulated import quantize_torch
+from qarep_det.sensitivity.analysis import analyze, enclosing_block, isolated_noise, rank_by_noise
+from qarep_det.sensitivity.planted import plant_outlier
+from qarep_det.ultralytics.checkpoint import load_detector, save_detector
+from qarep_det.ultralytics.restartable import RestartableForward
 
 ROOT = Path(__file__).resolve().parents[1]
 IMGSZ = 64

@@ -12,10 +12,10 @@ import torch
 
 import qarep_det  # noqa: F401  (offline settings before ultralytics)
 from qarep_det.data.images import list_images
-from qarep_det.eval.coco import coco80_names, evaluate_coco, ground_truth_from_labels, load_ground_truth
-from qarep_det.eval.predict import evaluate_runner, predict_to_json
-from qarep_det.eval.protocol import EvalProtocol
-from qarep_det.eval.table import COLUMNS, format_console, format_markdown, normalize_rows, write_results
+from qarep_det.evaluation.coco import coco80_names, evaluate_coco, ground_truth_from_labels, load_ground_truth
+from qarep_det.evaluation.predict import evaluate_runner, predict_to_json
+from qarep_det.evaluation.protocol import EvalProtocol
+from qarep_det.evaluation.table import COLUMNS, format_console, format_markdown, normalize_rows, write_results
 from qarep_det.quant.runner import torch_runner
 
 NAMES = ["square", "circle"]
@@ -200,7 +200,7 @@ def test_predict_to_json_maps_boxes_back(dataset: list[Path], tmp_path: Path, mo
     import statistics
     from types import SimpleNamespace
 
-    from qarep_det.eval import predict as predict_module
+    from qarep_det.evaluation import predict as predict_module
 
     ticks = itertools.count()  # predict.py's clock: 4 ms a reading, so each runner call takes exactly 4 ms
     monkeypatch.setattr(predict_module, "time", SimpleNamespace(perf_counter=lambda: 0.004 * next(ticks)))

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import csv
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-from qarep_det.eval.backends import Job
-from qarep_det.eval.coco import load_ground_truth
-from qarep_det.eval.leave_one_out import LeaveOneOut, Reverted, agreement, leave_one_out, write_csv
-from qarep_det.eval.plots import plot_leave_one_out
-from qarep_det.eval.protocol import EvalProtocol
-from qarep_det.eval.tuning import tuning_set
-from qarep_det.integrations.checkpoint import load_detector
+from qarep_det.evaluation.coco import load_ground_truth
+from qarep_det.evaluation.plots import plot_leave_one_out
+from qarep_det.evaluation.protocol import EvalProtocol
+from qarep_det.quant.backends.base import Job
+from qarep_det.quant.backends.simulated import quantize_torch
 from qarep_det.quant.calibration import calibration_set
 from qarep_det.quant.recipe import QuantRecipe
-from qarep_det.quant.simulated import quantize_torch
 from qarep_det.reparam import reparameterize_model
+from qarep_det.sensitivity.tuning import tuning_set
+from qarep_det.ultralytics.checkpoint import load_detector
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # research code, not in the wheel
+from leave_one_out_sweep import LeaveOneOut, Reverted, agreement, leave_one_out, write_csv  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CALIB, TUNE = 8, 16  # of the known answer's 24 train images

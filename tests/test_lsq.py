@@ -14,6 +14,8 @@ from torch import nn
 from ultralytics.nn.tasks import DetectionModel
 
 from qarep_det import reparameterize_model
+from qarep_det.quant.backends.onnx_qdq import export_qdq_onnx
+from qarep_det.quant.backends.simulated import import_modelopt, modelopt_config
 from qarep_det.quant.lsq import (
     AMAX_FLOOR,
     BACKEND,
@@ -23,10 +25,8 @@ from qarep_det.quant.lsq import (
     learn_ranges,
     range_parameters,
 )
-from qarep_det.quant.onnx_qdq import export_qdq_onnx
 from qarep_det.quant.qat import make_student, quantizer_ranges
 from qarep_det.quant.recipe import QuantRecipe
-from qarep_det.quant.simulated import import_modelopt, modelopt_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

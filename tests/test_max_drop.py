@@ -13,17 +13,18 @@ import torch
 import yaml
 
 from qarep_det.cli import ptq_eval as ptq_cli
+from qarep_det.cli.main import main as cli_main
 from qarep_det.data.images import list_images
-from qarep_det.eval import max_drop
-from qarep_det.eval.coco import load_ground_truth
-from qarep_det.eval.max_drop import evaluation_budget, search_float_convs
-from qarep_det.eval.ptq import PTQSettings, run_ptq_eval
-from qarep_det.eval.tuning import tuning_set
-from qarep_det.integrations.checkpoint import load_detector
+from qarep_det.evaluation.coco import load_ground_truth
+from qarep_det.pipelines.ptq import PTQSettings, run_ptq_eval
+from qarep_det.quant.backends.openvino import cpu_has_vnni
 from qarep_det.quant.calibration import calibration_set, draw_calibration_images, train_images
-from qarep_det.quant.openvino import cpu_has_vnni
 from qarep_det.quant.recipe import QuantRecipe
 from qarep_det.reparam import reparameterize_model
+from qarep_det.sensitivity import max_drop
+from qarep_det.sensitivity.max_drop import evaluation_budget, search_float_convs
+from qarep_det.sensitivity.tuning import tuning_set
+from qarep_det.ultralytics.checkpoint import load_detector
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ("torch", "openvino", "onnxruntime")
@@ -186,7 +187,7 @@ def test_refinement_never_exceeds_its_budget_and_answers_a_measured_boundary() -
 
 
 def test_the_trade_off_plot_draws_a_refined_search_beside_a_plain_one(tmp_path: Path) -> None:
-    from qarep_det.eval.plots import plot_max_drop
+    from qarep_det.evaluation.plots import plot_max_drop
 
     ranking = names(20)
     gains = {name: 0.1 for name in ranking} | {"conv3": 2.0}
@@ -261,7 +262,7 @@ def test_tuning_images_are_neither_calibration_nor_scored_images(known_answer, t
 
 
 def test_switching_quantizers_off_is_calibrating_with_those_convs_float(known_answer) -> None:
-    from qarep_det.quant.simulated import quantize_torch, with_float_layers
+    from qarep_det.quant.backends.simulated import quantize_torch, with_float_layers
 
     fused = reparameterize_model(load_detector(known_answer.planted))
     calib = calibration_set(known_answer.data, known_answer.imgsz, CALIB, batch_size=4, progress=False)
@@ -311,7 +312,7 @@ def test_max_drop_keeps_exactly_the_planted_conv_float_on_every_backend(known_an
 
 
 def test_max_drop_stays_within_the_evaluation_budget_and_draws_its_trade_off(searched) -> None:
-    from qarep_det.eval.table import format_console
+    from qarep_det.evaluation.table import format_console
 
     rows, stored, out = searched
     for row in stored:
@@ -345,28 +346,26 @@ def test_an_unreachable_target_ends_with_the_shortfall_in_the_table(
 def test_bad_max_drop_and_rank_images_fail_with_one_line_before_any_work(
     known_answer, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from qarep_det.cli import diagnose as diagnose_cli
-
     out = tmp_path / "out"
     base = ["--weights", str(known_answer.planted), "--data", str(known_answer.data), "--imgsz", "96",
             "--calib-images", "8", "--out", str(out)]  # fmt: skip
     cases = [
-        (ptq_cli, ["--max-drop", "-0.1"], "max_drop must be >= 0"),
-        (ptq_cli, ["--max-drop", "0.3", "--keep-float", "2"], "argument --keep-float: not allowed with argument"),
-        (ptq_cli, ["--max-drop", "0.3", "--keep-float-layers", "model.0.conv"], "not allowed with argument"),
-        (ptq_cli, ["--keep-float", "1", "--rank-images", "9"], "rank_images (9) cannot exceed calib_images (8)"),
-        (diagnose_cli, ["--rank-images", "9"], "rank_images (9) cannot exceed calib_images (8)"),
-        (ptq_cli, ["--max-drop", "0.3", "--tune-split", "val"], "cannot be the scored 'val' split"),
-        (ptq_cli, ["--max-drop", "0.3", "--calib-images", "24"], "no train image is left for tuning"),
-        (ptq_cli, ["--max-drop", "0.3", "--tune-images", "1"], "a tuning set needs at least 2 images"),
-        (ptq_cli, ["--max-drop", "0.3", "--calib-images", "23"], "a tuning set needs at least 2 images"),
-        (ptq_cli, ["--max-drop", "0.3", "--rank-by", "sqnr"], "unknown ranking 'sqnr'"),
-        (ptq_cli, ["--max-drop", "0.3", "--refine", "-1"], "refine must be an integer >= 0, got -1"),
-        (ptq_cli, ["--keep-float", "2", "--refine", "3"], "refine re-ranks the candidates of max_drop's search"),
+        ("ptq-eval", ["--max-drop", "-0.1"], "max_drop must be >= 0"),
+        ("ptq-eval", ["--max-drop", "0.3", "--keep-float", "2"], "argument --keep-float: not allowed with argument"),
+        ("ptq-eval", ["--max-drop", "0.3", "--keep-float-layers", "model.0.conv"], "not allowed with argument"),
+        ("ptq-eval", ["--keep-float", "1", "--rank-images", "9"], "rank_images (9) cannot exceed calib_images (8)"),
+        ("diagnose", ["--rank-images", "9"], "rank_images (9) cannot exceed calib_images (8)"),
+        ("ptq-eval", ["--max-drop", "0.3", "--tune-split", "val"], "cannot be the scored 'val' split"),
+        ("ptq-eval", ["--max-drop", "0.3", "--calib-images", "24"], "no train image is left for tuning"),
+        ("ptq-eval", ["--max-drop", "0.3", "--tune-images", "1"], "a tuning set needs at least 2 images"),
+        ("ptq-eval", ["--max-drop", "0.3", "--calib-images", "23"], "a tuning set needs at least 2 images"),
+        ("ptq-eval", ["--max-drop", "0.3", "--rank-by", "sqnr"], "unknown ranking 'sqnr'"),
+        ("ptq-eval", ["--max-drop", "0.3", "--refine", "-1"], "refine must be an integer >= 0, got -1"),
+        ("ptq-eval", ["--keep-float", "2", "--refine", "3"], "refine re-ranks the candidates of max_drop's search"),
     ]
     for tool, args, message in cases:
         try:
-            status = tool.main([*base, *args])
+            status = cli_main([tool, *base, *args])
         except SystemExit as exit_:  # argparse's own errors (our parser makes them one line too)
             status = exit_.code
         lines = capsys.readouterr().err.strip().splitlines()

@@ -14,7 +14,7 @@ pytest.importorskip("modelopt")
 from modelopt.torch.quantization import extensions, tensor_quant  # noqa: E402
 from modelopt.torch.utils import cpp_extension  # noqa: E402
 
-from qarep_det.quant.simulated import import_modelopt  # noqa: E402
+from qarep_det.quant.backends.simulated import import_modelopt  # noqa: E402
 
 
 class PosingAsCuda(torch.Tensor):

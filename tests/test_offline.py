@@ -3,7 +3,7 @@ non-loopback connects, and the log must stay empty.
 
 NNCF and OpenVINO's converter send telemetry unless they detect CI (``CI``, ``NNCF_CI``, ...) or, for NNCF, an imported
 pytest; a user's shell has neither. So each tool runs in a subprocess whose environment has no CI marker, no
-``PYTEST_*`` variable (Ultralytics turns its events off under pytest), none of the offline settings ``import qarep_det``
+``PYTEST_*`` variable (Ultralytics turns its events off under pytest), none of the offline settings the test process
 makes (the tool must make them itself), and a fresh ``HOME`` (no telemetry consent file, no caches). A
 ``sitecustomize.py`` on ``PYTHONPATH`` installs the hook at interpreter start, so dataloader and other child processes
 are audited too.
@@ -23,7 +23,7 @@ import pytest
 from ultralytics import YOLO
 
 from qarep_det.data.synthetic import make_dataset
-from qarep_det.integrations.offline import OFFLINE_ENV, TELEMETRY_MODULE, block_telemetry, configure_offline
+from qarep_det_launcher import OFFLINE_ENV, TELEMETRY_MODULE, block_telemetry, configure_offline
 
 ROOT = Path(__file__).resolve().parents[1]
 CI_MARKERS = ("CI", "NNCF_CI", "NNCF_DEV", "TF_BUILD", "JENKINS_URL", "GITHUB_ACTIONS", "BUILD_BUILDID")
@@ -102,10 +102,9 @@ def run_audited(audit: Path, tmp_path: Path, tool: str, *args: str) -> tuple[lis
     }
     python_path = os.pathsep.join(filter(None, [str(audit), os.environ.get("PYTHONPATH")]))  # the hook first
     env |= {"HOME": str(home), "PYTHONPATH": python_path, LOG_VARIABLE: str(log)}
-    command = [str(ROOT / "tools" / tool)] if tool.endswith(".py") else ["-m", "qarep_det", tool]  # a script or
-    result = subprocess.run(  # a subcommand only the console command has (yolo)
-        [sys.executable, *command, *args], env=env, cwd=tmp_path, capture_output=True, text=True
-    )
+    # a script, or a subcommand only the console command has (yolo)
+    command = [str(ROOT / "tools" / tool)] if tool.endswith(".py") else ["-m", "qarep_det_launcher", tool]
+    result = subprocess.run([sys.executable, *command, *args], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     return log.read_text().splitlines() if log.exists() else [], result.stdout
 
@@ -125,7 +124,7 @@ def test_block_telemetry_makes_the_module_unimportable_or_warns(monkeypatch: pyt
     with pytest.raises(ImportError):  # what NNCF and OpenVINO catch to fall back to their no-op stubs
         importlib.import_module(TELEMETRY_MODULE)
     monkeypatch.setitem(sys.modules, TELEMETRY_MODULE, types.ModuleType(TELEMETRY_MODULE))
-    with pytest.warns(UserWarning, match="imported before qarep_det"):
+    with pytest.warns(UserWarning, match="imported before the offline set-up"):
         assert not block_telemetry()
 
 
@@ -201,3 +200,65 @@ def test_ultralytics_quantize_8_is_offline(audit: Path, data: Path, weights: Pat
     )  # fmt: skip
     assert not attempts, "\n".join(attempts[:3])
     assert (tmp_path / "q8" / "run" / "weights" / "best.pt").is_file()
+
+
+IMPORT_PROBE = """
+import json, os, sys
+env, modules = dict(os.environ), set(sys.modules)
+if sys.argv[1] == "qarep_det":
+    import qarep_det
+    yaml = "yolo_qarep_n.yaml"
+else:
+    import ultralytics
+    yaml = "yolov8n.yaml"
+from ultralytics import YOLO
+YOLO(yaml).save(sys.argv[2])
+after = dict(os.environ)
+print(json.dumps({
+    "env": sorted(k for k in set(env) | set(after) if env.get(k) != after.get(k)),
+    "modules": sorted(set(sys.modules) - modules),
+    "blocked": sorted(k for k, v in sys.modules.items() if v is None),
+}))
+"""
+REFUSE_NETWORK = "import socket\n\ndef _refuse(*args, **kwargs):\n    raise OSError('no network in this test')\n\n"
+REFUSE_NETWORK += "socket.getaddrinfo = socket.create_connection = _refuse\n"
+
+
+def test_import_changes_the_process_no_more_than_ultralytics_does(tmp_path: Path) -> None:
+    """A user's ``import qarep_det; YOLO("yolo_qarep_n.yaml")`` against ``import ultralytics; YOLO("yolov8n.yaml")``,
+    each in a fresh process with a fresh HOME and none of the offline settings (Ultralytics' own DNS probe is refused
+    by a ``sitecustomize``, so nothing leaves the machine): the same environment variables change, no module is
+    blocked, the only extra modules are ours, the same files are written; and the saved checkpoint loads in a process
+    that imported only qarep_det."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(REFUSE_NETWORK)
+    seen = {}
+    for package in ("qarep_det", "ultralytics"):
+        home = tmp_path / f"home_{package}"
+        home.mkdir()
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in CI_MARKERS + OFFLINE_SETTINGS and not k.startswith(("XDG_", "PYTEST", "OMP_", "HF_"))
+        }
+        env |= {"HOME": str(home), "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)])}
+        result = subprocess.run(
+            [sys.executable, "-c", IMPORT_PROBE, package, str(tmp_path / f"{package}.pt")],
+            env=env, cwd=tmp_path, capture_output=True, text=True,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        report["files"] = sorted(str(p.relative_to(home)) for p in home.rglob("*") if p.is_file())
+        seen[package] = report
+    ours, theirs = seen["qarep_det"], seen["ultralytics"]
+    assert ours["env"] == theirs["env"] and not set(ours["env"]) & set(OFFLINE_SETTINGS)
+    assert ours["blocked"] == theirs["blocked"] == []
+    extra = set(ours["modules"]) - set(theirs["modules"])
+    assert extra and all(name == "qarep_det" or name.startswith("qarep_det.") for name in extra)
+    assert ours["files"] == theirs["files"]
+    load = "import sys, qarep_det; print(type(qarep_det.load_detector(sys.argv[1]).model[0]).__name__)"
+    loaded = subprocess.run(
+        [sys.executable, "-c", load, str(tmp_path / "qarep_det.pt")],
+        env={**env, "HOME": str(tmp_path / "home_qarep_det")}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert loaded.returncode == 0 and loaded.stdout.split() == ["QARepBlock"], loaded.stderr[-2000:]

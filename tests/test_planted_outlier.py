@@ -15,8 +15,14 @@ from torch import nn
 
 from qarep_det import reparameterize_model
 from qarep_det.nn import ConvBNReLU, QARepBlock, QARepBlockV2, RepVGGBlock
-from qarep_det.quant.diagnostics import BN_OUTLIER_FACTOR, bn_scales, fake_quant_per_channel, max_to_median, sqnr_db
-from qarep_det.quant.planted import plant_outlier
+from qarep_det.sensitivity.diagnostics import (
+    BN_OUTLIER_FACTOR,
+    bn_scales,
+    fake_quant_per_channel,
+    max_to_median,
+    sqnr_db,
+)
+from qarep_det.sensitivity.planted import plant_outlier
 
 CHANNELS, DEAD = 16, [2, 5, 9, 13]  # a quarter of the channels dead, as in long-trained RepVGG layers
 

@@ -1,4 +1,4 @@
-"""tools/ptq_eval.py and qarep_det.eval.ptq on a tiny detector and generated data: every backend, every key."""
+"""tools/ptq_eval.py and qarep_det.pipelines.ptq on a tiny detector and generated data: every backend, every key."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ import yaml
 from ultralytics import YOLO
 
 from qarep_det.data.synthetic import make_dataset
-from qarep_det.eval.backends import BACKENDS
-from qarep_det.eval.ptq import PTQSettings, run_ptq_eval
-from qarep_det.integrations.checkpoint import load_detector
+from qarep_det.pipelines.ptq import PTQSettings, run_ptq_eval
+from qarep_det.quant.backends.base import BACKENDS
 from qarep_det.quant.calibration import calibration_set
-from qarep_det.quant.diagnostics import sqnr_db
 from qarep_det.quant.recipe import QuantRecipe
 from qarep_det.reparam import reparameterize_model
+from qarep_det.sensitivity.diagnostics import sqnr_db
+from qarep_det.ultralytics.checkpoint import load_detector
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_KEYS = {
@@ -87,7 +87,7 @@ def test_int8_collapses_on_the_planted_outlier_and_nowhere_else(known_answer, tm
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(ROOT / "tools/ptq_eval.py"), *args], capture_output=True, text=True, timeout=300
+        [sys.executable, str(ROOT / "tools/ptq_eval.py"), *args], capture_output=True, text=True, timeout=600
     )
 
 
@@ -152,8 +152,8 @@ def test_onnxruntime_scores_the_torch_backends_qdq_onnx_after_one_calibration(
         pytest.skip("onnxruntime backend packages not installed")
     from helpers import check_qdq_onnx
 
-    from qarep_det.quant import simulated
-    from qarep_det.quant.onnx_qdq import onnx_runner
+    from qarep_det.quant.backends import simulated
+    from qarep_det.quant.backends.onnx_qdq import onnx_runner
     from qarep_det.quant.runner import torch_runner
 
     quantized = []  # every simulated model made: the torch and onnxruntime backends must share one
@@ -189,8 +189,8 @@ def test_keep_float_keeps_the_most_sensitive_convs_float_in_the_int8_file(
         pytest.skip("torch backend packages not installed")
     from helpers import qdq_convs
 
-    from qarep_det.eval.table import format_console
-    from qarep_det.integrations.rankings import rank_sensitivity
+    from qarep_det.evaluation.table import format_console
+    from qarep_det.sensitivity.rankings import rank_sensitivity
 
     recipe = QuantRecipe(calib_images=4)
     settings = PTQSettings(data, recipe, ("torch",), imgsz=64, batch=4, keep_float=2)

@@ -22,13 +22,13 @@ from torch import nn
 
 import qarep_det  # noqa: F401  (offline settings before ultralytics)
 from qarep_det.data.images import load_letterboxed
+from qarep_det.quant.backends.simulated import conv_quant_states, quantize_torch
 from qarep_det.quant.calibration import CalibrationSet, calibration_set, draw_calibration_images
 from qarep_det.quant.calibrators import AbsHistogram, entropy_amax, mse_amax, percentile_amax
-from qarep_det.quant.diagnostics import fake_quant_per_channel, max_to_median, sqnr_db, weight_sqnr_db
 from qarep_det.quant.recipe import QuantRecipe
 from qarep_det.quant.runner import torch_runner
 from qarep_det.quant.scope import check_float_layers, detect_heads, quantized_conv_names
-from qarep_det.quant.simulated import conv_quant_states, quantize_torch
+from qarep_det.sensitivity.diagnostics import fake_quant_per_channel, max_to_median, sqnr_db, weight_sqnr_db
 
 IMGSZ = 64
 NC = 2
@@ -300,7 +300,7 @@ def test_float_layers_stay_float_in_torch_and_in_the_qdq_onnx(model, calib, part
     assert sum(s.weight_quantized for s in states.values()) == len(states) - 1 - len(KEEP)  # 1: the DFL
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from qarep_det.quant.onnx_qdq import export_qdq_onnx
+    from qarep_det.quant.backends.onnx_qdq import export_qdq_onnx
 
     convs = qdq_convs(export_qdq_onnx(qpartial, tmp_path / "partial_qdq.onnx", IMGSZ))
     for name in KEEP:
@@ -311,7 +311,7 @@ def test_float_layers_stay_float_in_torch_and_in_the_qdq_onnx(model, calib, part
 def test_float_layers_get_no_fake_quantize_in_openvino(model, calib, partial_recipe):
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")
-    from qarep_det.quant import openvino as qov
+    from qarep_det.quant.backends import openvino as qov
 
     ops = qov.conv_ops_by_module(qov.quantize_openvino(model, calib, IMGSZ, partial_recipe))
     for name in KEEP:
@@ -326,7 +326,7 @@ def test_float_layers_get_no_fake_quantize_in_openvino(model, calib, partial_rec
 def test_openvino_backend_is_int8_and_matches_the_simulated_ranges(model, qmodel, calib, images, tmp_path):
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")
-    from qarep_det.quant import openvino as qov
+    from qarep_det.quant.backends import openvino as qov
 
     ov_model = qov.quantize_openvino(model, calib, IMGSZ, QuantRecipe(calib_images=8))
     summary = int8_summary(ov_model)
@@ -367,7 +367,7 @@ def _ir_weights(ov_model) -> dict[str, np.ndarray]:
     import openvino as ov
     from openvino import opset13
 
-    from qarep_det.quant import openvino as qov
+    from qarep_det.quant.backends import openvino as qov
 
     weights = {}
     for name, (op, *_) in qov.conv_ops_by_module(ov_model).items():
@@ -383,8 +383,8 @@ def test_the_half_range_simulation_is_the_grid_of_nncfs_overflow_fix(model, qmod
     reference's: equal but for rounding ties (a weight at k + 0.5 steps), never more than one step apart."""
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")
-    from qarep_det.quant import openvino as qov
-    from qarep_det.quant.simulated import half_range_weights, verify_scheme
+    from qarep_det.quant.backends import openvino as qov
+    from qarep_det.quant.backends.simulated import half_range_weights, verify_scheme
 
     half = half_range_weights(qmodel)
     with pytest.raises(RuntimeError, match="not symmetric int8"):
@@ -417,7 +417,7 @@ def test_the_half_range_simulation_is_the_grid_of_nncfs_overflow_fix(model, qmod
 def test_building_without_the_fix_on_a_cpu_that_needs_it_warns(model, calib, monkeypatch: pytest.MonkeyPatch):
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")
-    from qarep_det.quant import openvino as qov
+    from qarep_det.quant.backends import openvino as qov
 
     monkeypatch.setattr(qov, "cpu_has_vnni", lambda: False)
     with pytest.warns(UserWarning, match="not those of the CPU the IR is for"):
@@ -428,7 +428,7 @@ def test_building_without_the_fix_on_a_cpu_that_needs_it_warns(model, calib, mon
 def test_openvino_reuses_a_given_fp32_ir_and_runs_integer_kernels(model, calib):
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")
-    from qarep_det.quant import openvino as qov
+    from qarep_det.quant.backends import openvino as qov
 
     fp32 = qov.convert_openvino(model, IMGSZ)
     int8 = qov.quantize_openvino(model, calib, IMGSZ, QuantRecipe(calib_images=8), fp32=fp32)
@@ -447,7 +447,7 @@ def test_openvino_head_float_percentile_and_unsupported_method(model, calib):
     pytest.importorskip("nncf")
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
-    from qarep_det.quant import openvino as qov
+    from qarep_det.quant.backends import openvino as qov
 
     recipe = QuantRecipe(calib_method="percentile", quantize_head=False, calib_images=8)
     ov_model = qov.quantize_openvino(model, calib, IMGSZ, recipe)
@@ -466,7 +466,7 @@ def test_openvino_head_float_percentile_and_unsupported_method(model, calib):
 def test_qdq_onnx_export_checks_runs_and_keeps_scales(qmodel, images, tmp_path):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from qarep_det.quant.onnx_qdq import export_qdq_onnx
+    from qarep_det.quant.backends.onnx_qdq import export_qdq_onnx
 
     path = export_qdq_onnx(qmodel, tmp_path / "int8_qdq.onnx", IMGSZ)
     with pytest.raises(FileExistsError):
@@ -511,9 +511,9 @@ def test_diagnostics_expose_identity_style_outliers(model):
 @pytest.mark.parametrize(
     ("module", "blocked", "extra"),
     [
-        ("qarep_det.quant.openvino", "openvino", "qarep_det[openvino]"),
-        ("qarep_det.quant.onnx_qdq", "onnxruntime", "qarep_det[onnx]"),
-        ("qarep_det.quant.simulated", "modelopt.torch.quantization", "nvidia-modelopt"),
+        ("qarep_det.quant.backends.openvino", "openvino", "qarep_det[openvino]"),
+        ("qarep_det.quant.backends.onnx_qdq", "onnxruntime", "qarep_det[onnx]"),
+        ("qarep_det.quant.backends.simulated", "modelopt.torch.quantization", "nvidia-modelopt"),
     ],
 )
 def test_missing_backend_names_the_install(monkeypatch, module, blocked, extra):
@@ -530,7 +530,7 @@ def test_missing_backend_names_the_install(monkeypatch, module, blocked, extra):
 def test_converting_a_qdq_onnx_warns_where_openvino_saturates_8_bit_weights(vnni: bool, tmp_path: Path, monkeypatch):
     """A QAT model's 8-bit weights overflow OpenVINO's int16 sums on CPUs without VNNI: say so, whatever this CPU is."""
     pytest.importorskip("openvino")
-    from qarep_det.quant import openvino as qov
+    from qarep_det.quant.backends import openvino as qov
 
     path = tmp_path / "conv.onnx"
     torch.onnx.export(nn.Conv2d(3, 4, 3), torch.rand(1, 3, 8, 8), path, dynamo=False)

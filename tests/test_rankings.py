@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from qarep_det.cli import ptq_eval as ptq_cli
-from qarep_det.integrations.analysis import add_detection, set_quantizers
-from qarep_det.integrations.checkpoint import load_fused
-from qarep_det.integrations.rankings import RANKINGS, check_ranking, labelled_batches, rank_sensitivity, revert_noise
+from qarep_det.cli.main import main as cli_main
+from qarep_det.quant.backends.simulated import quantize_torch
 from qarep_det.quant.calibration import calibration_set
-from qarep_det.quant.diagnostics import NoisePower
 from qarep_det.quant.recipe import QuantRecipe
 from qarep_det.quant.runner import first_output
-from qarep_det.quant.simulated import quantize_torch
+from qarep_det.sensitivity.analysis import add_detection, set_quantizers
+from qarep_det.sensitivity.diagnostics import NoisePower
+from qarep_det.sensitivity.rankings import RANKINGS, check_ranking, labelled_batches, rank_sensitivity, revert_noise
+from qarep_det.ultralytics.checkpoint import load_fused
 
 CALIB, RANKED = 8, 4
 
@@ -49,8 +49,8 @@ def test_each_backend_is_ranked_on_its_own_weight_grid_after_one_calibration(
 ) -> None:
     """OpenVINO with NNCF's overflow fix rounds weights to the half range: its ranking sees that grid (what the
     ranking runs on is recorded), the other backends share the reference ranking, and all share one calibration."""
-    from qarep_det.eval import ptq
-    from qarep_det.integrations import rankings
+    from qarep_det.pipelines import ptq
+    from qarep_det.sensitivity import rankings
 
     fused, calib, recipe = planted
     grids = []
@@ -125,7 +125,7 @@ def test_bad_rank_by_and_a_gradient_ranking_without_labels_fail_before_any_work(
     out = tmp_path / "out"
     common = ["--weights", str(known_answer.planted), "--imgsz", str(known_answer.imgsz), "--calib-images", "8",
               "--max-drop", "1", "--out", str(out)]  # fmt: skip
-    assert ptq_cli.main([*common, "--data", str(known_answer.data), "--rank-by", "sqnr"]) == 1
+    assert cli_main(["ptq-eval", *common, "--data", str(known_answer.data), "--rank-by", "sqnr"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: unknown ranking 'sqnr': choose from isolated, revert, fisher"
 
@@ -134,7 +134,7 @@ def test_bad_rank_by_and_a_gradient_ranking_without_labels_fail_before_any_work(
     shutil.rmtree(unlabelled / "labels" / "train")
     data = unlabelled / known_answer.data.name
     data.write_text(data.read_text().replace(str(known_answer.data.parent), str(unlabelled)))
-    assert ptq_cli.main([*common, "--data", str(data), "--rank-by", "fisher"]) == 1
+    assert cli_main(["ptq-eval", *common, "--data", str(data), "--rank-by", "fisher"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--rank-by fisher needs the calibration images' YOLO labels" in err[0]
     assert not out.exists()

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from qarep_det.eval.coco import GroundTruth, evaluate_coco, per_image_map50_95
-from qarep_det.eval.max_drop import search_float_convs
-from qarep_det.eval.resolution import Resolution
+from qarep_det.evaluation.coco import GroundTruth, evaluate_coco, per_image_map50_95
+from qarep_det.sensitivity.max_drop import search_float_convs
+from qarep_det.sensitivity.resolution import Resolution
 
 # three images: two classes on the first, one box on the second, nothing on the third
 BOXES = {1: [(1, [10, 10, 40, 30]), (2, [60, 50, 30, 40])], 2: [(1, [5, 5, 50, 50])], 3: []}

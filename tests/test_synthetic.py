@@ -169,7 +169,7 @@ def cli_runs(tmp_path_factory) -> dict[str, tuple[int, str, str]]:
     }
     results = {}
     for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=120)
+        stdout, stderr = proc.communicate(timeout=600)
         results[name] = (proc.returncode, stdout, stderr)
     return results
 

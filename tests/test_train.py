@@ -1,4 +1,4 @@
-"""tools/train.py and qarep_det.integrations.trainer: tiny end-to-end runs, resume, DDP pickling, offline, bad input."""
+"""tools/train.py and qarep_det.ultralytics.trainer: tiny end-to-end runs, resume, DDP pickling, offline, bad input."""
 
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ from ultralytics.utils.dist import ddp_cleanup, generate_ddp_file
 
 from qarep_det.cli import train as train_cli
 from qarep_det.data.synthetic import make_dataset
-from qarep_det.integrations import amp as qamp
-from qarep_det.integrations.run_options import TrainInputError, TrainOptions
-from qarep_det.integrations.trainer import CustomL2Trainer, QARepTrainer, make_trainer, rep_blocks, train
+from qarep_det.errors import InputError
 from qarep_det.nn import RepVGGBlock
+from qarep_det.ultralytics import amp as qamp
+from qarep_det.ultralytics.run_options import TrainOptions
+from qarep_det.ultralytics.trainer import CustomL2Trainer, QARepTrainer, make_trainer, rep_blocks, train
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "train.py"
@@ -70,7 +71,7 @@ def cli_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[su
     argv = ["--cfg", QAREP_N, "--data", dataset, "--epochs", "1", "--imgsz", "64", "--batch", "8", "--workers", "0",
             "--device", "cpu", "--project", tmp / "runs", "--name", "cli", "--hyp", tmp / "hyp.yaml"]  # fmt: skip
     result = subprocess.run([sys.executable, "-c", AUDITED, TOOL, *map(str, argv)], env=env, cwd=tmp,
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
     return result, tmp / "runs" / "cli", network_log.read_text()
 
 
@@ -95,14 +96,14 @@ def test_checkpoint_validates_in_fresh_process_without_importing_qarep_det(cli_r
     )
     argv = [run / "weights" / "best.pt", dataset, run.parent]
     result = subprocess.run([sys.executable, "-c", code, *map(str, argv)], env=fresh_env(), cwd=run.parent,
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "map50-95 " in result.stdout
 
 
 def test_trainer_classes_unpickle_in_fresh_interpreter_with_blocks_registered(tmp_path: Path) -> None:
     payloads = [pickle.dumps(QARepTrainer), cloudpickle.dumps(CustomL2Trainer)]
-    assert all(b"qarep_det.integrations.trainer" in p for p in payloads)  # by reference, not by value
+    assert all(b"qarep_det.ultralytics.trainer" in p for p in payloads)  # by reference, not by value
     for i, payload in enumerate(payloads):
         (tmp_path / f"{i}.pkl").write_bytes(payload)
     code = (
@@ -115,7 +116,7 @@ def test_trainer_classes_unpickle_in_fresh_interpreter_with_blocks_registered(tm
     )
     argv = [QAREP_N, tmp_path / "0.pkl", tmp_path / "1.pkl"]
     result = subprocess.run([sys.executable, "-c", code, *map(str, argv)], env=fresh_env(), cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "['QARepTrainer', 'CustomL2Trainer'] QARepBlock" in result.stdout
 
@@ -126,7 +127,7 @@ def test_ddp_worker_script_trains_our_model(dataset: Path, tmp_path: Path) -> No
     script = generate_ddp_file(trainer)
     try:
         result = subprocess.run([sys.executable, script], env=fresh_env(), cwd=tmp_path, capture_output=True,
-                                text=True, timeout=300)  # fmt: skip
+                                text=True, timeout=600)  # fmt: skip
     finally:
         ddp_cleanup(trainer, script)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -157,7 +158,7 @@ def test_resume_finishes_an_interrupted_run(dataset: Path, tmp_path: Path, monke
     resumed = train(TrainOptions(resume=run / "weights" / "last.pt", workers=0))
     assert type(resumed) is CustomL2Trainer and resumed.start_epoch == 1 and resumed.save_dir == run
     assert results_epochs(run) == [1, 2]
-    with pytest.raises(TrainInputError, match="holds no training state"):
+    with pytest.raises(InputError, match="holds no training state"):
         make_trainer(TrainOptions(resume=True, project=tmp_path))  # the newest last.pt is now a finished run's
 
 
@@ -259,7 +260,7 @@ def test_bad_arguments_fail_with_one_line_and_write_nothing(
 def test_cli_reports_bad_input_as_exit_status_in_a_real_process(dataset: Path, tmp_path: Path) -> None:
     argv = ["--cfg", QAREP_N, "--data", dataset, "--device", "gpu", "--project", tmp_path / "runs"]
     result = subprocess.run([sys.executable, TOOL, *map(str, argv)], env=fresh_env(), cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: --device 'gpu' is not a device: use 'cpu', a CUDA index "
                                                   "'0' or indices '0,1,2,3'"]  # fmt: skip
@@ -334,12 +335,12 @@ def test_offline_amp_check_compares_autocast_with_fp32() -> None:
 def test_new_models_train_fuse_export_and_quantize(cfg: str, dataset: Path, tmp_path: Path) -> None:
     """Each new YAML, by its shipped name: one tiny epoch, then the fused export (checked against the trained model
     on real images) and the simulated INT8 model with its scheme verified."""
-    from qarep_det.integrations.checkpoint import load_detector
-    from qarep_det.integrations.export import export
+    from qarep_det.quant.backends.simulated import quantize_torch
     from qarep_det.quant.calibration import calibration_set
     from qarep_det.quant.recipe import QuantRecipe
-    from qarep_det.quant.simulated import quantize_torch
     from qarep_det.reparam import reparameterize_model
+    from qarep_det.ultralytics.checkpoint import load_detector
+    from qarep_det.ultralytics.export import export
 
     trainer = train(TrainOptions(cfg=Path(cfg), data=dataset, project=tmp_path, **{**TINY, "hyp": {"plots": False}}))
     path, diff = export(trainer.last, "onnx", imgsz=64, data=dataset)

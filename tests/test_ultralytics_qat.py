@@ -12,6 +12,7 @@ import torch
 from conftest import fresh_env
 from ultralytics import YOLO
 
+from qarep_det.cli.main import main as cli_main
 from qarep_det.nn import Reparameterizable
 
 IMGSZ = 96
@@ -19,7 +20,7 @@ IMGSZ = 96
 
 def yolo(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """``qarep-det yolo ARGS`` in a fresh process, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "qarep_det", "yolo", *args], cwd=cwd, env=fresh_env(),
+    return subprocess.run([sys.executable, "-m", "qarep_det_launcher", "yolo", *args], cwd=cwd, env=fresh_env(),
                           capture_output=True, text=True, timeout=600)  # fmt: skip
 
 
@@ -133,10 +134,8 @@ def test_ptq_eval_scores_a_quantize_8_checkpoint_with_or_without_its_fp32_model(
 
 
 def test_ptq_eval_refuses_a_missing_fp32_weights_in_one_line(q8_run: Path, known_answer, tmp_path: Path, capsys):
-    from qarep_det.cli import ptq_eval
-
     argv = ["--weights", q8_run / "weights" / "best.pt", "--data", known_answer.data, "--imgsz", str(IMGSZ),
             "--fp32-weights", tmp_path / "nope.pt", "--out", tmp_path / "out"]  # fmt: skip
-    assert ptq_eval.main([str(a) for a in argv]) == 1
+    assert cli_main(["ptq-eval", *[str(a) for a in argv]]) == 2
     assert capsys.readouterr().err.strip() == f"error: weights '{tmp_path / 'nope.pt'}' not found"
     assert not (tmp_path / "out").exists()

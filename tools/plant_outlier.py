@@ -2,7 +2,7 @@
 
 import sys
 
-from qarep_det.cli.plant_outlier import main
+from qarep_det_launcher import run_tool  # sets up the process before qarep_det is imported
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool("plant-outlier", prog=sys.argv[0]))

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
@@ -19,7 +18,7 @@ from qarep_det.checks import check_count, check_imgsz
 from qarep_det.cli.common import tool_parser
 from qarep_det.data.dataset import resolve_dataset
 from qarep_det.device import torch_device
-from qarep_det.eval.benchmark import (
+from qarep_det.pipelines.benchmark import (
     CUDA_GRID,
     PLAIN_CONV_LIMIT,
     FusionTiming,
@@ -28,8 +27,8 @@ from qarep_det.eval.benchmark import (
     openvino_int8,
     train_throughput,
 )
-from qarep_det.integrations.checkpoint import checkpoint_paths
-from qarep_det.integrations.ultralytics import find_model_yaml
+from qarep_det.ultralytics.checkpoint import checkpoint_paths
+from qarep_det.ultralytics.registration import find_model_yaml
 
 TRAIN_CFGS = ["yolo_qarep_s.yaml", "yolo_repvgg_s.yaml", "yolov8s.yaml"]  # shipped names and Ultralytics' own
 
@@ -170,10 +169,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--batch", type=int, default=8, help="batch size")
     p.set_defaults(func=consistency)
     args = parser.parse_args(argv)
-    try:
-        check_inputs(args)
-        args.func(args)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_inputs(args)
+    args.func(args)
     return 0

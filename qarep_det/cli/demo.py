@@ -22,12 +22,12 @@ from tqdm import tqdm
 from ultralytics.nn.tasks import DetectionModel
 
 from qarep_det.data.synthetic import CLASS_NAMES, make_dataset
-from qarep_det.integrations.run_options import TrainOptions
-from qarep_det.integrations.trainer import train
 from qarep_det.models import model_yaml
 from qarep_det.quant.recipe import QuantRecipe
 from qarep_det.quant.scope import check_partial
 from qarep_det.reparam import reparameterize_model
+from qarep_det.ultralytics.run_options import TrainOptions
+from qarep_det.ultralytics.trainer import train
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ factors of the training form. Writes OUT/report.json, OUT/report.md and PNG plot
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from qarep_det.cli.common import (
@@ -25,7 +24,7 @@ from qarep_det.cli.common import (
     tool_parser,
 )
 from qarep_det.device import torch_device
-from qarep_det.eval.diagnose import DiagnoseSettings, run_diagnose
+from qarep_det.pipelines.diagnose import DiagnoseSettings, run_diagnose
 
 
 def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
@@ -44,14 +43,10 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
     out = output_folder(args)
-    try:
-        recipe = recipe_from_args(args)
-        device = str(torch_device(args.device))
-        settings = DiagnoseSettings(args.data, recipe, args.imgsz, args.batch, device, args.rank_images)
-        report, files = run_diagnose(args.weights, settings, out, overwrite=args.exist_ok)
-    except (FileNotFoundError, FileExistsError, ValueError, ImportError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    recipe = recipe_from_args(args)
+    device = str(torch_device(args.device))
+    settings = DiagnoseSettings(args.data, recipe, args.imgsz, args.batch, device, args.rank_images)
+    report, files = run_diagnose(args.weights, settings, out, overwrite=args.exist_ok)
     for m in report["models"]:
         print(
             f"{m['model']}: most harmful conv {m['ranking'][0]} (isolated), {m['cumulative_ranking'][0]} "

@@ -5,10 +5,8 @@ qarep-det export --weights runs/qarep_s/weights/best.pt --format onnx --imgsz 64
 
 from __future__ import annotations
 
-import sys
-
 from qarep_det.cli.common import tool_parser
-from qarep_det.integrations.export import FORMATS, FusionMismatchError, export
+from qarep_det.ultralytics.export import FORMATS, export
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -19,11 +17,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--data", default=None, help="dataset YAML whose val images check fusion (default: samples)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing export")
     args = parser.parse_args(argv)
-    try:
-        path, diff = export(args.weights, args.format, args.imgsz, args.data, args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError, FusionMismatchError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    path, diff = export(args.weights, args.format, args.imgsz, args.data, args.overwrite)
     print(f"fused vs unfused on real images: {diff}")
     print(f"exported {path}")
     return 0

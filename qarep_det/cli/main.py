@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 TOOLS: dict[str, str] = {
     "train": "train",
@@ -50,7 +50,7 @@ def qarep_detect_trainer() -> Iterator[None]:
     qarep_det, so our modules are registered there too (the stock trainer's workers would not know them)."""
     from ultralytics.models.yolo import detect
 
-    from qarep_det.integrations.trainer import QARepTrainer
+    from qarep_det.ultralytics.trainer import QARepTrainer
 
     original = detect.DetectionTrainer
     detect.DetectionTrainer = QARepTrainer  # YOLO.task_map reads this attribute each time it is asked
@@ -60,27 +60,36 @@ def qarep_detect_trainer() -> Iterator[None]:
         detect.DetectionTrainer = original
 
 
+def report_input_errors(run: Callable[[], int]) -> int:
+    """Run a tool; bad input (:data:`qarep_det.errors.INPUT_ERRORS`) becomes one ``error: ...`` line and exit status
+    2, the setting at fault named by its flag. Any other exception is a fault and keeps its traceback."""
+    from qarep_det.errors import INPUT_ERRORS, InputError, one_line
+
+    try:
+        return run()
+    except INPUT_ERRORS as e:
+        field = f"--{e.field.replace('_', '-')}: " if isinstance(e, InputError) and e.field else ""
+        print(f"error: {field}{one_line(e)}", file=sys.stderr)
+        return 2
+
+
 def run_yolo(args: list[str]) -> int:
     """Ultralytics' CLI on ``args`` (what follows 'yolo'), in this process, where qarep_det is imported."""
     import ultralytics.cfg
 
-    import qarep_det  # noqa: F401  (registers our modules and YAML names, keeps Ultralytics offline)
-    from qarep_det.integrations.run_options import TrainInputError
-    from qarep_det.integrations.ultralytics_qat import check_yolo_qat
+    import qarep_det  # noqa: F401  (registers our modules and YAML names)
+    from qarep_det.ultralytics.quantize8 import check_yolo_qat
 
-    try:
-        check_yolo_qat(args)
-    except TrainInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_yolo_qat(args)
     ultralytics.cfg.ARGV = ["yolo", *args]  # entrypoint() reads its arguments from this module attribute
     with qarep_detect_trainer():
         ultralytics.cfg.entrypoint()
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The ``qarep-det`` console command; returns the exit status."""
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """The ``qarep-det`` console command; returns the exit status. ``prog`` names a tool run as a script of
+    ``tools/`` in its help (default: ``qarep-det COMMAND``)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in {"-h", "--help"}:
         print(usage())
@@ -92,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qarep-det {__version__}")
         return 0
     if command == "yolo":
-        return run_yolo(rest)
+        return report_input_errors(lambda: run_yolo(rest))
     if command not in TOOLS:
         print(f"error: unknown command '{command}'; choose from {', '.join([*TOOLS, 'yolo'])}", file=sys.stderr)
         return 2
     tool = importlib.import_module(f"qarep_det.cli.{TOOLS[command]}")
-    return tool.main(rest, prog=f"qarep-det {command}")
+    return report_input_errors(lambda: tool.main(rest, prog=prog or f"qarep-det {command}"))

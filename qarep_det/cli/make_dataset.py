@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from qarep_det.cli.common import tool_parser
@@ -22,10 +21,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset previously written to --out")
     args = parser.parse_args(argv)
-    try:
-        yaml_path = make_dataset(args.out, args.train, args.val, args.imgsz, args.seed, args.classes, args.overwrite)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    yaml_path = make_dataset(args.out, args.train, args.val, args.imgsz, args.seed, args.classes, args.overwrite)
     print(yaml_path)
     return 0

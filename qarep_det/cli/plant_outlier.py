@@ -15,18 +15,18 @@ fused model in float32; with --unfused, of the training form (BatchNorms scaled 
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from qarep_det.cli.common import tool_parser
-from qarep_det.integrations.checkpoint import load_detector, save_detector
-from qarep_det.integrations.ultralytics_qat import has_fused_blocks
+from qarep_det.errors import InputError
 from qarep_det.quant.calibration import calibration_set
-from qarep_det.quant.planted import plant_outlier
 from qarep_det.reparam import reparameterize_model
+from qarep_det.sensitivity.planted import plant_outlier
+from qarep_det.ultralytics.checkpoint import load_detector, save_detector
+from qarep_det.ultralytics.quantize8 import has_fused_blocks
 
 
 def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
@@ -48,21 +48,17 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
-    try:
-        if args.out.exists() and not args.overwrite:  # before any work
-            raise FileExistsError(f"'{args.out}' exists; pass --overwrite to replace it")
-        model = load_detector(args.weights)
-        if args.unfused and has_fused_blocks(model):
-            raise ValueError(f"--unfused needs a training-form checkpoint; '{args.weights}' is fused")
-        if not args.unfused:
-            model = reparameterize_model(model)
-        calib = calibration_set(args.data, args.imgsz, args.images, args.seed, batch_size=args.images, progress=False)
-        images = torch.cat(list(calib))
-        planted, info = plant_outlier(model, args.producer, args.consumer, images, args.fraction, args.exponent)
-        path = save_detector(planted, args.out, images, overwrite=args.overwrite, planted_outlier=asdict(info))
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if args.out.exists() and not args.overwrite:  # before any work
+        raise FileExistsError(f"'{args.out}' exists; pass --overwrite to replace it")
+    model = load_detector(args.weights)
+    if args.unfused and has_fused_blocks(model):
+        raise InputError(f"--unfused needs a training-form checkpoint; '{args.weights}' is fused")
+    if not args.unfused:
+        model = reparameterize_model(model)
+    calib = calibration_set(args.data, args.imgsz, args.images, args.seed, batch_size=args.images, progress=False)
+    images = torch.cat(list(calib))
+    planted, info = plant_outlier(model, args.producer, args.consumer, images, args.fraction, args.exponent)
+    path = save_detector(planted, args.out, images, overwrite=args.overwrite, planted_outlier=asdict(info))
     print(
         f"planted: {len(info.channels)} channels of {info.producer} scaled by 2^-{info.exponent}, {info.consumer} "
         f"inputs by 2^+{info.exponent}; FP32 output change {info.fp32_max_rel_change:.2g} (relative); wrote {path}"

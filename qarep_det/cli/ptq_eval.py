@@ -12,7 +12,6 @@ evaluated again with pycocotools. Results go to OUT/results.json and OUT/results
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -30,11 +29,12 @@ from qarep_det.cli.common import (
 )
 from qarep_det.cli.demo import DemoSettings, check_demo, run_demo
 from qarep_det.device import torch_device
-from qarep_det.eval.backends import BACKENDS
-from qarep_det.eval.ptq import RANK_IMAGES, TUNE_IMAGES, PTQSettings, run_ptq_eval
-from qarep_det.eval.table import format_console
-from qarep_det.integrations.rankings import DEFAULT_RANKING, RANKING_HELP
-from qarep_det.quant.openvino import OVERFLOW_FIX
+from qarep_det.errors import InputError
+from qarep_det.evaluation.table import format_console
+from qarep_det.pipelines.ptq import RANK_IMAGES, TUNE_IMAGES, PTQSettings, run_ptq_eval
+from qarep_det.quant.backends.base import BACKENDS
+from qarep_det.quant.backends.openvino import OVERFLOW_FIX
+from qarep_det.sensitivity.rankings import DEFAULT_RANKING, RANKING_HELP
 
 DEMO = DemoSettings()
 
@@ -116,45 +116,41 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
     demo = args.weights is None and args.data is None
     if (args.weights is None) != (args.data is None):
-        print("error: give both --weights and --data, or neither (to run the demo)", file=sys.stderr)
-        return 2
+        raise InputError("give both --weights and --data, or neither (to run the demo)")
     imgsz = args.imgsz or (DEMO.imgsz if demo else 640)
     calib_images = args.calib_images or (DEMO.calib_images if demo else 512)
     out = output_folder(args)
-    try:  # every input is checked before anything is written (the demo writes a dataset and trains)
-        settings = PTQSettings(
-            data=args.data or Path(),
-            recipe=recipe_from_args(args, calib_images),
-            backends=tuple(args.backend),
-            imgsz=imgsz,
-            batch=args.batch,
-            device=str(torch_device(args.device)),
-            instances_json=args.instances_json,
-            overwrite=args.exist_ok,
-            keep_float=args.keep_float,
-            max_drop=args.max_drop,
-            tune_images=args.tune_images,
-            tune_split=args.tune_split,
-            refine=args.refine,
-            rank_images=args.rank_images,
-            rank_by=args.rank_by,
-            fp32_weights=args.fp32_weights,
-            overflow_fix=OVERFLOW_FIX[args.overflow_fix],
-        )
-        weights = args.weights
-        if demo:
-            demo_settings = replace(DEMO, imgsz=imgsz)
-            check_demo(demo_settings, settings.recipe, settings.keep_float)
-            print(f"demo: synthetic data and two briefly trained detectors in {out}")
-            data, weights = run_demo(out / "demo", demo_settings)
-            settings = replace(settings, data=data)
-        with warnings.catch_warnings():  # keep our own warnings (e.g. fewer calibration images), drop tracer noise
-            for category in (DeprecationWarning, FutureWarning, torch.jit.TracerWarning):
-                warnings.simplefilter("ignore", category)
-            rows, json_path, md_path = run_ptq_eval(weights, settings, out)
-    except (FileNotFoundError, FileExistsError, ValueError, ImportError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    # every input is checked before anything is written (the demo writes a dataset and trains)
+    settings = PTQSettings(
+        data=args.data or Path(),
+        recipe=recipe_from_args(args, calib_images),
+        backends=tuple(args.backend),
+        imgsz=imgsz,
+        batch=args.batch,
+        device=str(torch_device(args.device)),
+        instances_json=args.instances_json,
+        overwrite=args.exist_ok,
+        keep_float=args.keep_float,
+        max_drop=args.max_drop,
+        tune_images=args.tune_images,
+        tune_split=args.tune_split,
+        refine=args.refine,
+        rank_images=args.rank_images,
+        rank_by=args.rank_by,
+        fp32_weights=args.fp32_weights,
+        overflow_fix=OVERFLOW_FIX[args.overflow_fix],
+    )
+    weights = args.weights
+    if demo:
+        demo_settings = replace(DEMO, imgsz=imgsz)
+        check_demo(demo_settings, settings.recipe, settings.keep_float)
+        print(f"demo: synthetic data and two briefly trained detectors in {out}")
+        data, weights = run_demo(out / "demo", demo_settings)
+        settings = replace(settings, data=data)
+    with warnings.catch_warnings():  # keep our own warnings (e.g. fewer calibration images), drop tracer noise
+        for category in (DeprecationWarning, FutureWarning, torch.jit.TracerWarning):
+            warnings.simplefilter("ignore", category)
+        rows, json_path, md_path = run_ptq_eval(weights, settings, out)
     print(format_console(rows, settings.protocol))
     plot = json_path.with_name("max_drop.png")
     print(f"results: {json_path}, {md_path}" + (f"; trade-off plot: {plot}" if args.max_drop is not None else ""))

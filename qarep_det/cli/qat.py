@@ -29,8 +29,8 @@ from qarep_det.cli.common import (
     train_to_end,
     unexpected_flags,
 )
-from qarep_det.integrations.qat import DEFAULT_RANGES, LEARNING_RATES, QAT_RECIPE, QATOptions, make_qat_trainer
-from qarep_det.integrations.run_options import TrainInputError
+from qarep_det.errors import InputError
+from qarep_det.qat.trainer import DEFAULT_RANGES, LEARNING_RATES, QAT_RECIPE, QATOptions, make_qat_trainer
 from qarep_det.quant.qat import DISTILL_WEIGHT, RANGES
 
 RESUME_FLAGS = {"resume", "device", "workers", "data", "project"}  # what --resume may be given with
@@ -88,7 +88,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 def options_from(args: argparse.Namespace, argv: list[str]) -> QATOptions:
     """Tool flags to options; flags that cannot apply to the run fail here with one line."""
     if args.resume and (ignored := unexpected_flags(argv, RESUME_FLAGS)):
-        raise TrainInputError(f"--resume continues a run with its own settings; drop {ignored}")
+        raise InputError(f"--resume continues a run with its own settings; drop {ignored}")
     fields = {k: v for k, v in vars(args).items() if k in QATOptions.__dataclass_fields__}
     recipe_flags = sorted(explicit_flags(argv) & RECIPE_FLAGS)
     return QATOptions(**fields, recipe=recipe_from_args(args), recipe_flags=recipe_flags)
@@ -97,9 +97,5 @@ def options_from(args: argparse.Namespace, argv: list[str]) -> QATOptions:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(prog).parse_args(argv)
-    try:
-        trainer = make_qat_trainer(options_from(args, argv))
-    except (TrainInputError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    trainer = make_qat_trainer(options_from(args, argv))
     return train_to_end(trainer, "weights/best.pt, weights/last.pt: INT8 QAT checkpoints, results.csv")

@@ -14,10 +14,11 @@ import sys
 import textwrap
 from pathlib import Path
 
-import qarep_det.integrations.qat  # noqa: F401  (registers the QAT trainer: --resume continues QAT runs too)
+import qarep_det.qat.trainer  # noqa: F401  (registers the QAT trainer: --resume continues QAT runs too)
 from qarep_det.cli.common import add_run_args, tool_parser, train_to_end, unexpected_flags
-from qarep_det.integrations.run_options import RECIPE, TrainInputError, TrainOptions
-from qarep_det.integrations.trainer import TRAINERS, make_trainer
+from qarep_det.errors import InputError
+from qarep_det.ultralytics.run_options import RECIPE, TrainOptions
+from qarep_det.ultralytics.trainer import TRAINERS, make_trainer
 
 RESUME_FLAGS = {"resume", "device", "workers", "data", "project"}  # what --resume may be given with
 
@@ -70,11 +71,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Parse arguments, check them, train; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(prog).parse_args(argv)
-    try:
-        if args.resume and (ignored := unexpected_flags(argv, RESUME_FLAGS)):
-            raise TrainInputError(f"--resume continues a run with its own settings; drop {ignored}")
-        trainer = make_trainer(TrainOptions(**vars(args)))
-    except TrainInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.resume and (ignored := unexpected_flags(argv, RESUME_FLAGS)):
+        raise InputError(f"--resume continues a run with its own settings; drop {ignored}")
+    trainer = make_trainer(TrainOptions(**vars(args)))
     return train_to_end(trainer, "weights/best.pt, weights/last.pt, results.csv")

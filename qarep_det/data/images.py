@@ -14,6 +14,8 @@ import numpy as np
 from ultralytics.data.augment import LetterBox
 from ultralytics.data.utils import IMG_FORMATS
 
+from qarep_det.errors import InputError
+
 
 def list_images(source: str | Path | list[str | Path]) -> list[Path]:
     """Image files of a dataset split: a folder (searched recursively), an image, or a .txt list of images.
@@ -55,6 +57,6 @@ def load_letterboxed(path: str | os.PathLike, imgsz: int):
     """
     image = cv2.imread(str(path))
     if image is None:
-        raise ValueError(f"cannot read image '{path}'")
+        raise InputError(f"cannot read image '{path}'")
     chw, ratio_pad = letterbox(image, imgsz)
     return chw, image.shape[:2], ratio_pad

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from ultralytics.utils.ops import segments2boxes
 
+from qarep_det.errors import InputError
+
 COORD_TOLERANCE = 0.01  # Ultralytics accepts normalized coordinates slightly outside 0..1
 
 
@@ -50,7 +52,7 @@ def read_yolo_label(
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"label file '{path}' cannot be read: {' '.join(str(e).split())}") from e
+        raise InputError(f"label file '{path}' cannot be read: {' '.join(str(e).split())}") from e
     box_fields = frozenset({5, 5 + keypoint_fields})
     labels, kinds = [], set()
     for n, line in enumerate(lines, 1):
@@ -58,14 +60,14 @@ def read_yolo_label(
         if not row:
             continue
         if problem := _row_problem(row, nc, single_cls, box_fields):
-            raise ValueError(f"label file '{path}' line {n}: {problem}")
+            raise InputError(f"label file '{path}' line {n}: {problem}")
         values = np.array(row, dtype=np.float32)
         is_box = len(row) in box_fields
         kinds.add(is_box)
         box = values[1:5] if is_box else segments2boxes([values[1:].reshape(-1, 2)])[0]
         labels.append(np.concatenate([values[:1], box]))
     if len(kinds) > 1:
-        raise ValueError(f"label file '{path}' mixes boxes and polygons")
+        raise InputError(f"label file '{path}' mixes boxes and polygons")
     if not labels:
         return np.zeros(0, dtype=np.int64), np.zeros((0, 4), dtype=np.float32)
     unique = np.unique(np.stack(labels), axis=0)

@@ -31,6 +31,8 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
+from qarep_det.errors import InputError
+
 CLASS_NAMES = ("circle", "square", "triangle", "cross", "ring", "star")
 MAX_OBJECTS = 6
 SIZE_RANGE = (0.08, 0.6)  # shape diameter as a fraction of the image side
@@ -199,19 +201,19 @@ def render_image(imgsz: int, n_classes: int, rng: np.random.Generator) -> tuple[
 def _check_args(out: Path, n_train: int, n_val: int, imgsz: int, seed: int, n_classes: int, overwrite: bool) -> None:
     """Raise ``ValueError`` with a one-line reason for any argument ``make_dataset`` cannot honour."""
     if n_train < 1:
-        raise ValueError(f"n_train must be >= 1, got {n_train}")
+        raise InputError(f"n_train must be >= 1, got {n_train}")
     if n_val < 1:
-        raise ValueError(f"n_val must be >= 1, got {n_val}")
+        raise InputError(f"n_val must be >= 1, got {n_val}")
     if imgsz < 32:
-        raise ValueError(f"imgsz must be >= 32, got {imgsz}")
+        raise InputError(f"imgsz must be >= 32, got {imgsz}")
     if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+        raise InputError(f"seed must be >= 0, got {seed}")
     if not 1 <= n_classes <= len(CLASS_NAMES):
-        raise ValueError(f"n_classes must be in 1..{len(CLASS_NAMES)}, got {n_classes}")
+        raise InputError(f"n_classes must be in 1..{len(CLASS_NAMES)}, got {n_classes}")
     if out.exists() and not out.is_dir():
-        raise ValueError(f"output path '{out}' exists and is not a folder")
+        raise InputError(f"output path '{out}' exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"output folder '{out}' is not empty (pass overwrite=True / --overwrite to replace it)")
+        raise InputError(f"output folder '{out}' is not empty (pass overwrite=True / --overwrite to replace it)")
 
 
 def _remove_previous(out: Path) -> None:

@@ -1,0 +1,1 @@
+"""Deprecated import paths of earlier releases (see each module); nothing new lives here."""

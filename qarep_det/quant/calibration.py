@@ -22,6 +22,7 @@ from tqdm import tqdm
 from qarep_det.checks import check_count
 from qarep_det.data.dataset import resolve_dataset
 from qarep_det.data.images import list_images, load_letterboxed
+from qarep_det.errors import InputError
 
 
 def train_images(data: str | Path) -> list[Path]:
@@ -29,14 +30,14 @@ def train_images(data: str | Path) -> list[Path]:
     info = resolve_dataset(data, split="train")
     images = list_images(info["train"])
     if not images:
-        raise ValueError(f"no images found in the train split of '{data}' ({info['train']})")
+        raise InputError(f"no images found in the train split of '{data}' ({info['train']})")
     return images
 
 
 def draw_calibration_images(images: Sequence[Path], n: int, seed: int = 0) -> list[Path]:
     """Shuffle with ``random.Random(seed)`` and take the first ``n``; warns and uses all when ``n`` > available."""
     if n < 1:
-        raise ValueError(f"number of calibration images must be >= 1, got {n}")
+        raise InputError(f"number of calibration images must be >= 1, got {n}")
     pool = sorted(Path(p) for p in images)
     random.Random(seed).shuffle(pool)
     if n > len(pool):
@@ -84,7 +85,7 @@ class CalibrationSet:
         if pending:
             yield torch.from_numpy(np.stack(pending))
         if readable == 0:
-            raise ValueError(f"none of the {len(self.paths)} calibration images could be read")
+            raise InputError(f"none of the {len(self.paths)} calibration images could be read")
         self.readable = readable
 
 
@@ -98,7 +99,7 @@ def calibration_set(
 ) -> CalibrationSet:
     """The calibration set for a data YAML: ``n`` seeded draws from its train split at the evaluation ``imgsz``."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     paths = draw_calibration_images(train_images(data), n, seed)
     return CalibrationSet(tuple(paths), imgsz, batch_size=batch_size, progress=progress)
 

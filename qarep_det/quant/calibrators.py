@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from qarep_det.errors import InputError
+
 NUM_BINS = 2048
 START_BIN = 128
 
@@ -100,4 +102,4 @@ def histogram_amax(hist: AbsHistogram, method: str, percentile: float = 99.99, n
         return mse_amax(hist, num_bits)
     if method == "entropy":
         return entropy_amax(hist, num_bits)
-    raise ValueError(f"no histogram calibrator named {method!r}; use percentile, mse or entropy")
+    raise InputError(f"no histogram calibrator named {method!r}; use percentile, mse or entropy")

@@ -35,8 +35,9 @@ from torch import Tensor, nn
 from ultralytics.nn.modules.head import Detect
 from ultralytics.nn.tasks import DetectionModel
 
+from qarep_det.errors import InputError
+from qarep_det.quant.backends.simulated import import_modelopt, quantize_torch
 from qarep_det.quant.recipe import QuantRecipe
-from qarep_det.quant.simulated import import_modelopt, quantize_torch
 
 DISTILL_WEIGHT = 10.0
 """Weight of the feature distillation loss against the detection loss (both per image, summed over the batch).
@@ -103,7 +104,7 @@ def make_student(
     (one of :data:`RANGES`) and ``lr_ranges`` are recorded for the trainer.
     """
     if ranges not in RANGES:
-        raise ValueError(f"ranges must be one of {', '.join(RANGES)}, got {ranges!r}")
+        raise InputError(f"ranges must be one of {', '.join(RANGES)}, got {ranges!r}")
     student = quantize_torch(fused, batches, recipe, device)
     student.__class__ = QATDetectionModel
     student.__dict__["fp32_reference"] = copy.deepcopy(fused).float().cpu().eval()

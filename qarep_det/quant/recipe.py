@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from qarep_det.errors import InputError
+
 CalibMethod = Literal["max", "percentile", "mse", "entropy"]
 CALIB_METHODS: tuple[str, ...] = ("max", "percentile", "mse", "entropy")
 
@@ -39,15 +41,15 @@ class QuantRecipe:
     def __post_init__(self) -> None:
         object.__setattr__(self, "float_layers", tuple(self.float_layers))  # a list from a CLI or JSON is fine too
         if not all(isinstance(name, str) and name for name in self.float_layers):
-            raise ValueError(f"float_layers must be conv module names, got {self.float_layers!r}")
+            raise InputError(f"float_layers must be conv module names, got {self.float_layers!r}")
         if len(set(self.float_layers)) != len(self.float_layers):
-            raise ValueError(f"float_layers names a conv twice: {self.float_layers!r}")
+            raise InputError(f"float_layers names a conv twice: {self.float_layers!r}")
         if self.calib_method not in CALIB_METHODS:
-            raise ValueError(f"calib_method must be one of {CALIB_METHODS}, got {self.calib_method!r}")
+            raise InputError(f"calib_method must be one of {CALIB_METHODS}, got {self.calib_method!r}")
         if not 0.0 < self.percentile <= 100.0:
-            raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
+            raise InputError(f"percentile must be in (0, 100], got {self.percentile}")
         if self.calib_images < 1:
-            raise ValueError(f"calib_images must be >= 1, got {self.calib_images}")
+            raise InputError(f"calib_images must be >= 1, got {self.calib_images}")
 
     def describe(self) -> str:
         """One line for result tables, e.g. ``int8 w:per-channel a:per-tensor max, head int8, 512 imgs, seed 0``,

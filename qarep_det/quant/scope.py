@@ -14,6 +14,7 @@ import difflib
 
 from torch import nn
 
+from qarep_det.errors import InputError
 from qarep_det.quant.recipe import QuantRecipe
 
 
@@ -28,7 +29,7 @@ def _head_float_names(model: nn.Module, quantize_head: bool) -> set[str]:
     """The DFL conv(s), and every Detect conv when the head is not quantized."""
     heads = detect_heads(model)
     if not heads:
-        raise ValueError("model has no Ultralytics Detect head; the INT8 recipe needs one to keep the decode float")
+        raise InputError("model has no Ultralytics Detect head; the INT8 recipe needs one to keep the decode float")
     keep: set[str] = set()
     for head_name, head in heads.items():
         for name, m in head.named_modules():
@@ -51,7 +52,7 @@ def check_float_layers(model: nn.Module, recipe: QuantRecipe) -> None:
             closest = difflib.get_close_matches(name, candidates, n=3, cutoff=0.0)
             problems.append(f"'{name}' (closest: {', '.join(closest)})")
     if problems:
-        raise ValueError(f"not a quantized conv of this model: {'; '.join(problems)}")
+        raise InputError(f"not a quantized conv of this model: {'; '.join(problems)}")
 
 
 def float_conv_names(model: nn.Module, recipe: QuantRecipe) -> set[str]:
@@ -70,6 +71,6 @@ def check_partial(model: nn.Module, recipe: QuantRecipe, keep_float: int = 0) ->
     """``ValueError`` for named float layers that are not quantized convs, or a K (convs to keep float by
     sensitivity) below 0 or above the number of quantized convs; checked before any calibration."""
     if keep_float < 0:
-        raise ValueError(f"keep_float must be >= 0, got {keep_float}")
+        raise InputError(f"keep_float must be >= 0, got {keep_float}")
     if keep_float > (n := len(quantized_conv_names(model, recipe))):
-        raise ValueError(f"cannot keep {keep_float} convs float: the model has {n} quantized convs")
+        raise InputError(f"cannot keep {keep_float} convs float: the model has {n} quantized convs")

@@ -1,0 +1,194 @@
+"""The INT8 backends of ptq_eval, each owning its quantize step and its runner.
+
+A :class:`Job` is what they all quantize for one checkpoint: the fused FP32 model, the calibration set and a recipe.
+It makes each artefact once, on first use, so backends share them: the torch and onnxruntime backends one
+calibration and one QDQ ONNX file; every OpenVINO model of a checkpoint one FP32 IR. A QAT checkpoint's student
+replaces the calibration: every backend runs the student (OpenVINO from its QDQ ONNX, learned scales kept, since
+NNCF would calibrate anew).
+
+Each backend gives the row's INT8 runner (with its artefacts saved and the backend's own FP32 runner, for a
+like-for-like latency) and a search candidate (nothing saved).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from qarep_det.quant.calibration import CalibrationSet
+from qarep_det.quant.recipe import QuantRecipe
+from qarep_det.quant.runner import Runner, torch_runner
+
+
+def file_size_mb(*paths: Path) -> float:
+    """Total size of files in MB (an OpenVINO IR is an .xml plus a .bin)."""
+    return sum(p.stat().st_size for p in paths) / 1e6
+
+
+@dataclass
+class Job:
+    """What every backend quantizes, for one checkpoint and one set of float convs."""
+
+    fused: nn.Module | None  # on the CPU; None: a QAT checkpoint's FP32 model is unknown (no FP32 latency, no FP32 IR)
+    calib: CalibrationSet
+    recipe: QuantRecipe
+    imgsz: int
+    device: str  # of the simulated (torch) model; the other backends run on the CPU
+    stem: Path  # artefacts are written as <stem>_<suffix>
+    save: bool  # whether the row's artefacts are kept (else stem is in a scratch folder)
+    overwrite: bool  # replace artefacts an earlier run left
+    student: nn.Module | None = None  # a QAT checkpoint's INT8 model: the simulated model, nothing is calibrated
+    calibrated: nn.Module | None = None  # the simulated model calibrated once with every conv quantized
+    shared: dict[Any, Any] = field(default_factory=dict)  # what the jobs of one checkpoint share (FP32 IR, NNCF IRs)
+    overflow_fix: bool | None = None  # OpenVINO: NNCF's overflow fix (7-bit weights); None: on if this CPU lacks VNNI
+
+    def with_recipe(self, recipe: QuantRecipe, stem: Path | None = None) -> Job:
+        """This job for another set of float convs, sharing its calibration, FP32 IR and OpenVINO models."""
+        return replace(self, recipe=recipe, stem=stem or self.stem)
+
+    def path(self, suffix: str) -> Path:
+        return self.stem.with_name(f"{self.stem.name}_{suffix}")
+
+    def onnx(self, model: nn.Module, suffix: str) -> Path:
+        """``model`` exported the way TensorRT gets it (QDQ for a fake-quantized model, plain for a float one)."""
+        from qarep_det.quant.backends.onnx_qdq import export_qdq_onnx
+
+        return export_qdq_onnx(model, self.path(suffix), self.imgsz, overwrite=self.overwrite)
+
+    @cached_property
+    def simulated(self) -> nn.Module:
+        """The fake-quantized model: the student, the calibrated model with this job's convs switched float, or
+        (nothing ranked) the fused model calibrated with the recipe."""
+        if self.student is not None:
+            return self.student.to(self.device).eval()
+        from qarep_det.quant.backends import simulated
+
+        if self.calibrated is not None:
+            return simulated.with_float_layers(self.calibrated, self.recipe)
+        return simulated.quantize_torch(self.fused, self.calib, self.recipe, self.device)
+
+    @cached_property
+    def qdq_onnx(self) -> Path:
+        return self.onnx(self.simulated, "int8_qdq.onnx")
+
+    @property
+    def fp32_ir(self):
+        """The fused model as an FP32 OpenVINO IR, converted once per checkpoint."""
+        from qarep_det.quant.backends.openvino import convert_openvino
+
+        if "fp32_ir" not in self.shared:
+            self.shared["fp32_ir"] = convert_openvino(self.fused, self.imgsz)
+        return self.shared["fp32_ir"]
+
+    @property
+    def openvino_int8(self):
+        """The NNCF INT8 IR for this job's float convs, made once per float set (a search's candidate is the row's
+        model when it is chosen); a QAT student's QDQ ONNX converted, its learned scales kept."""
+        from qarep_det.quant.backends.openvino import convert_qdq_onnx, quantize_openvino
+
+        if self.student is not None:
+            return convert_qdq_onnx(self.qdq_onnx)
+        key = ("openvino", self.recipe.float_layers)
+        if key not in self.shared:
+            self.shared[key] = quantize_openvino(self.fused, self.calib, self.imgsz, self.recipe,
+                                                 overflow_fix=self.overflow_fix, fp32=self.fp32_ir)  # fmt: skip
+        return self.shared[key]
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """A row's INT8 model on one backend: its runner, the backend's own FP32 runner if it has one (like-for-like
+    latency), and the row keys the backend adds (files, sizes)."""
+
+    runner: Runner
+    fp32_runner: Runner | None = None
+    row: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend:
+    """One INT8 backend: :meth:`quantize` for a row, :meth:`candidate` for a search step."""
+
+    def quantize(self, job: Job) -> Quantized:
+        raise NotImplementedError
+
+    def candidate(self, job: Job, scratch: Path) -> Runner:
+        """The job's INT8 runner with nothing saved (files it needs go to ``scratch``)."""
+        raise NotImplementedError
+
+    def half_range(self, overflow_fix: bool | None) -> bool:
+        """Whether this backend rounds weights to NNCF's half-range grid (a ranking for it must see that grid's
+        errors: :func:`qarep_det.quant.backends.simulated.half_range_weights`); the reference grid otherwise."""
+        return False
+
+
+class TorchBackend(Backend):
+    """Simulated INT8 (ModelOpt fake quant) on the chosen device; saved as QDQ ONNX for TensorRT."""
+
+    def quantize(self, job: Job) -> Quantized:
+        row = {"int8_file": str(job.qdq_onnx)} if job.save else {}  # exported before the runner takes the device
+        return Quantized(torch_runner(job.simulated, job.device), row=row)
+
+    def candidate(self, job: Job, scratch: Path) -> Runner:
+        return torch_runner(job.simulated, job.device)
+
+
+class OnnxRuntimeBackend(Backend):
+    """The torch backend's QDQ ONNX (the TensorRT hand-off) on onnxruntime's CPU provider, beside the fused FP32
+    model exported the same way: proves the file computes what the simulation computed.
+
+    onnxruntime fuses Q/DQ into integer kernels only around a conv whose output is quantized too; TensorRT's scheme
+    quantizes conv inputs alone, so every conv runs in float on dequantized INT8 values (exactly the simulated
+    arithmetic), and the INT8 latency is not an integer-kernel latency.
+    """
+
+    def quantize(self, job: Job) -> Quantized:
+        from qarep_det.quant.backends.onnx_qdq import onnx_runner
+
+        fp32_runner = None if job.fused is None else onnx_runner(job.onnx(job.fused, "fp32.onnx"))
+        return Quantized(onnx_runner(job.qdq_onnx), fp32_runner, {"int8_file": str(job.qdq_onnx)} if job.save else {})
+
+    def candidate(self, job: Job, scratch: Path) -> Runner:
+        from qarep_det.quant.backends.onnx_qdq import export_qdq_onnx, onnx_runner
+
+        return onnx_runner(export_qdq_onnx(job.simulated, scratch / "candidate_qdq.onnx", job.imgsz, overwrite=True))
+
+
+class OpenVINOBackend(Backend):
+    """Real INT8 on the CPU: the NNCF-quantized OpenVINO IR (a QAT student: its QDQ ONNX converted), the FP32 IR's
+    latency and both IRs' file sizes beside it."""
+
+    def quantize(self, job: Job) -> Quantized:
+        from qarep_det.quant.backends.openvino import openvino_runner, save_openvino
+
+        int8 = job.openvino_int8
+        fp32 = None if job.fused is None else job.fp32_ir
+        row: dict[str, Any] = {}
+        if job.save:
+            if fp32 is not None:
+                fp32_xml = save_openvino(fp32, job.path("fp32.xml"), overwrite=job.overwrite)
+                row["fp32_mb"] = file_size_mb(fp32_xml, fp32_xml.with_suffix(".bin"))
+            int8_xml = save_openvino(int8, job.path("int8.xml"), overwrite=job.overwrite)
+            row["int8_mb"] = file_size_mb(int8_xml, int8_xml.with_suffix(".bin"))
+            row["int8_file"] = str(int8_xml)
+        return Quantized(openvino_runner(int8), None if fp32 is None else openvino_runner(fp32), row)
+
+    def candidate(self, job: Job, scratch: Path) -> Runner:
+        from qarep_det.quant.backends.openvino import openvino_runner
+
+        return openvino_runner(job.openvino_int8)
+
+    def half_range(self, overflow_fix: bool | None) -> bool:
+        from qarep_det.quant.backends.openvino import overflow_fix_on
+
+        return overflow_fix_on(overflow_fix)
+
+
+BACKENDS: dict[str, Backend] = {
+    "torch": TorchBackend(),
+    "openvino": OpenVINOBackend(),
+    "onnxruntime": OnnxRuntimeBackend(),
+}
