@@ -40,8 +40,9 @@ def test_readme_table_check_sees_a_missing_row() -> None:
 
 
 def test_registry_holds_our_yaml_modules_and_the_packages_export_them() -> None:
-    assert len(YAML_MODULES) == 12
+    assert len(YAML_MODULES) == 18
     stages = {"QARepStage", "QARepStageV2", "RepVGGStage", "QARepCSPStage", "QARepCSPStageV2", "RepVGGCSPStage"}
+    stages |= {"RepVGGNoIdBNStage", "RepVGGNoIdBNCSPStage", "QARepNoPostBNStage", "QARepNoPostBNCSPStage"}
     assert {name for name, m in YAML_MODULES.items() if m.repeats} == stages
     for name, module in YAML_MODULES.items():
         assert module.cls.__name__ == name

@@ -8,7 +8,7 @@ from torch import nn
 
 from qarep_det.nn import blocks, stages  # noqa: F401  (defining the classes registers them)
 from qarep_det.nn.activation import ACTIVATIONS, make_activation, positively_homogeneous
-from qarep_det.nn.blocks import Reparameterizable, RepBlock
+from qarep_det.nn.blocks import Reparameterizable, RepBlock, ThreeBranchBlock
 from qarep_det.nn.registry import YAML_MODULES, YamlModule, yaml_module
 from qarep_det.nn.stages import CSPRepStage, RepStage
 
@@ -30,6 +30,7 @@ __all__ = [
     "RepBlock",
     "Reparameterizable",
     "RepStage",
+    "ThreeBranchBlock",
     "YAML_MODULES",
     "YamlModule",
     "make_activation",

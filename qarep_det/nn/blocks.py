@@ -107,31 +107,88 @@ class RepBlock(Reparameterizable):
         return f"c1={self.c1}, c2={self.c2}, s={self.s}, g={self.g}, identity={self.has_identity}, fused={self.fused}"
 
 
+class ThreeBranchBlock(RepBlock):
+    """The RepVGG family as one block: ``act(post(bn(conv3x3(x)) + bn1(conv1x1(x)) + bn_id(x)))``, the identity
+    term only when c1 == c2 and s == 1, and ``post``, ``bn1``, ``bn_id`` each a BatchNorm or nothing. Three class
+    flags say which, and that is all that separates RepVGG from QARepVGG and the steps of the QARepVGG paper's
+    ablation between them (Chu et al., AAAI 2024):
+
+    - ``bn_1x1``: the 1x1 branch is conv + BN (else a plain bias-free conv);
+    - ``bn_identity``: the identity branch is a BN (else the plain tap ``x``);
+    - ``bn_post``: one BN after the sum (``post``; else none).
+
+    Every combination fuses with the same kernel algebra, so the steps differ in training only. Subclasses set the
+    flags and list their branch modules in ``branch_names``; the flags live on the class, not the instance, so a
+    pickled block of an older version (same attribute and branch names) unpickles unchanged.
+    """
+
+    bn_1x1: bool
+    bn_identity: bool
+    bn_post: bool
+
+    def __init__(self, c1: int, c2: int, s: int = 1, g: int = 1, act: str = "relu") -> None:
+        super().__init__(c1, c2, s, g, act)
+        self.branch_3x3 = conv_bn(c1, c2, 3, s, g)
+        self.branch_1x1 = conv_bn(c1, c2, 1, s, g) if self.bn_1x1 else nn.Conv2d(c1, c2, 1, s, 0, groups=g, bias=False)
+        if self.bn_identity:
+            self.branch_identity = nn.BatchNorm2d(c2) if self.has_identity else None
+        if self.bn_post:
+            self.bn = nn.BatchNorm2d(c2)
+
+    def shortcut(self, x: Tensor) -> Tensor:
+        """What an identity block adds to the two conv branches, before the identity BN if there is one: ``x``."""
+        return x
+
+    def shortcut_kernel(self, like: Tensor) -> Tensor:
+        """:meth:`shortcut` as a 3x3 kernel."""
+        return self.identity(like)
+
+    def forward_branches(self, x: Tensor) -> Tensor:
+        y = self.branch_3x3(x) + self.branch_1x1(x)
+        if self.has_identity:
+            tap = self.shortcut(x)
+            y = y + (self.branch_identity(tap) if self.bn_identity else tap)
+        return self.bn(y) if self.bn_post else y
+
+    def branch_bns(self) -> dict[str, nn.BatchNorm2d]:
+        if self.fused:
+            return {}
+        bns = {"3x3": self.branch_3x3[1]}
+        if self.bn_1x1:
+            bns["1x1"] = self.branch_1x1[1]
+        if self.bn_identity and self.has_identity:
+            bns["identity"] = self.branch_identity
+        if self.bn_post:
+            bns["post"] = self.bn
+        return bns
+
+    def fused_kernel_bias(self) -> tuple[Tensor, Tensor]:
+        kernel, bias = fold_conv_bn(self.branch_3x3)
+        if self.bn_1x1:
+            k1, b1 = fold_conv_bn(self.branch_1x1)
+            kernel, bias = kernel + pad_to_3x3(k1), bias + b1
+        else:
+            kernel = kernel + pad_to_3x3(self.branch_1x1.weight)
+        if self.has_identity:
+            k_id = self.shortcut_kernel(kernel)
+            if self.bn_identity:
+                k_id, b_id = fold_bn(k_id, self.branch_identity)
+                bias = bias + b_id
+            kernel = kernel + k_id
+        return fold_bn(kernel, self.bn, bias) if self.bn_post else (kernel, bias)
+
+
 @yaml_module
-class RepVGGBlock(RepBlock):
+class RepVGGBlock(ThreeBranchBlock):
     """RepVGG (Ding et al., CVPR 2021): ``relu(bn(conv3x3) + bn(conv1x1) + bn(x))``, identity only if c1 == c2, s == 1.
+    Steps S0 (with ``--rep-l2 custom``, as its authors train it) and S1 (plain weight decay) of the paper's ablation.
 
     The identity BN sees post-ReLU input; a dead channel drives its ``gamma / sigma`` up by orders of magnitude,
     which is what ruins INT8 after fusion. Kept as the baseline for A/B comparisons.
     """
 
+    bn_1x1, bn_identity, bn_post = True, True, False
     branch_names = ("branch_3x3", "branch_1x1", "branch_identity")
-
-    def __init__(self, c1: int, c2: int, s: int = 1, g: int = 1, act: str = "relu") -> None:
-        super().__init__(c1, c2, s, g, act)
-        self.branch_3x3 = conv_bn(c1, c2, 3, s, g)
-        self.branch_1x1 = conv_bn(c1, c2, 1, s, g)
-        self.branch_identity = nn.BatchNorm2d(c2) if self.has_identity else None
-
-    def forward_branches(self, x: Tensor) -> Tensor:
-        y = self.branch_3x3(x) + self.branch_1x1(x)
-        return y + self.branch_identity(x) if self.branch_identity is not None else y
-
-    def branch_bns(self) -> dict[str, nn.BatchNorm2d]:
-        if self.fused:
-            return {}
-        bns = {"3x3": self.branch_3x3[1], "1x1": self.branch_1x1[1], "identity": self.branch_identity}
-        return {k: v for k, v in bns.items() if v is not None}
 
     def custom_l2_kernels(self) -> tuple[Tensor, Tensor]:
         """The 3x3 and 1x1 conv weights: what RepVGG's custom L2 penalizes instead of weight decay."""
@@ -152,54 +209,38 @@ class RepVGGBlock(RepBlock):
         equivalent = centre * t3 + k1 * t1
         return ring + (equivalent.square() / (t3.square() + t1.square())).sum()
 
-    def fused_kernel_bias(self) -> tuple[Tensor, Tensor]:
-        k3, b3 = fold_conv_bn(self.branch_3x3)
-        k1, b1 = fold_conv_bn(self.branch_1x1)
-        kernel, bias = k3 + pad_to_3x3(k1), b3 + b1
-        if self.branch_identity is not None:
-            k_id, b_id = fold_bn(self.identity(k3), self.branch_identity)
-            kernel, bias = kernel + k_id, bias + b_id
-        return kernel, bias
+
+@yaml_module
+class RepVGGNoIdBNBlock(ThreeBranchBlock):
+    """Step S2 of the paper's ablation: RepVGG without the identity BN, ``relu(bn(conv3x3) + bn(conv1x1) + x)``.
+
+    No BN ever sees the block's post-ReLU input, so no dead channel can blow up a BN scale (the paper: INT8 63.5 ->
+    62.5 top-1 on RepVGG-A0 nonetheless, FP32 71.9 -> 70.7)."""
+
+    bn_1x1, bn_identity, bn_post = True, False, False
+    branch_names = ("branch_3x3", "branch_1x1")
 
 
 @yaml_module
-class QARepBlock(RepBlock):
-    """QARepVGG (Chu et al., AAAI 2024): ``relu(bn_post(bn(conv3x3) + conv1x1 + x))``.
+class QARepNoPostBNBlock(ThreeBranchBlock):
+    """Step S3 of the paper's ablation: S2 with a plain 1x1 too, i.e. QARepVGG without its post-BN,
+    ``relu(bn(conv3x3) + conv1x1 + x)``. Only the 3x3 branch has a BN (the paper: INT8 69.5, FP32 70.1)."""
+
+    bn_1x1, bn_identity, bn_post = False, False, False
+    branch_names = ("branch_3x3", "branch_1x1")
+
+
+@yaml_module
+class QARepBlock(ThreeBranchBlock):
+    """QARepVGG (Chu et al., AAAI 2024): ``relu(bn_post(bn(conv3x3) + conv1x1 + x))``; step S4 of its ablation.
 
     BN only on the 3x3 branch, a plain bias-free 1x1 conv, an identity without BN (same presence rule as
     RepVGG) and one BN after the sum. The post-BN folds into the fused kernel too, so the deployed block is a
     single conv + ReLU exactly like RepVGG's.
     """
 
+    bn_1x1, bn_identity, bn_post = False, False, True
     branch_names = ("branch_3x3", "branch_1x1", "bn")
-
-    def __init__(self, c1: int, c2: int, s: int = 1, g: int = 1, act: str = "relu") -> None:
-        super().__init__(c1, c2, s, g, act)
-        self.branch_3x3 = conv_bn(c1, c2, 3, s, g)
-        self.branch_1x1 = nn.Conv2d(c1, c2, 1, s, 0, groups=g, bias=False)
-        self.bn = nn.BatchNorm2d(c2)
-
-    def forward_branches(self, x: Tensor) -> Tensor:
-        y = self.branch_3x3(x) + self.branch_1x1(x)
-        return self.bn(y + self.shortcut(x) if self.has_identity else y)
-
-    def branch_bns(self) -> dict[str, nn.BatchNorm2d]:
-        return {} if self.fused else {"3x3": self.branch_3x3[1], "post": self.bn}
-
-    def shortcut(self, x: Tensor) -> Tensor:
-        """What an identity block adds to the two conv branches before the post-BN: ``x`` itself."""
-        return x
-
-    def shortcut_kernel(self, like: Tensor) -> Tensor:
-        """:meth:`shortcut` as a 3x3 kernel."""
-        return self.identity(like)
-
-    def fused_kernel_bias(self) -> tuple[Tensor, Tensor]:
-        kernel, bias = fold_conv_bn(self.branch_3x3)
-        kernel = kernel + pad_to_3x3(self.branch_1x1.weight)
-        if self.has_identity:
-            kernel = kernel + self.shortcut_kernel(kernel)
-        return fold_bn(kernel, self.bn, bias)
 
 
 @yaml_module

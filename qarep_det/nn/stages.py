@@ -2,7 +2,9 @@
 
 Naming scheme: a generic class takes the block type (``RepStage(c1, c2, n, s, g, act, block=QARepBlock)``); each
 flavour has a named subclass so a YAML can say what it means: ``QARepStage`` / ``QARepStageV2`` / ``RepVGGStage``
-and ``QARepCSPStage`` / ``QARepCSPStageV2`` / ``RepVGGCSPStage``. ``SimSPPF`` (YOLOv6) and ``SPPCSPC`` (YOLOv7) have
+and ``QARepCSPStage`` / ``QARepCSPStageV2`` / ``RepVGGCSPStage``, and for the two middle steps of the QARepVGG
+paper's ablation ``RepVGGNoIdBNStage`` / ``RepVGGNoIdBNCSPStage`` (S2) and ``QARepNoPostBNStage`` /
+``QARepNoPostBNCSPStage`` (S3). ``SimSPPF`` (YOLOv6) and ``SPPCSPC`` (YOLOv7) have
 no multi-branch conv, so one class each serves every family (a flavoured twin would be the same module under two
 names). Every module takes ``act`` last (see ``activation``); ReLU is the default.
 """
@@ -12,7 +14,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from qarep_det.nn.blocks import ConvBNReLU, QARepBlock, QARepBlockV2, RepBlock, RepVGGBlock
+from qarep_det.nn.blocks import (
+    ConvBNReLU,
+    QARepBlock,
+    QARepBlockV2,
+    QARepNoPostBNBlock,
+    RepBlock,
+    RepVGGBlock,
+    RepVGGNoIdBNBlock,
+)
 from qarep_det.nn.registry import yaml_module
 
 
@@ -170,3 +180,31 @@ class RepVGGCSPStage(CSPRepStage):
     """``CSPRepStage`` of ``RepVGGBlock``s (baseline)."""
 
     block = RepVGGBlock
+
+
+@yaml_module(repeats=True)
+class RepVGGNoIdBNStage(RepStage):
+    """``RepStage`` of ``RepVGGNoIdBNBlock``s (ablation step S2)."""
+
+    block = RepVGGNoIdBNBlock
+
+
+@yaml_module(repeats=True)
+class RepVGGNoIdBNCSPStage(CSPRepStage):
+    """``CSPRepStage`` of ``RepVGGNoIdBNBlock``s (ablation step S2)."""
+
+    block = RepVGGNoIdBNBlock
+
+
+@yaml_module(repeats=True)
+class QARepNoPostBNStage(RepStage):
+    """``RepStage`` of ``QARepNoPostBNBlock``s (ablation step S3)."""
+
+    block = QARepNoPostBNBlock
+
+
+@yaml_module(repeats=True)
+class QARepNoPostBNCSPStage(CSPRepStage):
+    """``CSPRepStage`` of ``QARepNoPostBNBlock``s (ablation step S3)."""
+
+    block = QARepNoPostBNBlock

@@ -5,7 +5,11 @@ median: docs/results.md, Where INT8 goes); per-channel INT8 then spends its whol
 coarsely. ``max_to_median`` exposes the outlier and ``weight_sqnr_db`` its cost, layer by layer; ``sqnr_db`` on outputs
 measures what reaches the detector, and ``NoisePower`` accumulates the same ratio over many batches (signal and noise
 summed first, then divided). :func:`bn_scales` reads the paper's mechanism in the training form: ``|gamma| / sqrt(var +
-eps)`` per BN of every block of ours (a dead channel under RepVGG's identity BN explodes).
+eps)`` per BN of every block of ours (a dead channel under RepVGG's identity BN explodes), with the dead channels
+(:func:`dead_channel_mask`) behind it; :func:`fused_kernels` the fused kernel each block deploys, read without fusing:
+its largest weight against its median, and per output channel the share of weights INT8 rounds to zero
+(:func:`int8_zero_share`), the cost of one dominating tap. Together these are the QARepVGG paper's diagnosis of why
+RepVGG quantizes badly (Chu et al., AAAI 2024, section 3), one row per block and branch.
 """
 
 from __future__ import annotations
@@ -102,6 +106,28 @@ def max_to_median(weight: torch.Tensor) -> tuple[float, int]:
     return (float(magnitudes[channel].max()) / median if median > 0 else math.inf), channel
 
 
+def int8_zero_share(weight: torch.Tensor, num_bits: int = 8) -> torch.Tensor:
+    """Per output channel, the share of its weights that are non-zero in float and zero at symmetric per-channel
+    INT8 with max calibration (:func:`fake_quant_per_channel`): ``|w| < amax / 127 / 2``, ties rounding to even.
+
+    The channel's largest weight sets ``amax``; when one tap dominates (RepVGG's identity centre tap behind a dead
+    channel) every weight below half its step is lost, and this share says how many.
+    """
+    lost = (fake_quant_per_channel(weight.detach(), num_bits) == 0) & (weight.detach() != 0)
+    return lost.flatten(1).double().mean(1)
+
+
+def dead_channel_mask(bn: nn.BatchNorm2d) -> torch.Tensor:
+    """The channels a BN has seen (almost) nothing on: running mean square ``running_var + running_mean^2 <= eps``.
+
+    A post-ReLU channel that never fires has running mean 0 and running variance 0, so behind RepVGG's identity BN
+    these are the block's dead input channels; their scale ``|gamma| / sqrt(var + eps)`` is then at least
+    ``|gamma| / sqrt(2 eps)``, within a factor sqrt(2) of its ceiling ``|gamma| / sqrt(eps)``. Read from the BN's
+    running statistics alone: no images needed.
+    """
+    return (bn.running_var + bn.running_mean.square()).detach() <= bn.eps
+
+
 @dataclass(frozen=True)
 class BNScale:
     """``|gamma| / sqrt(running_var + eps)`` of one BatchNorm of a block of ours, summarised over its channels."""
@@ -114,6 +140,7 @@ class BNScale:
     channel: int  # where the max is
     outliers: int  # channels above BN_OUTLIER_FACTOR x median
     outlier: bool  # outliers > 0
+    dead_channels: int  # dead_channel_mask(bn).sum(): for the identity branch, the block's dead input channels
 
 
 def bn_scales(model: nn.Module) -> list[BNScale]:
@@ -124,7 +151,7 @@ def bn_scales(model: nn.Module) -> list[BNScale]:
         if not isinstance(block, Reparameterizable):
             continue
         for branch, bn in block.branch_bns().items():
-            scale = bn_scale(bn).detach().abs().float().cpu()
+            scale = bn_scale(bn).detach().abs().double().cpu()  # float64 keeps a float64 model's scale exact
             median = float(scale.median())
             outliers = int((scale > BN_OUTLIER_FACTOR * median).sum())
             rows.append(
@@ -137,6 +164,55 @@ def bn_scales(model: nn.Module) -> list[BNScale]:
                     channel=int(scale.argmax()),
                     outliers=outliers,
                     outlier=outliers > 0,
+                    dead_channels=int(dead_channel_mask(bn).sum()),
                 )
             )
+    return rows
+
+
+@dataclass(frozen=True)
+class FusedKernel:
+    """The single kernel one block of ours deploys (its ``conv`` once fused), and what per-channel INT8 makes of it."""
+
+    conv: str  # the fused conv's name, ``<block>.conv``: the name a per-conv analysis of the fused model uses
+    block: str
+    block_type: str
+    max_abs: float  # largest |w| of the whole kernel
+    median_abs: float  # median |w| of the whole kernel
+    max_to_median: float  # max_abs / median_abs; inf for a zero median
+    channel_max_to_median: float  # the worst output channel's max |w| over its own median (:func:`max_to_median`)
+    channel: int  # that channel
+    zero_share: tuple[float, ...]  # per output channel: :func:`int8_zero_share`
+    zero_share_max: float
+    zero_share_mean: float
+
+
+@torch.no_grad()
+def fused_kernels(model: nn.Module, num_bits: int = 8) -> list[FusedKernel]:
+    """The fused kernel of every block of ours, in module order, the same for the training form (computed with the
+    block's own fusion algebra, ``fused_kernel_bias``, the model left unchanged) as for the fused model."""
+    rows = []
+    for name, block in model.named_modules():
+        if not isinstance(block, Reparameterizable):
+            continue
+        kernel = block.conv.weight if block.fused else block.fused_kernel_bias()[0]
+        magnitudes = kernel.detach().abs().double().cpu()
+        largest, median = float(magnitudes.max()), float(magnitudes.median())
+        ratio, channel = max_to_median(kernel)
+        share = int8_zero_share(kernel, num_bits).cpu()
+        rows.append(
+            FusedKernel(
+                conv=f"{name}.conv" if name else "conv",
+                block=name,
+                block_type=type(block).__name__,
+                max_abs=largest,
+                median_abs=median,
+                max_to_median=largest / median if median > 0 else math.inf,
+                channel_max_to_median=ratio,
+                channel=channel,
+                zero_share=tuple(share.tolist()),
+                zero_share_max=float(share.max()),
+                zero_share_mean=float(share.mean()),
+            )
+        )
     return rows
