@@ -39,7 +39,7 @@ from qarep_det.nn import (
     RepVGGStage,
     ThreeBranchBlock,
 )
-from qarep_det.quant.diagnostics import bn_scales, dead_channel_mask, fused_kernels, int8_zero_share
+from qarep_det.sensitivity.diagnostics import bn_scales, dead_channel_mask, fused_kernels, int8_zero_share
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
