@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import randomize_bn, results_epochs
+from qarep_det.integrations.run_options import TrainInputError, TrainOptions, check_model_cfg
+from qarep_det.integrations.trainer import train
 from torch import nn
 from ultralytics.nn.tasks import DetectionModel
 
@@ -21,8 +23,6 @@ import qarep_det
 from qarep_det import reparameterize_model
 from qarep_det.data.synthetic import make_dataset
 from qarep_det.integrations.checkpoint import load_detector
-from qarep_det.integrations.run_options import TrainInputError, TrainOptions, check_model_cfg
-from qarep_det.integrations.trainer import train
 from qarep_det.nn import (
     QARepBlock,
     QARepCSPStage,
