@@ -78,8 +78,15 @@ def plot_isolated(models: Sequence[dict[str, Any]], path: Path) -> Path:
     for k, model in enumerate(models):
         worst = model["ranking"][0]
         value = _values(model, [worst], "isolated_sqnr_db")[0]
-        ax.plot(_bar_x(names.index(worst), k, len(models)), value, "v", color=f"C{k}", markeredgecolor="black",
-                markersize=10, label=f"{model['model']}: most harmful {_short(worst)} ({value:.1f} dB)")  # fmt: skip
+        ax.plot(
+            _bar_x(names.index(worst), k, len(models)),
+            value,
+            "v",
+            color=f"C{k}",
+            markeredgecolor="black",
+            markersize=10,
+            label=f"{model['model']}: most harmful {_short(worst)} ({value:.1f} dB)",
+        )
     _layer_axis(ax, names)
     ax.set_ylabel("detector output SQNR (dB) with only this conv INT8\n(lower = more harmful)")
     title = "Isolated sensitivity per conv (boxes and scores weighted equally: mean of their relative noise powers)"
@@ -92,10 +99,21 @@ def plot_cumulative(models: Sequence[dict[str, Any]], path: Path) -> Path:
     fig, ax = _figure(len(names))
     xs = range(len(names))
     for k, model in enumerate(models):
-        ax.plot(xs, _values(model, names, "cumulative_sqnr_db"), "-o", color=f"C{k}", markersize=3,
-                label=f"{model['model']}: conv output")  # fmt: skip
-        ax.plot(xs, _values(model, names, "cumulative_input_sqnr_db"), ":", color=f"C{k}",
-                label=f"{model['model']}: conv input (before its quantizer)")  # fmt: skip
+        ax.plot(
+            xs,
+            _values(model, names, "cumulative_sqnr_db"),
+            "-o",
+            color=f"C{k}",
+            markersize=3,
+            label=f"{model['model']}: conv output",
+        )
+        ax.plot(
+            xs,
+            _values(model, names, "cumulative_input_sqnr_db"),
+            ":",
+            color=f"C{k}",
+            label=f"{model['model']}: conv input (before its quantizer)",
+        )
     _layer_axis(ax, names)
     ax.set_ylabel("SQNR vs FP32 in the fully INT8 model (dB)")
     return _save(fig, "Cumulative error along the depth: the gap from dotted to solid is what a conv adds", path)
@@ -127,8 +145,15 @@ def plot_bn_scales(models: Sequence[dict[str, Any]], path: Path) -> Path | None:
             rows = [r for r in model["bn_scales"] if r["branch"] == branch]
             xs = [blocks.index(r["block"]) + (k - (len(branches) - 1) / 2) * 0.18 for r in rows]
             ax.plot(xs, [r["max"] for r in rows], "o", color=f"C{k}", markersize=4, label=f"{branch} BN: max")
-            ax.plot(xs, [r["median"] for r in rows], "o", markerfacecolor="none", color=f"C{k}", markersize=4,
-                    label=f"{branch} BN: median")  # fmt: skip
+            ax.plot(
+                xs,
+                [r["median"] for r in rows],
+                "o",
+                markerfacecolor="none",
+                color=f"C{k}",
+                markersize=4,
+                label=f"{branch} BN: median",
+            )
             outliers = [(x, r["max"]) for x, r in zip(xs, rows, strict=True) if r["outlier"]]
             if outliers:
                 ax.plot(*zip(*outliers, strict=True), "o", markersize=11, markerfacecolor="none", color="red")
@@ -171,16 +196,31 @@ def plot_max_drop(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         for k, row in enumerate(model_rows):
             steps = _bisected(row)
             ks = [s["k"] for s in steps]
-            ax.plot(ks, [s["tune_map50_95"] for s in steps], "-o", color=f"C{k}", markersize=4,
-                    label=f"{row['backend']}: tuning mAP50-95, K = {len(row['float_layers'])} chosen")  # fmt: skip
+            ax.plot(
+                ks,
+                [s["tune_map50_95"] for s in steps],
+                "-o",
+                color=f"C{k}",
+                markersize=4,
+                label=f"{row['backend']}: tuning mAP50-95, K = {len(row['float_layers'])} chosen",
+            )
             if singles := [s for s in row["tune_steps"] if "reverted" in s]:
-                ax.plot([1] * len(singles), [s["tune_map50_95"] for s in singles], "x", color=f"C{k}",
-                        label=f"{row['backend']}: each of the first {len(singles)} reverted alone")  # fmt: skip
+                ax.plot(
+                    [1] * len(singles),
+                    [s["tune_map50_95"] for s in singles],
+                    "x",
+                    color=f"C{k}",
+                    label=f"{row['backend']}: each of the first {len(singles)} reverted alone",
+                )
             chosen = len(row["float_layers"])
             ax.plot(chosen, row["int8_tune_map50_95"], "o", markersize=12, markerfacecolor="none", color=f"C{k}")
         first = model_rows[0]
-        ax.axhline(first["fp32_tune_map50_95"] - first["max_drop"], color="gray", linestyle="--",
-                   label=f"target: FP32 {first['fp32_tune_map50_95']:.2f} - {first['max_drop']:g}")  # fmt: skip
+        ax.axhline(
+            first["fp32_tune_map50_95"] - first["max_drop"],
+            color="gray",
+            linestyle="--",
+            label=f"target: FP32 {first['fp32_tune_map50_95']:.2f} - {first['max_drop']:g}",
+        )
         ax.set_xlabel("K: convs kept float, first K of the sensitivity ranking (its first R re-ranked by --refine R)")
         ax.set_ylabel("tuning mAP50-95 (%)")
         ax.grid(alpha=0.3)
@@ -188,10 +228,21 @@ def plot_max_drop(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         if openvino := next((r for r in model_rows if r["backend"] == "openvino"), None):
             steps = _bisected(openvino)
             latency = ax.twinx()
-            latency.plot([s["k"] for s in steps], [s["int8_ms"] for s in steps], ":s", color="black", markersize=3,
-                         label="OpenVINO INT8 ms per image (right axis)")  # fmt: skip
-            latency.axhline(openvino["fp32_ms"], color="black", linestyle="-.", linewidth=0.8,
-                            label="OpenVINO FP32 ms per image, val batches (right axis)")  # fmt: skip
+            latency.plot(
+                [s["k"] for s in steps],
+                [s["int8_ms"] for s in steps],
+                ":s",
+                color="black",
+                markersize=3,
+                label="OpenVINO INT8 ms per image (right axis)",
+            )
+            latency.axhline(
+                openvino["fp32_ms"],
+                color="black",
+                linestyle="-.",
+                linewidth=0.8,
+                label="OpenVINO FP32 ms per image, val batches (right axis)",
+            )
             latency.set_ylabel("OpenVINO INT8 ms per image\n(median over tuning batches)")
             handles, labels = latency.get_legend_handles_labels()
         else:
@@ -210,8 +261,9 @@ def _bisected(row: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted((s for s in row["tune_steps"] if "reverted" not in s), key=lambda s: s["k"])
 
 
-def plot_leave_one_out(sweeps: dict[str, dict[str, Any]], rankings: dict[str, Sequence[str]], path: Path,
-                       title: str, top: int = 5) -> Path:  # fmt: skip
+def plot_leave_one_out(
+    sweeps: dict[str, dict[str, Any]], rankings: dict[str, Sequence[str]], path: Path, title: str, top: int = 5
+) -> Path:
     """The leave-one-out ground truth, one panel per backend: the tuning mAP50-95 each conv wins back reverted alone
     (``LeaveOneOut.as_dict()`` of each backend), as bars in model order, the sweep's own top ``top`` black; above
     them a row of markers per ranking on its top ``top`` convs, labelled with how many of the sweep's top it found."""
@@ -228,14 +280,24 @@ def plot_leave_one_out(sweeps: dict[str, dict[str, Any]], rankings: dict[str, Se
         for k, (name, ranking) in enumerate(rankings.items()):
             picked = [names.index(n) for n in ranking[:top] if n in names]
             found = len(best & set(ranking[:top]))
-            ax.plot(picked, [high * (1.1 + 0.12 * k)] * len(picked), "v", color=f"C{k}", markersize=7,
-                    markeredgecolor="black", label=f"{name}: its top {top} ({found}/{top} of the sweep's)")  # fmt: skip
+            ax.plot(
+                picked,
+                [high * (1.1 + 0.12 * k)] * len(picked),
+                "v",
+                color=f"C{k}",
+                markersize=7,
+                markeredgecolor="black",
+                label=f"{name}: its top {top} ({found}/{top} of the sweep's)",
+            )
         ax.set_ylim(top=high * (1.15 + 0.12 * len(rankings)))
         _layer_axis(ax, names)
         ax.set_ylabel("tuning mAP50-95 gained\nreverting this conv alone")
         fp32 = "" if sweep.get("fp32_tune_map50_95") is None else f", FP32 {sweep['fp32_tune_map50_95']:.2f}"
-        ax.set_title(f"{backend}: fully INT8 {sweep['int8_tune_map50_95']:.2f}{fp32} on {sweep['tune_images']} tuning "
-                     f"images; black bars: the sweep's top {top} (ties in model order)", fontsize=10)  # fmt: skip
+        ax.set_title(
+            f"{backend}: fully INT8 {sweep['int8_tune_map50_95']:.2f}{fp32} on {sweep['tune_images']} tuning "
+            f"images; black bars: the sweep's top {top} (ties in model order)",
+            fontsize=10,
+        )
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the panel, never over a marker
     fig.suptitle(title)
     fig.savefig(path, dpi=110)

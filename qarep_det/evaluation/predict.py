@@ -97,8 +97,16 @@ def predict_to_json(
 ) -> PredictStats:
     """:func:`predict` under the protocol these keywords describe (defaults: :class:`EvalProtocol`'s)."""
     protocol = EvalProtocol(imgsz=imgsz, conf=conf, iou=iou, max_det=max_det, multi_label=multi_label)
-    return predict(runner, image_files, out_json, protocol, image_id_fn=image_id_fn, category_id_fn=category_id_fn,
-                   batch=batch, progress=progress)  # fmt: skip
+    return predict(
+        runner,
+        image_files,
+        out_json,
+        protocol,
+        image_id_fn=image_id_fn,
+        category_id_fn=category_id_fn,
+        batch=batch,
+        progress=progress,
+    )
 
 
 def predict(

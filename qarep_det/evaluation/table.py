@@ -41,9 +41,18 @@ MAX_DROP_COLUMNS: tuple[tuple[str, str], ...] = (
     ("tune_evals", "tune evals"),
 )
 TWO_DECIMALS = {
-    "fp32_map50_95", "int8_map50_95", "drop", "fp32_map50", "int8_map50", "fp32_ms", "int8_ms", "tune_drop",
-    "shortfall", "fp32_tune_map50_95", "int8_tune_map50_95",
-}  # fmt: skip
+    "fp32_map50_95",
+    "int8_map50_95",
+    "drop",
+    "fp32_map50",
+    "int8_map50",
+    "fp32_ms",
+    "int8_ms",
+    "tune_drop",
+    "shortfall",
+    "fp32_tune_map50_95",
+    "int8_tune_map50_95",
+}
 PROTOCOL_KEY = "protocol"  # a row's protocol is a footnote, not a column: it is one long line
 
 

@@ -159,10 +159,16 @@ def _bn_section(m: dict[str, Any]) -> list[str]:
     outliers = [r for r in m["bn_scales"] if r["outlier"]]
     largest = sorted(m["bn_scales"], key=lambda r: -r["max"])[:TOP]
     rows = [
-        [f"{r['block']} ({r['block_type']})", r["branch"], f"{r['max']:.3g}", f"{r['median']:.3g}", str(r["channel"]),
-         str(r["outliers"])]
+        [
+            f"{r['block']} ({r['block_type']})",
+            r["branch"],
+            f"{r['max']:.3g}",
+            f"{r['median']:.3g}",
+            str(r["channel"]),
+            str(r["outliers"]),
+        ]
         for r in largest
-    ]  # fmt: skip
+    ]
     return [
         f"BN scale factors |gamma| / sqrt(var + eps) of the training form: {len(m['bn_scales'])} BNs, "
         f"{len(outliers)} with an outlier channel (> {m['bn_outlier_factor']:g}x its BN's median). Largest:",
@@ -180,18 +186,28 @@ def _summary(models: Sequence[dict[str, Any]]) -> list[str]:
         worst, added = layers[m["ranking"][0]], layers[m["cumulative_ranking"][0]]
         weights = [r["weight_sqnr_db"] for r in m["layers"] if r["weight_sqnr_db"] is not None]
         bn = max(m["bn_scales"], key=lambda r: r["max"], default=None)
-        rows.append([
-            m["model"],
-            _db(m["int8_output_sqnr_db"]["combined"]),
-            f"`{worst['name']}` {_db(worst['isolated_sqnr_db'])}",
-            f"`{added['name']}` {_db(added['cumulative_added_sqnr_db'])}",
-            f"{min(weights):.1f}" if weights else "-",
-            f"{max(r['weight_max_to_median'] for r in m['layers']):.0f}",
-            f"{bn['max']:.3g} ({bn['block']} {bn['branch']})" if bn else "-",
-            str(sum(r["outlier"] for r in m["bn_scales"])),
-        ])  # fmt: skip
-    header = ["model", "INT8 output SQNR", "most harmful (isolated dB)", "most noise added (dB)",
-              "min weight SQNR", "max w max/median", "max BN scale", "outlier BNs"]  # fmt: skip
+        rows.append(
+            [
+                m["model"],
+                _db(m["int8_output_sqnr_db"]["combined"]),
+                f"`{worst['name']}` {_db(worst['isolated_sqnr_db'])}",
+                f"`{added['name']}` {_db(added['cumulative_added_sqnr_db'])}",
+                f"{min(weights):.1f}" if weights else "-",
+                f"{max(r['weight_max_to_median'] for r in m['layers']):.0f}",
+                f"{bn['max']:.3g} ({bn['block']} {bn['branch']})" if bn else "-",
+                str(sum(r["outlier"] for r in m["bn_scales"])),
+            ]
+        )
+    header = [
+        "model",
+        "INT8 output SQNR",
+        "most harmful (isolated dB)",
+        "most noise added (dB)",
+        "min weight SQNR",
+        "max w max/median",
+        "max BN scale",
+        "outlier BNs",
+    ]
     return ["## Summary", "", *markdown_table(header, rows), ""]
 
 

@@ -225,8 +225,9 @@ class ConvWalk:
         self, images: Sequence[torch.Tensor], device: str | torch.device, progress: bool
     ) -> Iterator[tuple[torch.Tensor, tqdm]]:
         """The images as fast-layout batches, with the conv-pass progress bar; raises if there were none."""
-        bar = tqdm(total=len(images) * len(self.convs), desc="per-conv INT8 sensitivity", unit="conv",
-                   disable=not progress)  # fmt: skip
+        bar = tqdm(
+            total=len(images) * len(self.convs), desc="per-conv INT8 sensitivity", unit="conv", disable=not progress
+        )
         if isinstance(images, CalibrationSet):  # its own bar would say "calibrating"; ours counts the analysis
             images = replace(images, progress=False)
         seen = 0

@@ -68,8 +68,12 @@ class Step:
 
     def row(self) -> dict[str, Any]:
         """The step's entry in a results.json row, rounded as the table is; a refinement step names its conv."""
-        entry: dict[str, Any] = {"k": self.k, "tune_map50_95": round(self.tune_map50_95, 2),
-                                 "tune_drop": round(self.tune_drop, 2), "int8_ms": round(self.int8_ms, 2)}  # fmt: skip
+        entry: dict[str, Any] = {
+            "k": self.k,
+            "tune_map50_95": round(self.tune_map50_95, 2),
+            "tune_drop": round(self.tune_drop, 2),
+            "int8_ms": round(self.int8_ms, 2),
+        }
         return entry | {"reverted": self.names[0]} if self.reverted else entry
 
 

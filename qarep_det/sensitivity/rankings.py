@@ -96,8 +96,12 @@ def revert_noise(
         for name, conv in walk.qconvs.items():
             set_quantizers(conv, False)
             try:
-                add_detection(walk.errors[name].boxes, walk.errors[name].scores, reference,
-                               int8_graph.restart(cache, name, qmodel))  # fmt: skip
+                add_detection(
+                    walk.errors[name].boxes,
+                    walk.errors[name].scores,
+                    reference,
+                    int8_graph.restart(cache, name, qmodel),
+                )
             finally:
                 set_quantizers(conv, True)
             bar.update()
@@ -267,8 +271,7 @@ def rank_sensitivity(
     images = first_images(calib, rank_images)  # calibration saw all of them; the per-conv passes see these
     ranked = half_range_weights(calibrated) if half_range else calibrated
     ranking = rank(rank_by, fused, ranked, images, recipe, device, progress)
-    return Sensitivity(calibrated, ranking, calibrate_s, time.perf_counter() - start - calibrate_s, rank_by,
-                       half_range)  # fmt: skip
+    return Sensitivity(calibrated, ranking, calibrate_s, time.perf_counter() - start - calibrate_s, rank_by, half_range)
 
 
 def keep_most_sensitive(
