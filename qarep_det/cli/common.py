@@ -86,12 +86,12 @@ def add_rank_args(parser: argparse.ArgumentParser, default_help: str) -> None:
 def recipe_from_args(args: argparse.Namespace, calib_images: int | None = None) -> QuantRecipe:
     """The recipe the flags of :func:`add_recipe_args` (and :func:`add_partial_args`, if added) describe."""
     return QuantRecipe(
-        args.calib_method,
-        args.percentile,
-        not args.keep_head_float,
-        calib_images or args.calib_images,
-        args.seed,
-        tuple(getattr(args, "keep_float_layers", ())),
+        calib_method=args.calib_method,
+        percentile=args.percentile,
+        quantize_head=not args.keep_head_float,
+        calib_images=calib_images or args.calib_images,
+        seed=args.seed,
+        float_layers=tuple(getattr(args, "keep_float_layers", ())),
     )
 
 

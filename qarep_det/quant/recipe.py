@@ -20,7 +20,7 @@ CalibMethod = Literal["max", "percentile", "mse", "entropy"]
 CALIB_METHODS: tuple[str, ...] = ("max", "percentile", "mse", "entropy")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class QuantRecipe:
     """How to calibrate and what to quantize; validated on construction so a typo fails before calibration.
 
