@@ -24,7 +24,7 @@ from ultralytics.models.yolo.detect import DetectionValidator
 
 import qarep_det  # noqa: F401  (offline settings before ultralytics is used)
 from qarep_det.cli.main import main as qarep_det_main
-from qarep_det.data.coco_prepare import prepare_coco
+from qarep_det.data.coco import prepare_coco
 from qarep_det.data.dataset import resolve_dataset
 from qarep_det.data.labels import read_yolo_label
 from qarep_det.eval.coco import coco80_names, load_ground_truth

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from qarep_det.cli.common import tool_parser
-from qarep_det.data.coco_prepare import CocoInputError, prepare_coco
+from qarep_det.data.coco import CocoInputError, prepare_coco
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

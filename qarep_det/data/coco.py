@@ -1,4 +1,5 @@
-"""COCO 2017's official downloads turned into a folder that Ultralytics trains on and our tools evaluate on.
+"""COCO 2017 for detection: its 80 classes, and its official downloads made a folder that Ultralytics trains on and
+our tools evaluate on.
 
 COCO ships its images as ``train2017/`` and ``val2017/`` and its annotations as one ``annotations/`` folder that
 also holds ``captions_*.json`` and ``person_keypoints_*.json``. Ultralytics' ``convert_coco`` reads every json of
@@ -35,15 +36,23 @@ from typing import Any
 import yaml
 from ultralytics.data.converter import coco80_to_coco91_class, convert_coco
 from ultralytics.data.utils import IMG_FORMATS
-from ultralytics.utils import LOGGER
-
-from qarep_det.eval.coco import coco80_names
+from ultralytics.utils import LOGGER, ROOT, YAML
 
 SPLITS = ("train2017", "val2017")
 """COCO 2017's detection splits with public annotations, in the order they are checked and written."""
 
 SCORED_SPLIT = "val2017"
 """The split whose official json is kept in ``out/annotations`` for scoring."""
+
+
+def coco80_names() -> list[str]:
+    """COCO's 80 class names in Ultralytics' order (from its bundled coco.yaml): the model's class indices."""
+    return list(YAML.load(ROOT / "cfg" / "datasets" / "coco.yaml")["names"].values())
+
+
+def coco_categories() -> dict[int, str]:
+    """COCO's 80 detection categories as its json files number them (ids 1-90, with gaps): id -> name."""
+    return dict(zip(coco80_to_coco91_class(), coco80_names(), strict=True))
 
 
 class CocoInputError(ValueError):
@@ -135,7 +144,7 @@ def _check_split(name: str, image_dir: Path, instances: Path) -> _Split:
     del dataset  # train2017's json is 448 MB: let it go before convert_coco reads it again
     if not boxes_ok:
         raise CocoInputError(f"'{instances}' has an annotation whose bbox is not 4 numbers")
-    coco = dict(zip(coco80_to_coco91_class(), coco80_names(), strict=True))
+    coco = coco_categories()
     if categories != coco:
         odd = min(i for i in categories.keys() | coco.keys() if categories.get(i) != coco.get(i))
         raise CocoInputError(
