@@ -178,6 +178,10 @@ BAD: dict[str, tuple[Callable[[Path], Any], str]] = {
         lambda d: (d / "train2017" / "000000000544.jpg").unlink(),
         r"'.*train2017' lacks 1 of the 3 images of instances_train2017\.json \(e\.g\. 000000000544\.jpg\)",
     ),
+    "one_name_twice": (
+        lambda d: _edit_json(d / VAL_JSON, lambda c: {**c, "images": c["images"] + [{**c["images"][0], "id": 1}]}),
+        r"instances_val2017\.json' lists 4 images under 3 file names",
+    ),
     "unlisted_image": (
         lambda d: shutil.copyfile(d / "val2017" / UNANNOTATED, d / "val2017" / "000000000001.jpg"),
         r"'.*val2017' holds 1 images that instances_val2017\.json does not list \(e\.g\. 000000000001\.jpg\)",

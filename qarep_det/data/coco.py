@@ -154,6 +154,8 @@ def _check_split(name: str, image_dir: Path, instances: Path) -> _Split:
     if stray := annotated - images.keys():
         raise CocoInputError(f"'{instances}' annotates image id {min(stray)}, which its images list lacks")
     listed, found = set(images.values()), _image_names(image_dir)
+    if len(listed) < len(images):
+        raise CocoInputError(f"'{instances}' lists {len(images)} images under {len(listed)} file names")
     if not listed & found:
         raise CocoInputError(
             f"'{image_dir}' holds none of the {len(listed)} images of {instances.name} (e.g. {min(listed)}): "
@@ -196,12 +198,12 @@ def _convert(splits: Sequence[_Split], scratch: Path) -> Path:
 
 
 def _count_labels(folder: Path, split: _Split) -> SplitSummary:
-    """The split's summary with the boxes written; refuses label files that are not one per annotated image."""
+    """The split's summary with the boxes written, once checked that ``convert_coco`` wrote one label file per
+    annotated image (an empty one where all are crowd regions)."""
     files = list(folder.rglob("*.txt")) if folder.is_dir() else []
     if len(files) != split.summary.annotated:
-        raise CocoInputError(
-            f"{split.name}: {len(files)} label files written for {split.summary.annotated} annotated images (do two "
-            f"images of {split.instances.name} share a file name?)"
+        raise RuntimeError(
+            f"{split.name}: convert_coco wrote {len(files)} label files for {split.summary.annotated} annotated images"
         )
     boxes = sum(len(f.read_text(encoding="utf-8").splitlines()) for f in files)
     return SplitSummary(split.name, split.summary.images, split.summary.annotated, split.summary.crowd, boxes)
