@@ -176,7 +176,7 @@ def run_nncf(fused, calib, fp32_ir, recipe, metric: TuningMetric, tuning: Tuning
 
 
 def main() -> None:
-    parser = benchmark_parser(__doc__, imgsz=160, calib_images=256)
+    parser = benchmark_parser(__doc__, imgsz=160, calib_images=256, out="runs/benchmarks/accuracy_control")
     parser.add_argument("--tune-images", type=int, default=256)
     parser.add_argument("--max-drop", type=float, default=0.3, help="mAP50-95 points, absolute")
     parser.add_argument(

@@ -8,15 +8,17 @@ from pathlib import Path
 from qarep_det.quant.backends.openvino import OVERFLOW_FIX
 
 
-def benchmark_parser(doc: str | None, imgsz: int, calib_images: int) -> argparse.ArgumentParser:
-    """A parser with ``--weights``, ``--data``, ``--imgsz``, ``--calib-images`` and ``--out``; the first line of the
-    script's docstring is its description."""
+def benchmark_parser(doc: str | None, imgsz: int, calib_images: int, out: str) -> argparse.ArgumentParser:
+    """A parser with ``--weights``, ``--data``, ``--imgsz``, ``--calib-images`` and ``--out`` (default ``out``, the
+    script's folder under runs/benchmarks); the first line of the script's docstring is its description."""
     parser = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
     parser.add_argument("--weights", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--imgsz", type=int, default=imgsz)
     parser.add_argument("--calib-images", type=int, default=calib_images)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--out", type=Path, default=Path(out), help=f"output folder, files in it replaced (default: {out})"
+    )
     return parser
 
 

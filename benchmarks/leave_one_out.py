@@ -56,7 +56,7 @@ def agreement_rows(sweeps: dict[str, LeaveOneOut], orders: dict[str, list[str]])
 
 
 def main() -> None:
-    parser = benchmark_parser(__doc__, imgsz=160, calib_images=256)
+    parser = benchmark_parser(__doc__, imgsz=160, calib_images=256, out="runs/benchmarks/leave_one_out")
     parser.add_argument("--backends", nargs="+", default=["torch"], choices=list(BACKENDS))
     parser.add_argument("--rankings", nargs="+", default=list(RANKINGS), choices=list(RANKINGS))
     parser.add_argument("--tune-images", type=int, default=TUNE_IMAGES)

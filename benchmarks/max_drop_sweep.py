@@ -107,7 +107,7 @@ def sweep_order(order: list[str], full: bool, ks: list[int] | None, score: Score
 
 
 def main() -> None:
-    parser = benchmark_parser(__doc__, imgsz=160, calib_images=256)
+    parser = benchmark_parser(__doc__, imgsz=160, calib_images=256, out="runs/benchmarks/max_drop_sweep")
     parser.add_argument("--rank-images", type=int, default=RANK_IMAGES)
     parser.add_argument("--tune-images", type=int, default=256)
     parser.add_argument("--backend", choices=list(BACKENDS), default="openvino")

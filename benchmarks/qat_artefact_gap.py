@@ -51,7 +51,7 @@ def gap(weights: Path, images: torch.Tensor, imgsz: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = benchmark_parser(__doc__, imgsz=640, calib_images=16)
+    parser = benchmark_parser(__doc__, imgsz=640, calib_images=16, out="runs/benchmarks/qat_artefact_gap")
     parser.add_argument("--more-weights", type=Path, nargs="*", default=[], help="further checkpoints, same images")
     args = parser.parse_args()
     images = torch.cat(list(calibration_set(args.data, args.imgsz, args.calib_images, 0, progress=False)))

@@ -47,7 +47,7 @@ def summed(batches: list[Noise]) -> Noise:
 
 
 def main() -> None:
-    parser = benchmark_parser(__doc__, imgsz=640, calib_images=512)
+    parser = benchmark_parser(__doc__, imgsz=640, calib_images=512, out="runs/benchmarks/ranking_stability")
     parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256])
     parser.add_argument("--keep", type=int, nargs="+", default=[1, 2, 4], help="top-K sets compared")
     parser.add_argument("--batch", type=int, default=8, help="images per batch; every size must be a multiple")

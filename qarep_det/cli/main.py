@@ -25,6 +25,7 @@ TOOLS: dict[str, str] = {
     "qat": "qat",
     "benchmark": "benchmark",
     "make-dataset": "make_dataset",
+    "coco": "coco",
     "plant-outlier": "plant_outlier",
 }
 """Subcommand -> module of ``qarep_det.cli`` (and script of ``tools/``)."""

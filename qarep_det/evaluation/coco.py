@@ -29,9 +29,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from ultralytics.data.converter import coco80_to_coco91_class
 from ultralytics.data.utils import exif_size, img2label_paths
-from ultralytics.utils import ROOT, YAML
 from ultralytics.utils.ops import clip_boxes, xywhn2xyxy, xyxy2ltwh
 
+from qarep_det.data.coco import coco80_names, coco_categories
 from qarep_det.data.dataset import resolve_dataset
 from qarep_det.data.images import list_images
 from qarep_det.data.labels import read_yolo_label
@@ -146,11 +146,6 @@ def ground_truth_from_labels(
     return GroundTruth(files, [im["id"] for im in images], list(range(1, len(names) + 1)), dataset)
 
 
-def coco80_names() -> list[str]:
-    """COCO's 80 class names in Ultralytics' order (from its bundled coco.yaml)."""
-    return list(YAML.load(ROOT / "cfg" / "datasets" / "coco.yaml")["names"].values())
-
-
 def _split_name(source: str) -> str:
     """COCO's name of a split: its folder (``images/val2017``) or image list (``val2017.txt``) without the suffix."""
     path = Path(source)
@@ -172,7 +167,7 @@ def check_instances_json(path: Path, files: Sequence[Path]) -> None:
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
         reason = f"no {e} entry" if isinstance(e, KeyError) else " ".join(str(e).split())
         raise InputError(f"instances json '{path}' is not a COCO instances file: {reason}") from None
-    coco = dict(zip(coco80_to_coco91_class(), coco80_names(), strict=True))
+    coco = coco_categories()
     if not categories:
         raise InputError(f"instances json '{path}' has no categories")
     if odd := next(((i, n) for i, n in categories.items() if coco.get(i) != n), None):
