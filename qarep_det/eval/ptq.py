@@ -93,8 +93,11 @@ class PTQSettings:
             )
         if unknown := [b for b in self.backends if b not in BACKENDS]:
             raise ValueError(f"unknown backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}")
-        if self.overflow_fix is not None and "openvino" not in self.backends:
-            raise ValueError("the overflow fix is NNCF's, for the openvino backend: add it to the backends")
+        if self.overflow_fix is not None and not {"openvino", "onnxruntime-int8"} & set(self.backends):
+            raise ValueError("the overflow fix is NNCF's, for the openvino backend (onnxruntime-int8: its 7-bit "
+                             "reduce_range weights): add one of them to the backends")  # fmt: skip
+        for backend in self.backends:
+            BACKENDS[backend].check_recipe(self.recipe)
         check_imgsz(self.imgsz)
         check_count("batch", self.batch)
         torch_device(self.device)  # fails now, in one line, rather than at the first .to(device)
@@ -250,6 +253,9 @@ def evaluate_checkpoint(
 def _load_checked(path: Path, settings: PTQSettings) -> FusedCheckpoint:
     """One checkpoint loaded and fused, refused if the settings' float convs cannot apply to it."""
     checkpoint = load_fused(path, settings.fp32_weights)
+    if checkpoint.student is not None and (no_qat := [b for b in settings.backends if not BACKENDS[b].runs_qat]):
+        raise ValueError(f"'{path}' is a QAT checkpoint: the {no_qat[0]} backend calibrates its own ranges on an FP32 "
+                         "model; score it on torch, onnxruntime or openvino")  # fmt: skip
     if checkpoint.student is not None and settings.overflow_fix and "openvino" in settings.backends:
         raise ValueError(f"'{path}' is a QAT checkpoint: OpenVINO runs its learned 8-bit weights as they are, and "
                          "NNCF's overflow fix needs a calibration; leave --overflow-fix at auto or off")  # fmt: skip

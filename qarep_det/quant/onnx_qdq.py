@@ -64,10 +64,11 @@ def export_qdq_onnx(qmodel: nn.Module, path: str | Path, imgsz: int, overwrite: 
     return path
 
 
-def onnx_runner(path: str | Path) -> Runner:
-    """A runner over an ONNX file on onnxruntime's CPU provider."""
+def onnx_runner(path: str | Path, options=None) -> Runner:
+    """A runner over an ONNX file on onnxruntime's CPU provider, with ``options`` (``onnxruntime.SessionOptions``:
+    threads, graph optimization level) or onnxruntime's defaults."""
     _, ort = _require()
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def run(images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {"images": images.detach().float().cpu().numpy()})[0])
