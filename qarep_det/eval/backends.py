@@ -2,9 +2,9 @@
 
 A :class:`Job` is what they all quantize for one checkpoint: the fused FP32 model, the calibration set and a recipe.
 It makes each artefact once, on first use, so backends share them: the torch and onnxruntime backends one
-calibration and one QDQ ONNX file; every OpenVINO model of a checkpoint one FP32 IR. A QAT checkpoint's student
-replaces the calibration: every backend runs the student (OpenVINO from its QDQ ONNX, learned scales kept, since
-NNCF would calibrate anew).
+calibration and one QDQ ONNX file; both onnxruntime backends one FP32 ONNX; every OpenVINO model of a checkpoint one
+FP32 IR. A QAT checkpoint's student replaces the calibration: every backend but onnxruntime-int8 (which calibrates
+its own ranges) runs the student (OpenVINO from its QDQ ONNX, learned scales kept, since NNCF would calibrate anew).
 
 Each backend gives the row's INT8 runner (with its artefacts saved and the backend's own FP32 runner, for a
 like-for-like latency) and a search candidate (nothing saved).
