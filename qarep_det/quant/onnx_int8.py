@@ -83,8 +83,8 @@ def conv_nodes(model: nn.Module, graph) -> dict[str, str]:
     return {name: found[name] for name in torch_convs}
 
 
-def own_initializers(model) -> int:
-    """Give every conv its own weight and bias initializers, in place; returns how many were copied.
+def own_initializers(model) -> None:
+    """Give every conv its own weight and bias initializers, in place.
 
     TorchScript's export stores equal parameters once (e.g. the zero biases of an untrained head) and feeds the
     others through ``Identity`` nodes; onnxruntime's quantizer quantizes only a bias that is an initializer, and a
@@ -99,7 +99,6 @@ def own_initializers(model) -> int:
         graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(initializers[node.input[0]]),
                                                          node.output[0]))  # fmt: skip
         graph.node.remove(node)
-    return len(copies)
 
 
 def _calibration_reader(batches: Iterable[torch.Tensor]):
