@@ -22,7 +22,8 @@ def qdq_convs(path: str | Path) -> dict[str, tuple[QDQPair | None, QDQPair | Non
     """The ``(input, weight)`` quantizers of every Conv in a QDQ file, keyed by torch module name (``model.0.conv``).
 
     Convs are named through their weight initializer (``model.<module>.weight``, ``model.`` being the export
-    wrapper), since TorchScript's node scopes do not spell module paths unambiguously.
+    wrapper), since TorchScript's node scopes do not spell module paths unambiguously. A file of onnxruntime's
+    quantizer stores weights quantized (``<weight>_quantized`` feeding the DQ, no Q): read the same way.
     """
     import onnx
     from onnx import numpy_helper
@@ -37,10 +38,10 @@ def qdq_convs(path: str | Path) -> dict[str, tuple[QDQPair | None, QDQPair | Non
         dq = producer.get(tensor)
         if dq is None or dq.op_type != "DequantizeLinear":
             return None, tensor
-        q = producer[dq.input[0]]
-        scale, zero_point = values[q.input[1]], values[q.input[2]]
-        axis = next((a.i for a in q.attribute if a.name == "axis"), 1) if scale.size > 1 else None
-        return QDQPair(scale, zero_point, axis), q.input[0]
+        q = producer.get(dq.input[0])  # None: a stored quantized weight
+        scale, zero_point = values[dq.input[1]], values[dq.input[2]]
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) if scale.size > 1 else None
+        return QDQPair(scale, zero_point, axis), dq.input[0].removesuffix("_quantized") if q is None else q.input[0]
 
     convs = {}
     for node in graph.node:

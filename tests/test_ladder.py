@@ -14,15 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import randomize_bn, results_epochs
-from qarep_det.integrations.run_options import TrainInputError, TrainOptions, check_model_cfg
-from qarep_det.integrations.trainer import train
 from torch import nn
 from ultralytics.nn.tasks import DetectionModel
 
 import qarep_det
 from qarep_det import reparameterize_model
 from qarep_det.data.synthetic import make_dataset
-from qarep_det.integrations.checkpoint import load_detector
 from qarep_det.nn import (
     QARepBlock,
     QARepCSPStage,
@@ -40,6 +37,9 @@ from qarep_det.nn import (
     ThreeBranchBlock,
 )
 from qarep_det.sensitivity.diagnostics import bn_scales, dead_channel_mask, fused_kernels, int8_zero_share
+from qarep_det.ultralytics.checkpoint import load_detector
+from qarep_det.ultralytics.run_options import TrainInputError, TrainOptions, check_model_cfg
+from qarep_det.ultralytics.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -486,6 +486,73 @@ def test_qdq_onnx_export_checks_runs_and_keeps_scales(qmodel, images, tmp_path):
     assert math.isfinite(check.max_abs_diff) and check.output_sqnr_db > 15
 
 
+# --- onnxruntime's own INT8 (integer kernels) -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fp32_onnx(model, tmp_path_factory) -> Path:
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from qarep_det.quant.backends.onnx_qdq import export_qdq_onnx
+
+    return export_qdq_onnx(model, tmp_path_factory.mktemp("ort") / "fp32.onnx", IMGSZ)
+
+
+@pytest.mark.parametrize("scope", ["all", "head float", "keep float"])
+def test_onnxruntime_int8_runs_every_quantized_conv_as_an_integer_conv(model, qmodel, calib, fp32_onnx, tmp_path,
+                                                                        scope):  # fmt: skip
+    """onnxruntime's CPU provider must fuse exactly the convs of the recipe's scope into QLinearConv (read from the
+    graph it saves after its Q/DQ fusion), on the reference's per-channel weight grid; the float ones keep float
+    weights."""
+    from qarep_det.quant.backends.onnx_int8 import integer_convs, optimized_op_counts, quantize_onnxruntime
+    from qarep_det.quant.scope import float_conv_names
+
+    recipe = {"all": QuantRecipe(calib_images=8), "head float": QuantRecipe(calib_images=8, quantize_head=False),
+              "keep float": QuantRecipe(calib_images=8, float_layers=KEEP)}[scope]  # fmt: skip
+    path = quantize_onnxruntime(model, fp32_onnx, calib, tmp_path / "int8_ort.onnx", recipe)
+    with pytest.raises(FileExistsError):
+        quantize_onnxruntime(model, fp32_onnx, calib, path, recipe)
+    quantized, kept = quantized_conv_names(model, recipe), float_conv_names(model, recipe)
+    counts = optimized_op_counts(path)
+    assert integer_convs(path) == counts["QLinearConv"] == len(quantized) and counts["Conv"] == len(kept)
+    convs = qdq_convs(path)
+    assert {name for name, (_, weights) in convs.items() if weights is None} == kept
+    for name in quantized:
+        inputs, weights = convs[name]
+        assert inputs.zero_point.dtype == np.uint8 and inputs.axis is None
+        assert weights.zero_point.dtype == np.int8 and not weights.zero_point.any() and weights.axis == 0
+        amax = qmodel.get_submodule(name).weight_quantizer.amax.flatten().numpy()  # the reference's per-channel max
+        np.testing.assert_allclose(weights.scale, amax / 127, rtol=1e-6)
+
+
+def test_onnxruntime_int8_is_as_close_to_fp32_as_the_simulation(model, qmodel, calib, images, fp32_onnx, tmp_path):
+    """Its own quantization, not the reference's: more quantizers (conv outputs) on finer grids (uint8). So it must
+    be quantized (not FP32) yet no noisier than the simulated INT8 by more than 6 dB, twice the error amplitude
+    (measured: 26.9 dB against the simulation's 25.8). The file's Q/DQ arithmetic is run unfused (in float), so the
+    comparison holds on any CPU: the integer kernels of CPUs without VNNI saturate full 8-bit weights, which is
+    ptq_eval's reduce_range decision, not the file's scheme."""
+    import onnxruntime as ort
+
+    from qarep_det.quant.backends.onnx_int8 import quantize_onnxruntime
+    from qarep_det.quant.backends.onnx_qdq import onnx_runner
+
+    unfused = ort.SessionOptions()
+    unfused.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    fp32 = torch_runner(model)(images)
+    int8 = onnx_runner(quantize_onnxruntime(model, fp32_onnx, calib, tmp_path / "int8_ort.onnx"), unfused)(images)
+    simulated_db, ort_db = sqnr_db(fp32, torch_runner(qmodel)(images)), sqnr_db(fp32, int8)
+    assert simulated_db - 6 < ort_db < 60
+    assert sqnr_db(fp32, onnx_runner(fp32_onnx)(images)) > 100  # the file it starts from is the FP32 model
+
+
+def test_onnxruntime_int8_refuses_what_it_cannot_calibrate(model, calib, fp32_onnx, tmp_path):
+    from qarep_det.quant.backends.onnx_int8 import quantize_onnxruntime
+
+    with pytest.raises(ValueError, match="'entropy' is not available with the onnxruntime-int8"):
+        quantize_onnxruntime(model, fp32_onnx, calib, tmp_path / "x.onnx", QuantRecipe(calib_method="entropy"))
+    assert not (tmp_path / "x.onnx").exists()
+
+
 # --- diagnostics ----------------------------------------------------------------------------------------------
 
 

@@ -93,7 +93,8 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
         choices=BACKENDS,
         default=["torch"],
         help="INT8 backends: torch (simulated), openvino (real INT8, CPU), onnxruntime (the torch backend's QDQ ONNX, "
-        "CPU; shares its calibration)",
+        "CPU; shares its calibration), onnxruntime-int8 (real INT8, CPU: onnxruntime's quantize_static, integer "
+        "QLinearConv kernels; --calib-method max only; not for QAT checkpoints)",
     )
     parser.add_argument(
         "--overflow-fix",
@@ -101,7 +102,8 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
         default="auto",
         help="openvino: NNCF's overflow fix (7-bit weights, exact int16 sums), for the CPU the IR will run on: on for "
         "CPUs without VNNI/AMX (AVX2, AVX-512F), off for those with (8-bit weights; on them the fix only costs "
-        "accuracy); auto: as this CPU needs. The rankings of --keep-float / --max-drop see the same weight grid",
+        "accuracy); auto: as this CPU needs; onnxruntime-int8 follows it with onnxruntime's reduce_range (7-bit "
+        "weights). The rankings of --keep-float / --max-drop see the same weight grid",
     )
     parser.add_argument(
         "--device", default="cpu", help="device of the FP32 and simulated (torch) INT8 models: cpu or a CUDA index"

@@ -94,8 +94,13 @@ class PTQSettings:
             )
         if unknown := [b for b in self.backends if b not in BACKENDS]:
             raise InputError(f"unknown backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}")
-        if self.overflow_fix is not None and "openvino" not in self.backends:
-            raise InputError("the overflow fix is NNCF's, for the openvino backend: add it to the backends")
+        if self.overflow_fix is not None and not {"openvino", "onnxruntime-int8"} & set(self.backends):
+            raise InputError(
+                "the overflow fix is NNCF's, for the openvino backend (onnxruntime-int8: its 7-bit reduce_range "
+                "weights): add one of them to the backends"
+            )
+        for backend in self.backends:
+            BACKENDS[backend].check_recipe(self.recipe)
         check_imgsz(self.imgsz)
         check_count("batch", self.batch)
         torch_device(self.device)  # fails now, in one line, rather than at the first .to(device)
@@ -124,15 +129,29 @@ def _rank(
     for half_range in dict.fromkeys(grids.values()):
         calibrated = next(iter(by_grid.values())).calibrated if by_grid else None
         by_grid[half_range] = rank_sensitivity(
-            checkpoint.fused, calib, settings.recipe, settings.device, progress, settings.ranked_images,
-            settings.rank_by, half_range, calibrated)  # fmt: skip
+            checkpoint.fused,
+            calib,
+            settings.recipe,
+            settings.device,
+            progress,
+            settings.ranked_images,
+            settings.rank_by,
+            half_range,
+            calibrated,
+        )
     return {backend: by_grid[half_range] for backend, half_range in grids.items()}
 
 
 def _search(
-    job: Job, backend: str, sensitivity: Sensitivity, tuning: TuningSet, fp32_tune: dict[str, Any],
-    settings: PTQSettings, scratch: Path, progress: bool,
-) -> tuple[Job, dict[str, Any]]:  # fmt: skip
+    job: Job,
+    backend: str,
+    sensitivity: Sensitivity,
+    tuning: TuningSet,
+    fp32_tune: dict[str, Any],
+    settings: PTQSettings,
+    scratch: Path,
+    progress: bool,
+) -> tuple[Job, dict[str, Any]]:
     """The search step: the fewest convs of the ranking kept float for ``max_drop`` on ``backend`` (its first
     ``refine`` re-ranked), scored on the tuning set; the row's job (its artefacts named per backend) and the search's
     row keys."""
@@ -142,17 +161,32 @@ def _search(
         return replace(job.recipe, float_layers=job.recipe.float_layers + names)
 
     search, extra = search_backend(
-        lambda names: BACKENDS[backend].candidate(job.with_recipe(kept(names)), scratch), sensitivity.ranking, tuning,
-        fp32_tune["map50_95"], fp32_tune["per_image"], settings.max_drop, scratch, f"{name} on {backend}",
-        settings.protocol, settings.batch, progress, settings.refine,
-    )  # fmt: skip
+        lambda names: BACKENDS[backend].candidate(job.with_recipe(kept(names)), scratch),
+        sensitivity.ranking,
+        tuning,
+        fp32_tune["map50_95"],
+        fp32_tune["per_image"],
+        settings.max_drop,
+        scratch,
+        f"{name} on {backend}",
+        settings.protocol,
+        settings.batch,
+        progress,
+        settings.refine,
+    )
     return job.with_recipe(kept(search.float_layers), job.stem.with_name(f"{name}_{backend}")), extra
 
 
 def _row(
-    checkpoint: FusedCheckpoint, backend: str, job: Job, fp32: dict[str, Any], int8: dict[str, Any],
-    fp32_ms: float | None, quantize_s: float, extra: dict[str, Any],
-) -> dict[str, Any]:  # fmt: skip
+    checkpoint: FusedCheckpoint,
+    backend: str,
+    job: Job,
+    fp32: dict[str, Any],
+    int8: dict[str, Any],
+    fp32_ms: float | None,
+    quantize_s: float,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
     """The row step: one results.json row from the FP32 and INT8 evaluations of ``job``'s model on ``backend``."""
     student, calib = checkpoint.student, job.calib
     if student is None:  # the images the calibration could read, known once it ran
@@ -214,9 +248,19 @@ def evaluate_checkpoint(
     rows = []
     with tempfile.TemporaryDirectory(prefix="qarep_ptq_") as scratch:  # runtimes have loaded their files by its end
         stem = (out_dir if settings.save_int8 else Path(scratch)) / name
-        job = Job(None if fused is None else fused.cpu(), calib, recipe, settings.imgsz, settings.device, stem,
-                  settings.save_int8, settings.overwrite, student, calibrated,
-                  overflow_fix=settings.overflow_fix)  # fmt: skip
+        job = Job(
+            None if fused is None else fused.cpu(),
+            calib,
+            recipe,
+            settings.imgsz,
+            settings.device,
+            stem,
+            settings.save_int8,
+            settings.overwrite,
+            student,
+            calibrated,
+            overflow_fix=settings.overflow_fix,
+        )
         if tuning is not None:
             start = time.perf_counter()
             fp32_tune = score(torch_runner(fused, settings.device), tuning.ground_truth, Path(scratch) / "fp32.json")
@@ -227,12 +271,17 @@ def evaluate_checkpoint(
             chosen, extra, sensitivity = job, {}, sensitivities.get(backend)
             if sensitivity is not None:
                 chosen = job.with_recipe(sensitivity.keep(recipe, settings.keep_float))  # K kept float (0 to search)
-                extra = {"calibrate_s": sensitivity.calibrate_s, "rank_images": settings.ranked_images,
-                         "rank_by": sensitivity.rank_by, "rank_s": sensitivity.rank_s,
-                         "rank_half_range": sensitivity.half_range}  # fmt: skip
+                extra = {
+                    "calibrate_s": sensitivity.calibrate_s,
+                    "rank_images": settings.ranked_images,
+                    "rank_by": sensitivity.rank_by,
+                    "rank_s": sensitivity.rank_s,
+                    "rank_half_range": sensitivity.half_range,
+                }
             if tuning is not None:
-                chosen, searched = _search(chosen, backend, sensitivity, tuning, fp32_tune, settings, Path(scratch),
-                                           progress)  # fmt: skip
+                chosen, searched = _search(
+                    chosen, backend, sensitivity, tuning, fp32_tune, settings, Path(scratch), progress
+                )
                 extra |= searched | {"search_s": time.perf_counter() - start + fp32_tune_s}  # with the FP32 evaluation
             start = time.perf_counter()
             quantized = BACKENDS[backend].quantize(chosen)
@@ -251,9 +300,16 @@ def evaluate_checkpoint(
 def _load_checked(path: Path, settings: PTQSettings) -> FusedCheckpoint:
     """One checkpoint loaded and fused, refused if the settings' float convs cannot apply to it."""
     checkpoint = load_fused(path, settings.fp32_weights)
+    if checkpoint.student is not None and (no_qat := [b for b in settings.backends if not BACKENDS[b].runs_qat]):
+        raise ValueError(
+            f"'{path}' is a QAT checkpoint: the {no_qat[0]} backend calibrates its own ranges on an FP32 "
+            "model; score it on torch, onnxruntime or openvino"
+        )
     if checkpoint.student is not None and settings.overflow_fix and "openvino" in settings.backends:
-        raise InputError(f"'{path}' is a QAT checkpoint: OpenVINO runs its learned 8-bit weights as they are, and "
-                         "NNCF's overflow fix needs a calibration; leave --overflow-fix at auto or off")  # fmt: skip
+        raise InputError(
+            f"'{path}' is a QAT checkpoint: OpenVINO runs its learned 8-bit weights as they are, and "
+            "NNCF's overflow fix needs a calibration; leave --overflow-fix at auto or off"
+        )
     if settings.ranks or settings.recipe.float_layers:
         if checkpoint.student is not None:
             raise InputError(f"'{path}' is a QAT checkpoint: its float convs were fixed when it was trained")
@@ -282,14 +338,16 @@ def run_ptq_eval(
         check_labelled(calib.paths[: settings.ranked_images])
     tuning = None
     if settings.max_drop is not None:
-        tuning = tuning_set(settings.data, settings.tune_images, recipe.seed, calib.paths, ground_truth.image_files,
-                            settings.tune_split)  # fmt: skip
+        tuning = tuning_set(
+            settings.data, settings.tune_images, recipe.seed, calib.paths, ground_truth.image_files, settings.tune_split
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = [
-        row for checkpoint in checkpoints
+        row
+        for checkpoint in checkpoints
         for row in evaluate_checkpoint(checkpoint, settings, out, ground_truth, calib, progress, tuning)
-    ]  # fmt: skip
+    ]
     json_path, md_path = write_results(rows, out, settings.protocol)
     if tuning is not None:
         plot_max_drop(rows, out / "max_drop.png")

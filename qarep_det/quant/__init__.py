@@ -6,6 +6,8 @@ Every backend hands evaluation a runner (``runner.Runner``: images in, ``(B, 4 +
 - ``openvino.quantize_openvino`` + ``openvino.openvino_runner``: real INT8 on the CPU (an IR quantized by NNCF).
 - ``onnx_qdq.export_qdq_onnx`` + ``onnx_qdq.onnx_runner``: the simulated model as QDQ ONNX for TensorRT, run on
   onnxruntime.
+- ``onnx_int8.quantize_onnxruntime`` + ``onnx_qdq.onnx_runner``: real INT8 on the CPU (onnxruntime's own
+  ``quantize_static``, integer ``QLinearConv`` kernels).
 
 ``recipe`` says what is quantized and how, ``scope`` which convs, ``calibration`` on which images; ``diagnostics``
 measures weights, outputs and BN scales; ``planted`` makes a known INT8 outlier; ``qat`` the QAT student.

@@ -2,9 +2,9 @@
 
 A :class:`Job` is what they all quantize for one checkpoint: the fused FP32 model, the calibration set and a recipe.
 It makes each artefact once, on first use, so backends share them: the torch and onnxruntime backends one
-calibration and one QDQ ONNX file; every OpenVINO model of a checkpoint one FP32 IR. A QAT checkpoint's student
-replaces the calibration: every backend runs the student (OpenVINO from its QDQ ONNX, learned scales kept, since
-NNCF would calibrate anew).
+calibration and one QDQ ONNX file; both onnxruntime backends one FP32 ONNX; every OpenVINO model of a checkpoint one
+FP32 IR. A QAT checkpoint's student replaces the calibration: every backend but onnxruntime-int8 (which calibrates
+its own ranges) runs the student (OpenVINO from its QDQ ONNX, learned scales kept, since NNCF would calibrate anew).
 
 Each backend gives the row's INT8 runner (with its artefacts saved and the backend's own FP32 runner, for a
 like-for-like latency) and a search candidate (nothing saved).
@@ -76,6 +76,14 @@ class Job:
         return self.onnx(self.simulated, "int8_qdq.onnx")
 
     @property
+    def fp32_onnx(self) -> Path:
+        """The fused model as plain ONNX, exported once per checkpoint (the onnxruntime backends' FP32 model and the
+        file onnxruntime's own quantizer starts from)."""
+        if "fp32_onnx" not in self.shared:
+            self.shared["fp32_onnx"] = self.onnx(self.fused, "fp32.onnx")
+        return self.shared["fp32_onnx"]
+
+    @property
     def fp32_ir(self):
         """The fused model as an FP32 OpenVINO IR, converted once per checkpoint."""
         from qarep_det.quant.backends.openvino import convert_openvino
@@ -94,8 +102,9 @@ class Job:
             return convert_qdq_onnx(self.qdq_onnx)
         key = ("openvino", self.recipe.float_layers)
         if key not in self.shared:
-            self.shared[key] = quantize_openvino(self.fused, self.calib, self.imgsz, self.recipe,
-                                                 overflow_fix=self.overflow_fix, fp32=self.fp32_ir)  # fmt: skip
+            self.shared[key] = quantize_openvino(
+                self.fused, self.calib, self.imgsz, self.recipe, overflow_fix=self.overflow_fix, fp32=self.fp32_ir
+            )
         return self.shared[key]
 
 
@@ -111,6 +120,11 @@ class Quantized:
 
 class Backend:
     """One INT8 backend: :meth:`quantize` for a row, :meth:`candidate` for a search step."""
+
+    runs_qat = True  # whether it can score a QAT checkpoint (its student), not only calibrate an FP32 model
+
+    def check_recipe(self, recipe: QuantRecipe) -> None:
+        """``ValueError`` for a recipe this backend cannot follow, raised before any model runs."""
 
     def quantize(self, job: Job) -> Quantized:
         raise NotImplementedError
@@ -148,7 +162,7 @@ class OnnxRuntimeBackend(Backend):
     def quantize(self, job: Job) -> Quantized:
         from qarep_det.quant.backends.onnx_qdq import onnx_runner
 
-        fp32_runner = None if job.fused is None else onnx_runner(job.onnx(job.fused, "fp32.onnx"))
+        fp32_runner = None if job.fused is None else onnx_runner(job.fp32_onnx)
         return Quantized(onnx_runner(job.qdq_onnx), fp32_runner, {"int8_file": str(job.qdq_onnx)} if job.save else {})
 
     def candidate(self, job: Job, scratch: Path) -> Runner:
@@ -187,8 +201,61 @@ class OpenVINOBackend(Backend):
         return overflow_fix_on(overflow_fix)
 
 
+class OnnxRuntimeInt8Backend(Backend):
+    """Real INT8 on onnxruntime's CPU provider: the FP32 ONNX quantized by onnxruntime's own ``quantize_static``
+    (uint8 activations at conv inputs and outputs, int8 per-channel weights, MinMax ranges), so every quantized conv
+    runs as an integer ``QLinearConv`` (:mod:`~qarep_det.quant.backends.onnx_int8`: the scheme and where it differs
+    from the reference), beside the FP32 ONNX. It calibrates its own ranges on the FP32 model, so a QAT student (learned
+    ranges at conv inputs only) has no file here. Weights are 7-bit (``reduce_range``) where the overflow fix is on:
+    a CPU without VNNI, unless told (the same decision as OpenVINO's). A search recalibrates every candidate."""
+
+    runs_qat = False
+
+    def check_recipe(self, recipe: QuantRecipe) -> None:
+        from qarep_det.quant.backends.onnx_int8 import check_recipe
+
+        check_recipe(recipe)
+
+    def _quantize(self, job: Job, path: Path, overwrite: bool) -> Path:
+        from qarep_det.quant.backends.onnx_int8 import quantize_onnxruntime
+        from qarep_det.quant.backends.openvino import overflow_fix_on
+
+        return quantize_onnxruntime(
+            job.fused,
+            job.fp32_onnx,
+            job.calib,
+            path,
+            job.recipe,
+            reduce_range=overflow_fix_on(job.overflow_fix),
+            overwrite=overwrite,
+        )
+
+    def quantize(self, job: Job) -> Quantized:
+        from qarep_det.quant.backends.onnx_int8 import integer_convs
+        from qarep_det.quant.backends.onnx_qdq import onnx_runner
+
+        int8 = self._quantize(job, job.path("int8_ort.onnx"), job.overwrite)
+        row = {"integer_convs": integer_convs(int8)}
+        if job.save:
+            row |= {"int8_file": str(int8), "int8_mb": file_size_mb(int8), "fp32_mb": file_size_mb(job.fp32_onnx)}
+        return Quantized(onnx_runner(int8), onnx_runner(job.fp32_onnx), row)
+
+    def candidate(self, job: Job, scratch: Path) -> Runner:
+        from qarep_det.quant.backends.onnx_qdq import onnx_runner
+
+        return onnx_runner(self._quantize(job, scratch / "candidate_int8_ort.onnx", overwrite=True))
+
+    def half_range(self, overflow_fix: bool | None) -> bool:
+        """With ``reduce_range`` the weights sit on a 7-bit grid (step ``max/64``) half a code from NNCF's
+        half-range grid (step ``max/63.5``): the ranking sees that grid then, the reference grid otherwise."""
+        from qarep_det.quant.backends.openvino import overflow_fix_on
+
+        return overflow_fix_on(overflow_fix)
+
+
 BACKENDS: dict[str, Backend] = {
     "torch": TorchBackend(),
     "openvino": OpenVINOBackend(),
     "onnxruntime": OnnxRuntimeBackend(),
+    "onnxruntime-int8": OnnxRuntimeInt8Backend(),
 }

@@ -26,7 +26,7 @@ INSTALL_HINT = 'pip install "qarep_det[onnx]"'
 OPSET = 17  # Q/DQ with per-channel axis needs >= 13; TensorRT 8.6+ parses 17
 
 
-def _require():
+def require_onnx():
     """Import onnx and onnxruntime, or fail with the pip extra to install."""
     try:
         import onnx
@@ -40,7 +40,7 @@ def export_qdq_onnx(qmodel: nn.Module, path: str | Path, imgsz: int, overwrite: 
     """Write the fake-quantized detector (from ``quantize_torch``) as QDQ ONNX: input ``images`` (B dynamic),
     output ``output0`` ``(B, 4 + nc, A)``; checked with ``onnx.checker``. Refuses to replace a file unless asked.
     A float detector goes the same route and comes out without Q/DQ pairs: the FP32 twin of the same graph."""
-    onnx, _ = _require()
+    onnx, _ = require_onnx()
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"'{path}' exists; pass overwrite=True to replace it")
@@ -64,10 +64,11 @@ def export_qdq_onnx(qmodel: nn.Module, path: str | Path, imgsz: int, overwrite: 
     return path
 
 
-def onnx_runner(path: str | Path) -> Runner:
-    """A runner over an ONNX file on onnxruntime's CPU provider."""
-    _, ort = _require()
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def onnx_runner(path: str | Path, options=None) -> Runner:
+    """A runner over an ONNX file on onnxruntime's CPU provider, with ``options`` (``onnxruntime.SessionOptions``:
+    threads, graph optimization level) or onnxruntime's defaults."""
+    _, ort = require_onnx()
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def run(images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {"images": images.detach().float().cpu().numpy()})[0])
