@@ -116,8 +116,12 @@ def is_evidence_link(page: Path, target: str, root: Path) -> bool:
     return path.exists() and path not in {p.resolve() for p in user_pages(root)}
 
 
+PUBLISHED = re.compile(r"^Source: \[[^\]]+\]\(https://", re.M)  # published figures: their public source is the evidence
+
+
 def tables_without_evidence(root: Path) -> list[str]:
-    """'page:line' of each table with neither an evidence link nor a command in the lines right after it."""
+    """'page:line' of each table with neither an evidence link, a command, nor (for published figures) a
+    ``Source: [...](https://...)`` line in the lines right after it."""
     missing = []
     for page in user_pages(root):
         lines = page.read_text(encoding="utf-8").splitlines()
@@ -129,7 +133,8 @@ def tables_without_evidence(root: Path) -> list[str]:
                 after.append(line)
             text = "\n".join(after)
             links = LINK.findall(text)
-            if not (COMMAND.search(text) or any(is_evidence_link(page, target, root) for target in links)):
+            cited = PUBLISHED.search(text)
+            if not (COMMAND.search(text) or cited or any(is_evidence_link(page, target, root) for target in links)):
                 missing.append(f"{page.relative_to(root)}:{end + 1}")
     return missing
 
