@@ -29,6 +29,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from qarep_det.device import process_count
 from qarep_det.integrations.amp import offline_amp_check
+from qarep_det.integrations.keep_start import KeepsStart
 from qarep_det.integrations.run_options import (
     RECIPE,
     TrainInputError,
@@ -42,20 +43,37 @@ from qarep_det.integrations.run_options import (
     run_overrides,
     train_device,
 )
-from qarep_det.integrations.ultralytics_qat import check_qat_start, fuse_for_qat, has_fused_blocks, qat_requested
+from qarep_det.integrations.ultralytics_qat import (
+    check_qat_start,
+    fuse_for_qat,
+    has_fused_blocks,
+    qat_requested,
+    with_qat_defaults,
+)
 from qarep_det.nn import RepVGGBlock, reparameterize_modules
 
 
-class QARepTrainer(DetectionTrainer):
-    """Ultralytics' DetectionTrainer with plain weight decay (QARepVGG's recipe) and an AMP check without download;
-    with ``quantize=8`` (Ultralytics' QAT) our blocks are fused before it quantizes (``integrations.ultralytics_qat``).
+class QARepTrainer(KeepsStart, DetectionTrainer):
+    """Ultralytics' DetectionTrainer with plain weight decay (QARepVGG's recipe) and an AMP check without download.
+
+    With ``quantize=8`` (Ultralytics' QAT, ``integrations.ultralytics_qat``) our blocks are fused before it quantizes,
+    what the user did not set follows QAT's fine-tuning recipe, and the calibrated start is validated as epoch 0 and
+    stays best.pt until an epoch beats it.
     """
+
+    start_log = ("quantize=8", "calibrated INT8", "try another optimizer= or lr0=")
 
     def __init__(self, cfg: Any = DEFAULT_CFG, overrides: dict[str, Any] | None = None, _callbacks: Any = None) -> None:
         args = get_cfg(cfg, overrides)
         if qat_requested(args) and not args.resume:
             check_qat_start(args.model, args.task)  # before Ultralytics writes the run folder
+            # ``overrides`` are the arguments the user gave (a DDP worker's are all of them: nothing left to fill)
+            overrides = with_qat_defaults(overrides or {})
         super().__init__(cfg, overrides, _callbacks)
+
+    def keeps_start(self) -> bool:
+        """A ``quantize=8`` run validates its calibrated start (:meth:`_setup_train`)."""
+        return qat_requested(self.args)
 
     def setup_model(self) -> dict | None:
         ckpt = super().setup_model()
@@ -76,6 +94,8 @@ class QARepTrainer(DetectionTrainer):
     def _setup_train(self) -> None:
         with offline_amp_check():
             super()._setup_train()
+        if qat_requested(self.args) and not self.resume:
+            self.validate_start()
 
 
 def rep_blocks(model: nn.Module) -> list[RepVGGBlock]:
