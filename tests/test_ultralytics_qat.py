@@ -17,6 +17,7 @@ import yaml
 from conftest import fresh_env, results_epochs
 from ultralytics import YOLO
 from ultralytics.cfg import get_cfg
+from ultralytics.utils import DEFAULT_CFG_DICT
 from ultralytics.utils.patches import torch_load
 
 from qarep_det.integrations.run_options import QAT_FINE_TUNING
@@ -90,6 +91,20 @@ def test_quantize_8_fills_in_what_the_user_did_not_give_and_lists_it(
     assert args == {**given, **filled}  # every value given, as given
     listed = " ".join(f"{k}={v}" for k, v in filled.items())
     assert [r.getMessage() for r in caplog.records] == [qat_defaults_line(listed)]
+
+
+def test_the_trainer_keeps_every_value_given_in_overrides_or_in_a_cfg_of_its_own(known_answer, tmp_path: Path):
+    """Overrides get QAT's recipe for what they leave out; a cfg of one's own (Ultralytics' needs every key) states
+    every value, so nothing of it is replaced."""
+    run = {"model": str(known_answer.unfused), "data": str(known_answer.data), "quantize": 8, "project": str(tmp_path),
+           "device": "cpu", "batch": 4, "optimizer": "SGD", "mosaic": 0.5, "nbs": 64}  # fmt: skip
+    from_overrides = vars(QARepTrainer(overrides=run).args)
+    assert {k: from_overrides[k] for k in run} == run
+    filled = {"lr0": 1e-4, "warmup_epochs": 0.0, "close_mosaic": 0, "amp": False}  # lr0: QAT's for SGD
+    assert {k: from_overrides[k] for k in filled} == filled
+    own, recipe = {**DEFAULT_CFG_DICT, **run}, [*QAT_FINE_TUNING, "nbs"]
+    from_cfg = vars(QARepTrainer(cfg=own).args)
+    assert {k: from_cfg[k] for k in recipe} == {k: own[k] for k in recipe}
 
 
 def test_a_ddp_worker_s_arguments_are_complete_and_get_nothing(caplog: pytest.LogCaptureFixture) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from ultralytics.cfg import get_cfg
+from ultralytics.cfg import cfg2dict, get_cfg
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT, LOGGER
 from ultralytics.utils.patches import torch_load
@@ -67,8 +67,9 @@ class QARepTrainer(KeepsStart, DetectionTrainer):
         args = get_cfg(cfg, overrides)
         if qat_requested(args) and not args.resume:
             check_qat_start(args.model, args.task)  # before Ultralytics writes the run folder
-            # ``overrides`` are the arguments the user gave (a DDP worker's are all of them: nothing left to fill)
-            overrides = with_qat_defaults(overrides or {})
+            # what the user gave: Ultralytics' CLI and YOLO.train pass it as overrides over the DEFAULT_CFG namespace;
+            # a cfg of one's own (a dict, a YAML file) counts too (a DDP worker's holds every key: nothing is filled)
+            overrides = with_qat_defaults({**({} if cfg is DEFAULT_CFG else cfg2dict(cfg)), **(overrides or {})})
         super().__init__(cfg, overrides, _callbacks)
 
     def keeps_start(self) -> bool:
