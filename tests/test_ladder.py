@@ -38,7 +38,7 @@ from qarep_det.nn import (
 )
 from qarep_det.sensitivity.diagnostics import bn_scales, dead_channel_mask, fused_kernels, int8_zero_share
 from qarep_det.ultralytics.checkpoint import load_detector
-from qarep_det.ultralytics.run_options import TrainInputError, TrainOptions, check_model_cfg
+from qarep_det.ultralytics.run_options import InputError, TrainOptions, check_model_cfg
 from qarep_det.ultralytics.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -159,7 +159,7 @@ def test_custom_l2_is_refused_for_every_step_after_s0(step: str) -> None:
     so their models are refused in one line rather than trained with a penalty on nothing."""
     data = {"nc": 3, "channels": 3}
     check_model_cfg(YAMLS / "yolo_repvgg_n.yaml", data, "custom")  # S0
-    with pytest.raises(TrainInputError, match="--rep-l2 custom acts on RepVGGBlock layers"):
+    with pytest.raises(InputError, match="--rep-l2 custom acts on RepVGGBlock layers"):
         check_model_cfg(YAMLS / f"{LADDER[step][3]}_n.yaml", data, "custom")
 
 

@@ -74,7 +74,7 @@ class PTQSettings:
     tune_split: str = "train"
     refine: int = 0  # max_drop: re-rank the first R convs of the ranking by their tuning mAP, each reverted alone
     rank_images: int | None = None  # images of the calibration draw the ranking runs on (None: RANK_IMAGES or all)
-    rank_by: str = DEFAULT_RANKING  # how the convs are ranked (integrations/rankings.py)
+    rank_by: str = DEFAULT_RANKING  # how the convs are ranked (sensitivity/rankings.py)
     fp32_weights: Path | None = None  # the FP32 model of a QAT checkpoint that does not carry one (Ultralytics')
     overflow_fix: bool | None = None  # OpenVINO: NNCF's overflow fix (7-bit weights); None: on if this CPU lacks VNNI
 

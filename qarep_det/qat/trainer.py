@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -46,27 +45,22 @@ from qarep_det.quant.scope import check_partial
 from qarep_det.reparam import reparameterize_model
 from qarep_det.sensitivity.rankings import keep_most_sensitive
 from qarep_det.ultralytics.checkpoint import load_detector
-from qarep_det.ultralytics.run_options import RECIPE, RunOptions, check_dataset, check_run_settings, run_overrides
+from qarep_det.ultralytics.run_options import (
+    QAT_FINE_TUNING,
+    QAT_LR0,
+    RECIPE,
+    RunOptions,
+    check_dataset,
+    check_run_settings,
+    run_overrides,
+)
 from qarep_det.ultralytics.trainer import QARepTrainer, make_trainer, register_trainer
 
-# Fine-tuning, not training: ModelOpt's guidance is 1-10% of the schedule at a small learning rate. Adam rather than
-# the training recipe's SGD: a fused model's weights and ranges span orders of magnitude, which SGD's steps do not
-# (docs/qat.md: SGD broke a planted model within steps). No warmup: Ultralytics' warmup starts biases at lr 0.1,
-# which would undo a trained model. No mosaic (as in the recipe's last epochs). FP32, not AMP: float16 activations
-# would add rounding noise that the INT8 engine does not have, on top of the simulated quantization.
-QAT_RECIPE: dict[str, Any] = {
-    **RECIPE,
-    "optimizer": "Adam",
-    "lr0": 1e-5,
-    "warmup_epochs": 0.0,
-    "mosaic": 0.0,
-    "close_mosaic": 0,
-    "amp": False,
-}
+QAT_RECIPE: dict[str, Any] = {**RECIPE, **QAT_FINE_TUNING}
 
-LEARNING_RATES: dict[str, tuple[float, float]] = {"Adam": (1e-5, 0.1), "SGD": (1e-4, 1e-2)}
-"""Per optimizer QAT offers: the weights' lr0 and the learned ranges' lr unless told otherwise (measured: docs/qat.md).
-SGD's 1e-4 is 1% of the training recipe's lr0; Adam's 1e-5 is the top of NVIDIA's yolov7_qat range (1e-6..1e-5)."""
+LEARNING_RATES: dict[str, tuple[float, float]] = {"Adam": (QAT_LR0["Adam"], 0.1), "SGD": (QAT_LR0["SGD"], 1e-2)}
+"""Per optimizer QAT offers: the weights' lr0 (``QAT_LR0``) and the learned ranges' lr unless told otherwise
+(measured: docs/qat.md)."""
 DEFAULT_RANGES = "learned"
 
 STATE_KEY = "qat_state"  # where pack_student puts the ModelOpt state on the packed student
@@ -93,7 +87,11 @@ class QATTrainer(QARepTrainer):
     """Fine-tunes a fake-quantized fused detector, its ranges frozen (in the EMA too) or learned; never returns a
     model worse than its start: the start is validated as epoch 0 and is best.pt until an epoch beats it."""
 
-    _start_row: dict[str, float] | None = None  # epoch 0's metrics, written to results.csv with epoch 1's columns
+    start_log = ("QAT", "PTQ INT8", "try another --optimizer or --lr0")
+
+    def keeps_start(self) -> bool:
+        """Always: a new QAT run validates its start (:meth:`_setup_train`), a resumed one did."""
+        return True
 
     @property
     def learned(self) -> bool:
@@ -155,35 +153,7 @@ class QATTrainer(QARepTrainer):
             teacher = copy.deepcopy(student.fp32_reference).to(self.device)
             student.criterion = FeatureDistillationLoss(student.init_criterion(), student, teacher)
         if not self.resume:
-            self._validate_start()
-
-    def _validate_start(self) -> None:
-        """Validate the start (the PTQ INT8 model) as epoch 0 and write it as best.pt: an epoch replaces it only
-        by beating it. The first epoch writes the resumable last.pt."""
-        # what the training loop sets before a validation: the loss items it sums per name, the loss it falls back on
-        self.loss = torch.zeros((), device=self.device)
-        self.loss_items = {k: self.loss.clone() for k in self.ema.ema.init_criterion().loss_names}
-        self.epoch = -1
-        self.metrics, self.fitness = self.validate()
-        if RANK not in {-1, 0}:
-            return
-        self.stopper.best_fitness, self.stopper.best_epoch = self.fitness, 0
-        self._start_row = dict(self.metrics)
-        self.save_model()
-        self.last.unlink()
-        LOGGER.info(
-            f"QAT: the start (PTQ INT8) is epoch 0, fitness {self.fitness:.5g}; best.pt until an epoch beats it"
-        )
-
-    def save_metrics(self, metrics: dict[str, Any]) -> None:
-        """Write epoch 0's row before epoch 1's, with its columns (what epoch 0 did not measure is nan)."""
-        if self._start_row is not None:
-            start, self._start_row = self._start_row, None
-            epoch, started = self.epoch, self.train_time_start
-            self.epoch, self.train_time_start = -1, time.time()  # the row says epoch 0, time 0
-            super().save_metrics({k: start.get(k, math.nan) for k in metrics})
-            self.epoch, self.train_time_start = epoch, started
-        super().save_metrics(metrics)
+            self.validate_start()
 
     def optimizer_step(self) -> None:
         super().optimizer_step()
@@ -191,17 +161,10 @@ class QATTrainer(QARepTrainer):
             pin_ranges(self.ema.ema, unwrap_model(self.model))
 
     def final_eval(self) -> None:
-        """Ultralytics' final validation of best.pt, then say so when training did not beat the start; with learned
+        """Ultralytics' final validation of best.pt (saying so when training did not beat the start); with learned
         ranges, report how far best.pt's moved (ranges.csv, ranges.png)."""
         super().final_eval()
-        if RANK not in {-1, 0}:
-            return
-        if self.stopper.best_epoch == 0:
-            LOGGER.warning(
-                f"QAT: no epoch beat the start (PTQ INT8, fitness {self.stopper.best_fitness:.5g}): best.pt is the "
-                "start model; try another --optimizer or --lr0"
-            )
-        elif self.learned and self.best.exists():
+        if RANK in {-1, 0} and not self.start_kept() and self.learned and self.best.exists():
             report = write_range_report(load_checkpoint(self.best)[0], self.save_dir)
             if report is not None:
                 LOGGER.info(f"QAT: {report[2]} ({report[0].name}, {report[1].name})")

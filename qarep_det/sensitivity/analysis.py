@@ -26,8 +26,8 @@ per conv (docs/diagnose.md, Speed). The ranking alone (:func:`rank_by_noise` of 
 rankings ``--keep-float`` and ``--max-drop`` choose from, :mod:`qarep_det.sensitivity.rankings`) skips the cumulative
 figures and takes a model already calibrated.
 
-It lives in ``integrations/`` because the restartable forward re-walks Ultralytics' graph, and because QAT's
-``--keep-float`` (an integration with Ultralytics' trainer) ranks with it too. BN scales, the paper's mechanism,
+Its forward restarts on Ultralytics' graph through the adapter (:mod:`qarep_det.ultralytics.restartable`); QAT's
+``--keep-float`` ranks with it too. BN scales, the paper's mechanism,
 are read in the training form by :func:`qarep_det.sensitivity.diagnostics.bn_scales`.
 """
 

@@ -41,6 +41,25 @@ RECIPE: dict[str, Any] = {
     "close_mosaic": 15,
 }
 
+# QAT is fine-tuning, not training: ModelOpt's guidance is 1-10% of the schedule at a small learning rate. Adam
+# rather than the training recipe's SGD: a fused model's weights and ranges span orders of magnitude, which SGD's
+# steps do not (docs/qat.md: SGD broke a planted model within steps). No warmup: Ultralytics' warmup starts biases at
+# lr 0.1, which would undo a trained model. No mosaic (as in the recipe's last epochs). FP32, not AMP: float16
+# activations would add rounding noise that the INT8 engine does not have, on top of the simulated quantization.
+# Both QAT paths use it: tools/qat.py on top of RECIPE, Ultralytics' quantize=8 where the user set nothing else.
+QAT_FINE_TUNING: dict[str, Any] = {
+    "optimizer": "Adam",
+    "lr0": 1e-5,
+    "warmup_epochs": 0.0,
+    "mosaic": 0.0,
+    "close_mosaic": 0,
+    "amp": False,
+}
+
+QAT_LR0: dict[str, float] = {"Adam": 1e-5, "SGD": 1e-4}
+"""QAT's lr0 per optimizer. SGD's 1e-4 is 1% of the training recipe's lr0; Adam's 1e-5 is the top of NVIDIA's
+yolov7_qat range (1e-6..1e-5)."""
+
 # Ultralytics settings that have a TrainOptions field (a tools/train.py flag) of their own: --hyp may not set them.
 OPTION_FLAGS: dict[str, str] = {
     "model": "--cfg",

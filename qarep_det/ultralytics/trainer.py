@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from ultralytics.cfg import get_cfg
+from ultralytics.cfg import cfg2dict, get_cfg
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT, LOGGER
 from ultralytics.utils.patches import torch_load
@@ -31,7 +31,14 @@ from qarep_det.device import process_count
 from qarep_det.errors import InputError, one_line
 from qarep_det.nn import RepVGGBlock, reparameterize_modules
 from qarep_det.ultralytics.amp import offline_amp_check
-from qarep_det.ultralytics.quantize8 import check_qat_start, fuse_for_qat, has_fused_blocks, qat_requested
+from qarep_det.ultralytics.keep_start import KeepsStart
+from qarep_det.ultralytics.quantize8 import (
+    check_qat_start,
+    fuse_for_qat,
+    has_fused_blocks,
+    qat_requested,
+    with_qat_defaults,
+)
 from qarep_det.ultralytics.run_options import (
     RECIPE,
     TrainOptions,
@@ -45,16 +52,28 @@ from qarep_det.ultralytics.run_options import (
 )
 
 
-class QARepTrainer(DetectionTrainer):
-    """Ultralytics' DetectionTrainer with plain weight decay (QARepVGG's recipe) and an AMP check without download;
-    with ``quantize=8`` (Ultralytics' QAT) our blocks are fused before it quantizes (``integrations.ultralytics_qat``).
+class QARepTrainer(KeepsStart, DetectionTrainer):
+    """Ultralytics' DetectionTrainer with plain weight decay (QARepVGG's recipe) and an AMP check without download.
+
+    With ``quantize=8`` (Ultralytics' QAT, ``integrations.ultralytics_qat``) our blocks are fused before it quantizes,
+    what the user did not set follows QAT's fine-tuning recipe, and the calibrated start is validated as epoch 0 and
+    stays best.pt until an epoch beats it.
     """
+
+    start_log = ("quantize=8", "calibrated INT8", "try another optimizer= or lr0=")
 
     def __init__(self, cfg: Any = DEFAULT_CFG, overrides: dict[str, Any] | None = None, _callbacks: Any = None) -> None:
         args = get_cfg(cfg, overrides)
         if qat_requested(args) and not args.resume:
             check_qat_start(args.model, args.task)  # before Ultralytics writes the run folder
+            # what the user gave: Ultralytics' CLI and YOLO.train pass it as overrides over the DEFAULT_CFG namespace;
+            # a cfg of one's own (a dict, a YAML file) counts too (a DDP worker's holds every key: nothing is filled)
+            overrides = with_qat_defaults({**({} if cfg is DEFAULT_CFG else cfg2dict(cfg)), **(overrides or {})})
         super().__init__(cfg, overrides, _callbacks)
+
+    def keeps_start(self) -> bool:
+        """A ``quantize=8`` run validates its calibrated start (:meth:`_setup_train`)."""
+        return qat_requested(self.args)
 
     def setup_model(self) -> dict | None:
         ckpt = super().setup_model()
@@ -75,6 +94,8 @@ class QARepTrainer(DetectionTrainer):
     def _setup_train(self) -> None:
         with offline_amp_check():
             super()._setup_train()
+        if qat_requested(self.args) and not self.resume:
+            self.validate_start()
 
 
 def rep_blocks(model: nn.Module) -> list[RepVGGBlock]:
