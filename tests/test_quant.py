@@ -588,7 +588,13 @@ def test_missing_backend_names_the_install(monkeypatch, module, blocked, extra):
 
     monkeypatch.setitem(sys.modules, blocked, None)  # makes `import blocked` raise ImportError
     backend = importlib.import_module(module)
-    require = backend.import_modelopt if module.endswith("simulated") else backend._require
+    require = (
+        backend.import_modelopt
+        if module.endswith("simulated")
+        else backend.require_onnx
+        if module.endswith("onnx_qdq")
+        else backend._require
+    )
     with pytest.raises(ImportError, match=extra.replace("[", r"\[").replace("]", r"\]")):
         require()
 

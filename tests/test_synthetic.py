@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from qarep_det.cli import make_dataset as make_dataset_cli
+from qarep_det.cli.main import main as qarep_det_main
 from qarep_det.data.synthetic import CLASS_NAMES, category_id, make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,8 +189,9 @@ def test_cli_help_shows_defaults(cli_runs):
 
 @pytest.fixture(scope="module")
 def cli_main():
-    """The tool's ``main`` loaded in-process, for the cases that need no fresh interpreter."""
-    return make_dataset_cli.main
+    """``qarep-det make-dataset`` in-process (through the command that reports bad input), for the cases that need no
+    fresh interpreter."""
+    return lambda argv: qarep_det_main(["make-dataset", *argv])
 
 
 def test_cli_writes_dataset_and_prints_yaml(cli_main, tmp_path, capsys):

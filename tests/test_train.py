@@ -17,7 +17,7 @@ from ultralytics.engine import trainer as engine_trainer
 from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils.dist import ddp_cleanup, generate_ddp_file
 
-from qarep_det.cli import train as train_cli
+from qarep_det.cli.main import main as cli_main
 from qarep_det.data.synthetic import make_dataset
 from qarep_det.errors import InputError
 from qarep_det.nn import RepVGGBlock
@@ -50,7 +50,10 @@ sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
-main = train_cli.main
+
+def main(argv: list[str]) -> int:
+    """``qarep-det train ARGV`` in-process, through the command that reports bad input (exit status 2)."""
+    return cli_main(["train", *argv])
 
 
 @pytest.fixture(scope="module")
