@@ -28,7 +28,7 @@ import platform
 import shutil
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,6 +232,12 @@ def mean_leaves(trees: Sequence[Any]) -> Any:
 _SKIP = object()
 
 
+def _mean_known(values: Iterable[float | None]) -> float | None:
+    """The mean of the values that are known (a one-image val split has no image-level standard error)."""
+    known = [v for v in values if v is not None]
+    return statistics.fmean(known) if known else None
+
+
 def summarize(step: str, groups: int, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """A step's summary over its seeds' rows: per backend FP32 and INT8 mAP50-95 and the drop as :func:`spread`,
     the mean image-level standard error of the drop; each BN branch's largest scale as :func:`spread` (the plot's
@@ -249,7 +255,7 @@ def summarize(step: str, groups: int, rows: Sequence[dict[str, Any]]) -> dict[st
                     key: spread([row["backends"][backend][key] for row in rows])
                     for key in ("fp32_map50_95", "int8_map50_95", "drop")
                 },  # fmt: skip
-                "image_drop_se": statistics.fmean(row["backends"][backend]["image_drop_se"] for row in rows),
+                "image_drop_se": _mean_known(row["backends"][backend]["image_drop_se"] for row in rows),
             }
             for backend in backends
         },
@@ -364,14 +370,20 @@ def train_run(settings: LadderSettings, step: str, seed: int, project: Path) -> 
     return done
 
 
+def _image_drop_se(fp32: Sequence[float], int8: Sequence[float]) -> float | None:
+    """The paired standard error of a drop from its per-image AP (:mod:`qarep_det.sensitivity.resolution`); None for
+    a one-image val split."""
+    return Resolution.paired(fp32, int8).standard_error if len(fp32) > 1 else None
+
+
 def evaluate_run(
-    settings: LadderSettings, step: str, seed: int, run: Path, weights: Path, ground_truth: GroundTruth,
-    progress: bool,
-) -> tuple[dict[str, Any], float]:  # fmt: skip
-    """FP32 against INT8 on every backend (ptq-eval into ``run/eval``) with the image-level standard error of each
-    drop, and C1 / C2; returns the per-backend figures with C1 and C2, and the seconds it took."""
+    settings: LadderSettings, run: Path, ground_truth: GroundTruth, progress: bool
+) -> tuple[dict[str, Any], float]:
+    """FP32 against INT8 on every backend (ptq-eval of ``run``'s last.pt into ``run/eval``) with the image-level
+    standard error of each drop, and C1 / C2; returns the per-backend figures with C1 and C2, and the seconds it
+    took."""
     start = time.perf_counter()
-    ptq = settings.ptq
+    ptq, weights = settings.ptq, run / "weights" / "last.pt"
     rows, _, _ = run_ptq_eval([weights], ptq, run / "eval", progress=progress)
     name = rows[0]["model"]  # the run folder's name, which the prediction files carry
     fp32_images = per_image_map50_95(ground_truth, run / "eval" / f"{name}_fp32.json")
@@ -380,7 +392,7 @@ def evaluate_run(
         int8_images = per_image_map50_95(ground_truth, run / "eval" / f"{name}_int8_{row['backend']}.json")
         backends[row["backend"]] = {
             **{k: row[k] for k in ("fp32_map50_95", "int8_map50_95", "drop", "fp32_map50", "int8_map50")},
-            "image_drop_se": Resolution.paired(fp32_images, int8_images).standard_error,
+            "image_drop_se": _image_drop_se(fp32_images, int8_images),
             "images": len(fp32_images),
         }
     model = load_detector(weights)
@@ -413,7 +425,7 @@ def check_study(settings: LadderSettings, out: Path) -> None:
     check_run_settings(settings.options(settings.steps[0], settings.seeds[0], out))
     for step in settings.steps:
         check_model_cfg(model_yaml(STEPS[step].cfg(settings.groups)), data, STEPS[step].rep_l2)
-    _ = settings.ptq
+    _ = settings.ptq  # its construction checks the backends and the evaluation device
     study = out / STUDY_FILE
     if study.is_file():
         theirs, ours = _read_json(study), _json_round_trip(settings.pinned())
@@ -451,8 +463,7 @@ def run_ladder(
             if row_file.is_file():
                 row = _read_json(row_file)
             else:
-                figures, eval_s = evaluate_run(settings, step, seed, run, Path(trained["weights"]), ground_truth,
-                                               progress)  # fmt: skip
+                figures, eval_s = evaluate_run(settings, run, ground_truth, progress)
                 row = {"step": step, "seed": seed, "model": STEPS[step].cfg(settings.groups),
                        "rep_l2": STEPS[step].rep_l2, "run": str(run.relative_to(out)), **trained, "eval_s": eval_s,
                        **figures}  # fmt: skip
