@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatter
 
 from qarep_det.evaluation.table import markdown_table
 
@@ -162,6 +163,8 @@ def plot_ladder(study: dict[str, Any], path: Path) -> Path:
     bn_ax.plot([xi for xi, v in zip(x, largest, strict=True) if v is not None], [v for v in largest if v is not None],
                "s", markerfacecolor="none", color="grey", label="largest BN of any branch (mean)")  # fmt: skip
     bn_ax.set_yscale("log")
+    for axis_formatter in (bn_ax.yaxis.set_major_formatter, bn_ax.yaxis.set_minor_formatter):
+        axis_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))  # 6.5, not 6.5 x 10^0
     for xi, mean in zip(x, means, strict=True):
         if mean is None:
             bn_ax.annotate("no identity BN", (xi, 0.02), xycoords=("data", "axes fraction"), ha="center", fontsize=8,
