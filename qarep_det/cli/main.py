@@ -24,6 +24,7 @@ TOOLS: dict[str, str] = {
     "diagnose": "diagnose",
     "qat": "qat",
     "benchmark": "benchmark",
+    "ladder": "ladder",
     "make-dataset": "make_dataset",
     "coco": "coco",
     "plant-outlier": "plant_outlier",

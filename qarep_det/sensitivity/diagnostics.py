@@ -9,18 +9,21 @@ eps)`` per BN of every block of ours (a dead channel under RepVGG's identity BN 
 (:func:`dead_channel_mask`) behind it; :func:`fused_kernels` the fused kernel each block deploys, read without fusing:
 its largest weight against its median, and per output channel the share of weights INT8 rounds to zero
 (:func:`int8_zero_share`), the cost of one dominating tap. Together these are the QARepVGG paper's diagnosis of why
-RepVGG quantizes badly (Chu et al., AAAI 2024, section 3), one row per block and branch.
+RepVGG quantizes badly (Chu et al., AAAI 2024, section 3), one row per block and branch (its C1, the weights);
+:func:`block_outputs` reads its C2, the activations: each block's output variance and max / std on a few images.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from qarep_det.nn import Reparameterizable
+from qarep_det.nn import Reparameterizable, RepBlock
 from qarep_det.nn.fusion import bn_scale
 
 BN_OUTLIER_FACTOR = 10.0
@@ -214,5 +217,61 @@ def fused_kernels(model: nn.Module, num_bits: int = 8) -> list[FusedKernel]:
                 zero_share_max=float(share.max()),
                 zero_share_mean=float(share.mean()),
             )
+        )
+    return rows
+
+
+@dataclass(frozen=True)
+class BlockOutput:
+    """The output of one Rep block over a set of images: what the next conv's per-tensor INT8 quantizer receives.
+
+    ``max_to_std`` is how many standard deviations the largest |value| lies out: max calibration spends the INT8
+    range on it, so the typical value gets ``127 / max_to_std`` levels per standard deviation (the paper's C2).
+    """
+
+    block: str
+    block_type: str
+    variance: float
+    max_abs: float
+    max_to_std: float  # inf for a constant output
+
+
+@torch.no_grad()
+def block_outputs(model: nn.Module, batches: Iterable[torch.Tensor]) -> list[BlockOutput]:
+    """Variance and max / std of every Rep block's output (after its activation) over ``batches``, in module order.
+
+    Forward hooks on each :class:`~qarep_det.nn.RepBlock` accumulate the sum, the sum of squares (float64) and the
+    largest |value| over all batches, so the figures cover the whole image set at once, not a mean over batches.
+    Fused and training form give the same figures up to float rounding; the model runs in eval mode on its device.
+    """
+    device = next(model.parameters()).device
+    sums: dict[str, list[float]] = {}
+
+    def accumulate(name: str) -> Callable[[nn.Module, Any, torch.Tensor], None]:
+        def hook(_: nn.Module, __: Any, output: torch.Tensor) -> None:
+            values = output.detach().double()
+            total = sums.setdefault(name, [0.0, 0.0, 0.0, 0.0])
+            total[0] += float(values.sum())
+            total[1] += float(values.square().sum())
+            total[2] += values.numel()
+            total[3] = max(total[3], float(values.abs().max()))
+
+        return hook
+
+    blocks = {name: m for name, m in model.named_modules() if isinstance(m, RepBlock)}
+    handles = [block.register_forward_hook(accumulate(name)) for name, block in blocks.items()]
+    try:
+        model.eval()
+        for batch in batches:
+            model(batch.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    rows = []
+    for name, (total, squares, count, largest) in sums.items():
+        variance = max(squares / count - (total / count) ** 2, 0.0)
+        std = math.sqrt(variance)
+        rows.append(
+            BlockOutput(name, type(blocks[name]).__name__, variance, largest, largest / std if std else math.inf)
         )
     return rows
