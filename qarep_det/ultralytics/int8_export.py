@@ -39,6 +39,7 @@ class ExportContract:
     metadata: dict[str, Any]
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
+    stem: str  # what it names the files of an export: the checkpoint's stem
 
 
 class _ContractExporter(Exporter):
@@ -48,7 +49,8 @@ class _ContractExporter(Exporter):
     contract: ExportContract | None = None
 
     def _record(self, prefix: str = "") -> None:
-        self.contract = ExportContract(dict(self.metadata), tuple(self.im.shape), tuple(self.output_shape))
+        shapes = tuple(self.im.shape), tuple(self.output_shape)
+        self.contract = ExportContract(dict(self.metadata), *shapes, self.file.stem)
 
     export_onnx = export_openvino = _record
 
@@ -95,15 +97,14 @@ def _check_io(what: str, input_shape: tuple, output_shape: tuple, contract: Expo
 
 def write_openvino(job: Job, contract: ExportContract, folder: Path) -> None:
     """The job's NNCF IR (ptq_eval's openvino model) as Ultralytics' ``*_openvino_model`` folder: ``<stem>.xml``,
-    ``<stem>.bin`` and ``metadata.yaml``. Its batch is fixed to Ultralytics' static batch of 1 (ptq_eval's IR keeps
-    it dynamic); nothing else changes."""
+    ``<stem>.bin`` (the checkpoint's stem) and ``metadata.yaml``. Its batch is fixed to Ultralytics' static batch of
+    1 (ptq_eval's IR keeps it dynamic); nothing else changes."""
     from qarep_det.quant.backends.openvino import save_openvino
 
     ir = job.openvino_int8.clone()  # shared by the jobs of a checkpoint: never reshaped in place
     ir.reshape(list(contract.input_shape))
     _check_io("the OpenVINO INT8 model", tuple(ir.input(0).shape), tuple(ir.output(0).shape), contract)
-    stem = folder.name.removesuffix(INT8_WRITERS["openvino"].suffix)
-    save_openvino(ir, folder / f"{stem}.xml")
+    save_openvino(ir, folder / f"{contract.stem}.xml")
     YAML.save(folder / "metadata.yaml", contract.metadata)
 
 
