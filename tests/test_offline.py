@@ -137,13 +137,15 @@ def test_offline_variables_are_set_unless_the_user_set_them(monkeypatch: pytest.
     assert {name: os.environ[name] for name in OFFLINE_ENV} == {**OFFLINE_ENV, "HF_HUB_OFFLINE": "0"}
 
 
-def test_export_openvino_is_offline(audit: Path, data: Path, weights: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("int8", [[], ["--int8", "--calib-images", "4", "--batch", "2"]], ids=["fp32", "int8"])
+def test_export_openvino_is_offline(audit: Path, data: Path, weights: Path, tmp_path: Path, int8: list[str]) -> None:
     attempts, _ = run_audited(
         audit, tmp_path, "export.py", "--weights", str(weights), "--format", "openvino", "--imgsz", "64",
-        "--data", str(data), "--overwrite",
+        "--data", str(data), "--overwrite", *int8,
     )  # fmt: skip
     assert not attempts, "\n".join(attempts[:3])
-    assert list((weights.parent / f"{weights.stem}_openvino_model").glob("*.xml"))
+    folder = f"{weights.stem}_int8_openvino_model" if int8 else f"{weights.stem}_openvino_model"
+    assert list((weights.parent / folder).glob("*.xml"))
 
 
 def test_ptq_eval_all_backends_is_offline(audit: Path, data: Path, weights: Path, tmp_path: Path) -> None:

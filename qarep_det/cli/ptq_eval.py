@@ -15,6 +15,7 @@ import argparse
 import warnings
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,18 +40,11 @@ from qarep_det.sensitivity.rankings import DEFAULT_RANKING, RANKING_HELP
 DEMO = DemoSettings()
 
 
-def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
-    parser = tool_parser(__doc__, prog)
-    parser.add_argument("--weights", nargs="+", type=Path, help="trained checkpoints (.pt); none: run the demo")
-    parser.add_argument("--data", type=Path, help="dataset YAML with train and val splits; none: run the demo")
-    parser.add_argument(
-        "--fp32-weights",
-        type=Path,
-        help="the FP32 model of a QAT checkpoint that carries none (Ultralytics' own quantize=8: e.g. the checkpoint "
-        "it started from); without it that checkpoint's FP32 columns stay empty (qarep-det qat checkpoints carry one)",
-    )
-    parser.add_argument("--imgsz", type=int, help=f"square letterbox size (default 640, demo {DEMO.imgsz})")
-    add_recipe_args(parser, None, f"calibration images from the train split (default 512, demo {DEMO.calib_images})")
+def add_int8_args(parser: argparse.ArgumentParser, calib_images: int | None, calib_help: str, batch_help: str) -> None:
+    """The flags that decide an INT8 model, which ``export --int8`` takes as ptq-eval does, so the same flags make the
+    same model in both: the recipe, which convs stay float and how they are chosen, NNCF's overflow fix, the device
+    of the simulated model and the batch. ``calib_images`` is the default of ``--calib-images``."""
+    add_recipe_args(parser, calib_images, calib_help)
     partial = add_partial_args(parser)
     partial.add_argument(
         "--max-drop",
@@ -88,15 +82,6 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
         f"(default: {DEFAULT_RANKING}; how each agrees with the leave-one-out mAP: docs/diagnose.md)",
     )
     parser.add_argument(
-        "--backend",
-        nargs="+",
-        choices=BACKENDS,
-        default=["torch"],
-        help="INT8 backends: torch (simulated), openvino (real INT8, CPU), onnxruntime (the torch backend's QDQ ONNX, "
-        "CPU; shares its calibration), onnxruntime-int8 (real INT8, CPU: onnxruntime's quantize_static, integer "
-        "QLinearConv kernels; --calib-method max only; not for QAT checkpoints)",
-    )
-    parser.add_argument(
         "--overflow-fix",
         choices=OVERFLOW_FIX,
         default="auto",
@@ -108,7 +93,54 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     parser.add_argument(
         "--device", default="cpu", help="device of the FP32 and simulated (torch) INT8 models: cpu or a CUDA index"
     )
-    parser.add_argument("--batch", type=int, default=8, help="evaluation and calibration batch size")
+    parser.add_argument("--batch", type=int, default=8, help=batch_help)
+
+
+def int8_settings(
+    args: argparse.Namespace, data: Path, backends: tuple[str, ...], imgsz: int, calib_images: int, **more: Any
+) -> PTQSettings:
+    """The settings the flags of :func:`add_int8_args` describe; ``more``: the tool's own settings."""
+    return PTQSettings(
+        data=data,
+        recipe=recipe_from_args(args, calib_images),
+        backends=backends,
+        imgsz=imgsz,
+        batch=args.batch,
+        device=str(torch_device(args.device)),
+        keep_float=args.keep_float,
+        max_drop=args.max_drop,
+        tune_images=args.tune_images,
+        tune_split=args.tune_split,
+        refine=args.refine,
+        rank_images=args.rank_images,
+        rank_by=args.rank_by,
+        overflow_fix=OVERFLOW_FIX[args.overflow_fix],
+        **more,
+    )
+
+
+def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
+    parser = tool_parser(__doc__, prog)
+    parser.add_argument("--weights", nargs="+", type=Path, help="trained checkpoints (.pt); none: run the demo")
+    parser.add_argument("--data", type=Path, help="dataset YAML with train and val splits; none: run the demo")
+    parser.add_argument(
+        "--fp32-weights",
+        type=Path,
+        help="the FP32 model of a QAT checkpoint that carries none (Ultralytics' own quantize=8: e.g. the checkpoint "
+        "it started from); without it that checkpoint's FP32 columns stay empty (qarep-det qat checkpoints carry one)",
+    )
+    parser.add_argument("--imgsz", type=int, help=f"square letterbox size (default 640, demo {DEMO.imgsz})")
+    add_int8_args(parser, None, f"calibration images from the train split (default 512, demo {DEMO.calib_images})",
+                  "evaluation and calibration batch size")  # fmt: skip
+    parser.add_argument(
+        "--backend",
+        nargs="+",
+        choices=BACKENDS,
+        default=["torch"],
+        help="INT8 backends: torch (simulated), openvino (real INT8, CPU), onnxruntime (the torch backend's QDQ ONNX, "
+        "CPU; shares its calibration), onnxruntime-int8 (real INT8, CPU: onnxruntime's quantize_static, integer "
+        "QLinearConv kernels; --calib-method max only; not for QAT checkpoints)",
+    )
     parser.add_argument("--instances-json", type=Path, help="COCO val instances json (default: found beside COCO)")
     add_output_args(parser, "runs/ptq/exp")
     return parser.parse_args(argv)
@@ -123,24 +155,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     calib_images = args.calib_images or (DEMO.calib_images if demo else 512)
     out = output_folder(args)
     # every input is checked before anything is written (the demo writes a dataset and trains)
-    settings = PTQSettings(
-        data=args.data or Path(),
-        recipe=recipe_from_args(args, calib_images),
-        backends=tuple(args.backend),
-        imgsz=imgsz,
-        batch=args.batch,
-        device=str(torch_device(args.device)),
+    settings = int8_settings(
+        args,
+        args.data or Path(),
+        tuple(args.backend),
+        imgsz,
+        calib_images,
         instances_json=args.instances_json,
         overwrite=args.exist_ok,
-        keep_float=args.keep_float,
-        max_drop=args.max_drop,
-        tune_images=args.tune_images,
-        tune_split=args.tune_split,
-        refine=args.refine,
-        rank_images=args.rank_images,
-        rank_by=args.rank_by,
         fp32_weights=args.fp32_weights,
-        overflow_fix=OVERFLOW_FIX[args.overflow_fix],
     )
     weights = args.weights
     if demo:

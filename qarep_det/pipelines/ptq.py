@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -220,21 +220,15 @@ def _row(
     }
 
 
-def evaluate_checkpoint(
-    checkpoint: FusedCheckpoint,
-    settings: PTQSettings,
-    out_dir: Path,
-    ground_truth: GroundTruth,
-    calib: CalibrationSet,
-    progress: bool = True,
-    tuning: TuningSet | None = None,
-) -> list[dict[str, Any]]:
-    """Rows for one checkpoint: FP32 once, then INT8 for each backend (on the CPU but for the torch backend)."""
-    name, fused, student = checkpoint.name, checkpoint.fused, checkpoint.student
-    score = partial(evaluate_runner, protocol=settings.protocol, batch=settings.batch, progress=progress)
-    fp32 = UNKNOWN_FP32
-    if fused is not None:
-        fp32 = score(torch_runner(fused, settings.device), ground_truth, out_dir / f"{name}_fp32.json")
+def backend_jobs(
+    checkpoint: FusedCheckpoint, settings: PTQSettings, calib: CalibrationSet, stem: Path, scratch: Path,
+    progress: bool = True, tuning: TuningSet | None = None,
+) -> Iterator[tuple[str, Job, dict[str, Any]]]:  # fmt: skip
+    """Per backend of ``settings``, the job its INT8 model is made from and the row keys of choosing it: the rank
+    step (once per checkpoint), then K kept float or the search step. ``ptq_eval`` quantizes and scores each job;
+    ``export --int8`` writes the artefact of the same job, so the file it writes is the model ptq_eval scores.
+    Artefacts are named from ``stem``; the search's files go to ``scratch``."""
+    fused, student = checkpoint.fused, checkpoint.student
     sensitivities: dict[str, Sensitivity] = {}
     if checkpoint.ours:
         recipe = QuantRecipe(**student.qat_recipe)
@@ -245,44 +239,48 @@ def evaluate_checkpoint(
         if settings.ranks:
             sensitivities = _rank(checkpoint, settings, calib, progress)
     calibrated = next(iter(sensitivities.values())).calibrated if sensitivities else None  # one for every grid
+    job = Job(None if fused is None else fused.cpu(), calib, recipe, settings.imgsz, settings.device, stem,
+              settings.save_int8, settings.overwrite, student, calibrated,
+              overflow_fix=settings.overflow_fix)  # fmt: skip
+    if tuning is not None:
+        start = time.perf_counter()
+        score = partial(evaluate_runner, protocol=settings.protocol, batch=settings.batch, progress=progress)
+        fp32_tune = score(torch_runner(fused, settings.device), tuning.ground_truth, scratch / "fp32.json")
+        fp32_tune["per_image"] = per_image_map50_95(tuning.ground_truth, scratch / "fp32.json")
+        fp32_tune_s = time.perf_counter() - start
+    for backend in settings.backends:
+        start = time.perf_counter()
+        chosen, extra, sensitivity = job, {}, sensitivities.get(backend)
+        if sensitivity is not None:
+            chosen = job.with_recipe(sensitivity.keep(recipe, settings.keep_float))  # K kept float (0 to search)
+            extra = {"calibrate_s": sensitivity.calibrate_s, "rank_images": settings.ranked_images,
+                     "rank_by": sensitivity.rank_by, "rank_s": sensitivity.rank_s,
+                     "rank_half_range": sensitivity.half_range}  # fmt: skip
+        if tuning is not None:
+            chosen, searched = _search(chosen, backend, sensitivity, tuning, fp32_tune, settings, scratch, progress)
+            extra |= searched | {"search_s": time.perf_counter() - start + fp32_tune_s}  # with the FP32 evaluation
+        yield backend, chosen, extra
+
+
+def evaluate_checkpoint(
+    checkpoint: FusedCheckpoint,
+    settings: PTQSettings,
+    out_dir: Path,
+    ground_truth: GroundTruth,
+    calib: CalibrationSet,
+    progress: bool = True,
+    tuning: TuningSet | None = None,
+) -> list[dict[str, Any]]:
+    """Rows for one checkpoint: FP32 once, then INT8 for each backend (on the CPU but for the torch backend)."""
+    name, fused = checkpoint.name, checkpoint.fused
+    score = partial(evaluate_runner, protocol=settings.protocol, batch=settings.batch, progress=progress)
+    fp32 = UNKNOWN_FP32
+    if fused is not None:
+        fp32 = score(torch_runner(fused, settings.device), ground_truth, out_dir / f"{name}_fp32.json")
     rows = []
     with tempfile.TemporaryDirectory(prefix="qarep_ptq_") as scratch:  # runtimes have loaded their files by its end
         stem = (out_dir if settings.save_int8 else Path(scratch)) / name
-        job = Job(
-            None if fused is None else fused.cpu(),
-            calib,
-            recipe,
-            settings.imgsz,
-            settings.device,
-            stem,
-            settings.save_int8,
-            settings.overwrite,
-            student,
-            calibrated,
-            overflow_fix=settings.overflow_fix,
-        )
-        if tuning is not None:
-            start = time.perf_counter()
-            fp32_tune = score(torch_runner(fused, settings.device), tuning.ground_truth, Path(scratch) / "fp32.json")
-            fp32_tune["per_image"] = per_image_map50_95(tuning.ground_truth, Path(scratch) / "fp32.json")
-            fp32_tune_s = time.perf_counter() - start
-        for backend in settings.backends:
-            start = time.perf_counter()
-            chosen, extra, sensitivity = job, {}, sensitivities.get(backend)
-            if sensitivity is not None:
-                chosen = job.with_recipe(sensitivity.keep(recipe, settings.keep_float))  # K kept float (0 to search)
-                extra = {
-                    "calibrate_s": sensitivity.calibrate_s,
-                    "rank_images": settings.ranked_images,
-                    "rank_by": sensitivity.rank_by,
-                    "rank_s": sensitivity.rank_s,
-                    "rank_half_range": sensitivity.half_range,
-                }
-            if tuning is not None:
-                chosen, searched = _search(
-                    chosen, backend, sensitivity, tuning, fp32_tune, settings, Path(scratch), progress
-                )
-                extra |= searched | {"search_s": time.perf_counter() - start + fp32_tune_s}  # with the FP32 evaluation
+        for backend, chosen, extra in backend_jobs(checkpoint, settings, calib, stem, Path(scratch), progress, tuning):
             start = time.perf_counter()
             quantized = BACKENDS[backend].quantize(chosen)
             quantize_s = time.perf_counter() - start  # calibration (unless ranked), quantizing, files
@@ -297,7 +295,7 @@ def evaluate_checkpoint(
     return rows
 
 
-def _load_checked(path: Path, settings: PTQSettings) -> FusedCheckpoint:
+def load_checked(path: Path, settings: PTQSettings) -> FusedCheckpoint:
     """One checkpoint loaded and fused, refused if the settings' float convs cannot apply to it."""
     checkpoint = load_fused(path, settings.fp32_weights)
     if checkpoint.student is not None and (no_qat := [b for b in settings.backends if not BACKENDS[b].runs_qat]):
@@ -317,6 +315,22 @@ def _load_checked(path: Path, settings: PTQSettings) -> FusedCheckpoint:
     return checkpoint
 
 
+def calibration_and_tuning(
+    settings: PTQSettings, scored: Sequence[Path], progress: bool = True
+) -> tuple[CalibrationSet, TuningSet | None]:
+    """The calibration draw from the train split and, with ``max_drop``, the tuning set (never a calibration image
+    nor one of the ``scored`` images); one clear error for no train images or no labelled image to rank by."""
+    recipe = settings.recipe
+    calib = calibration_set(settings.data, settings.imgsz, recipe.calib_images, recipe.seed, settings.batch, progress)
+    if settings.ranks and settings.rank_by == "fisher":
+        check_labelled(calib.paths[: settings.ranked_images])
+    tuning = None
+    if settings.max_drop is not None:
+        tuning = tuning_set(settings.data, settings.tune_images, recipe.seed, calib.paths, scored,
+                            settings.tune_split)  # fmt: skip
+    return calib, tuning
+
+
 def run_ptq_eval(
     weights: Sequence[str | os.PathLike], settings: PTQSettings, out_dir: str | os.PathLike, progress: bool = True
 ) -> tuple[list[dict[str, Any]], Path, Path]:
@@ -331,16 +345,8 @@ def run_ptq_eval(
     if settings.fp32_weights is not None:
         checkpoint_paths([settings.fp32_weights])  # missing: one line now, not after the ground truth
     ground_truth = load_ground_truth(settings.data, instances_json=settings.instances_json)
-    checkpoints = [_load_checked(path, settings) for path in paths]
-    recipe = settings.recipe
-    calib = calibration_set(settings.data, settings.imgsz, recipe.calib_images, recipe.seed, settings.batch, progress)
-    if settings.ranks and settings.rank_by == "fisher":
-        check_labelled(calib.paths[: settings.ranked_images])
-    tuning = None
-    if settings.max_drop is not None:
-        tuning = tuning_set(
-            settings.data, settings.tune_images, recipe.seed, calib.paths, ground_truth.image_files, settings.tune_split
-        )
+    checkpoints = [load_checked(path, settings) for path in paths]
+    calib, tuning = calibration_and_tuning(settings, ground_truth.image_files, progress)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = [
