@@ -22,13 +22,11 @@ in ``/val2017.txt``; our ``ptq-eval`` needs only COCO's 80 names and the json.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from ultralytics.data.utils import IMG_FORMATS
 from ultralytics.utils import LOGGER, ROOT, YAML
 
 from qarep_det.errors import InputError
+from qarep_det.logs import quiet
 
 SPLITS = ("train2017", "val2017")
 """COCO 2017's detection splits with public annotations, in the order they are checked and written."""
@@ -172,25 +171,13 @@ def _check_split(name: str, image_dir: Path, instances: Path) -> _Split:
     return _Split(name, image_dir, instances, sorted(listed), summary)
 
 
-@contextlib.contextmanager
-def _quiet_logger() -> Iterator[None]:
-    """Hide Ultralytics' info lines (``convert_coco`` names the hidden build folder as its result); its progress
-    bar stays."""
-    level = LOGGER.level
-    LOGGER.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        LOGGER.setLevel(level)
-
-
 def _convert(splits: Sequence[_Split], scratch: Path) -> Path:
     """``convert_coco`` of the splits' jsons alone (linked into one folder); returns its labels folder."""
     jsons = scratch / "instances"
     jsons.mkdir()
     for split in splits:
         (jsons / split.instances.name).symlink_to(split.instances)
-    with _quiet_logger():
+    with quiet(LOGGER):  # convert_coco names the hidden build folder as its result; its progress bar stays
         convert_coco(labels_dir=str(jsons), save_dir=str(scratch / "converted"), use_segments=False, cls91to80=True)
     return scratch / "converted" / "labels"
 

@@ -13,7 +13,6 @@ model is checked against before anything is written.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import tempfile
@@ -28,6 +27,7 @@ from ultralytics.engine.exporter import Exporter
 from ultralytics.utils import LOGGER, YAML
 
 from qarep_det.errors import InputError
+from qarep_det.logs import quiet
 from qarep_det.quant.backends.base import Job
 
 
@@ -55,17 +55,6 @@ class _ContractExporter(Exporter):
     export_onnx = export_openvino = _record
 
 
-@contextlib.contextmanager
-def _ultralytics_quiet() -> Iterator[None]:
-    """Ultralytics logs its export steps at INFO (input shape, the file it starts from); none of them is ours."""
-    level = LOGGER.level
-    LOGGER.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        LOGGER.setLevel(level)
-
-
 def export_contract(model: nn.Module, fmt: str, imgsz: int, data: str | os.PathLike) -> ExportContract:
     """The metadata and shapes of Ultralytics' INT8 export of ``model`` as ``fmt`` (static batch 1, no NMS, as its
     default export), calibrated on ``data``; nothing is converted or written."""
@@ -74,7 +63,7 @@ def export_contract(model: nn.Module, fmt: str, imgsz: int, data: str | os.PathL
     exporter = _ContractExporter(overrides=overrides)
     threads = torch.get_num_threads()
     try:
-        with _ultralytics_quiet():
+        with quiet(LOGGER):  # its export steps at INFO (input shape, the file it starts from): none is ours
             exporter(model)
     finally:  # its device selection sets torch's CPU threads, whose count changes a calibration's float sums
         torch.set_num_threads(threads)

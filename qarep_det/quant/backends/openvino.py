@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from qarep_det.errors import InputError
+from qarep_det.logs import quiet
 from qarep_det.quant.recipe import QuantRecipe
 from qarep_det.quant.runner import DecodedOutput, Runner
 from qarep_det.quant.scope import float_conv_names
@@ -207,13 +208,8 @@ def nncf_arguments(
 @contextlib.contextmanager
 def nncf_quiet() -> Iterator[None]:
     """NNCF logs one INFO line per op it leaves unquantized: hundreds here. Warnings stay."""
-    nncf_logger = logging.getLogger("nncf")
-    level = nncf_logger.level
-    nncf_logger.setLevel(logging.WARNING)
-    try:
+    with quiet(logging.getLogger("nncf")):
         yield
-    finally:
-        nncf_logger.setLevel(level)
 
 
 def quantize_openvino(
