@@ -4,10 +4,14 @@ status of a training run."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from qarep_det.quant.recipe import CALIB_METHODS, QuantRecipe
 
@@ -144,3 +148,13 @@ def train_to_end(trainer: Any, outputs: str) -> int:
         return 130
     print(f"done: {trainer.save_dir} ({outputs})")
     return 0
+
+
+@contextlib.contextmanager
+def library_noise_hidden() -> Iterator[None]:
+    """Our own warnings stay (e.g. fewer calibration images than asked); the libraries' deprecation notices and the
+    tracer's warnings from exporting a model, many per run, do not."""
+    with warnings.catch_warnings():
+        for category in (DeprecationWarning, FutureWarning, torch.jit.TracerWarning):
+            warnings.simplefilter("ignore", category)
+        yield

@@ -15,13 +15,10 @@ or seeds are added to the study.
 from __future__ import annotations
 
 import argparse
-import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from qarep_det.cli.common import tool_parser
+from qarep_det.cli.common import library_noise_hidden, tool_parser
 from qarep_det.pipelines.ladder import GROUPS, STEPS, LadderSettings, run_ladder
 from qarep_det.quant.backends.base import BACKENDS
 from qarep_det.quant.recipe import CALIB_METHODS
@@ -85,9 +82,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         eval_batch=args.eval_batch,
         activation_images=args.activation_images,
     )
-    with warnings.catch_warnings():  # as ptq-eval: keep our own warnings, drop tracer noise
-        for category in (DeprecationWarning, FutureWarning, torch.jit.TracerWarning):
-            warnings.simplefilter("ignore", category)
+    with library_noise_hidden():
         result = run_ladder(settings, args.out, on_row=_progress_line)
     print(result.md_path.read_text(encoding="utf-8"))
     print(f"results: {result.json_path}, {result.md_path}, {result.png_path}")

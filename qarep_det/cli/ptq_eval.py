@@ -12,18 +12,16 @@ evaluated again with pycocotools. Results go to OUT/results.json and OUT/results
 from __future__ import annotations
 
 import argparse
-import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from qarep_det.cli.common import (
     add_output_args,
     add_partial_args,
     add_rank_args,
     add_recipe_args,
+    library_noise_hidden,
     output_folder,
     recipe_from_args,
     tool_parser,
@@ -172,9 +170,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(f"demo: synthetic data and two briefly trained detectors in {out}")
         data, weights = run_demo(out / "demo", demo_settings)
         settings = replace(settings, data=data)
-    with warnings.catch_warnings():  # keep our own warnings (e.g. fewer calibration images), drop tracer noise
-        for category in (DeprecationWarning, FutureWarning, torch.jit.TracerWarning):
-            warnings.simplefilter("ignore", category)
+    with library_noise_hidden():
         rows, json_path, md_path = run_ptq_eval(weights, settings, out)
     print(format_console(rows, settings.protocol))
     plot = json_path.with_name("max_drop.png")
