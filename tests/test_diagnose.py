@@ -232,11 +232,21 @@ def test_diagnose_writes_report_and_plots_for_two_models(data, checkpoints, tmp_
         assert all(LAYER_KEYS == row.keys() for row in m["layers"])
         assert {"block", "branch", "max", "median", "outlier"} <= m["bn_scales"][0].keys()
         assert sorted(m["ranking"]) == sorted(row["name"] for row in m["layers"])
+        # C1 per fusable block (Rep blocks and ConvBNReLU), C2 per Rep block, in module order
+        blocks = [row["block"] for row in m["fused_kernels"]]
+        outputs = [row["block"] for row in m["block_outputs"]]
+        assert outputs and outputs == [b for b in blocks if b in outputs] and len(outputs) < len(blocks)
+        assert all(f"{row['block']}.conv" in m["ranking"] for row in m["fused_kernels"])  # the convs ptq-eval sees
+        for row in m["fused_kernels"]:
+            assert 0 <= row["zero_share_mean"] <= row["zero_share_max"] <= 1 and row["max_to_median"] >= 1
+        assert all(row["variance"] > 0 and row["max_to_std"] >= 1 for row in m["block_outputs"])
     assert {r["branch"] for r in report["models"][1]["bn_scales"]} >= {"3x3", "1x1", "identity"}
     md = (out / "report.md").read_text()
     assert "## Summary" in md and "## qarep_n" in md and "## repvgg_n" in md
+    assert md.count("Fused kernels (C1, weights)") == md.count("Block outputs (C2, activations)") == 2
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["bn_scales.png", "cumulative_sqnr.png", "isolated_sqnr.png", "weight_max_to_median.png"]
+    expected = ["bn_scales.png", "c1_c2.png", "cumulative_sqnr.png", "isolated_sqnr.png", "weight_max_to_median.png"]
+    assert pngs == expected
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000, png
     again = run_tool("diagnose.py", "--weights", str(checkpoints[0]), *args)  # an existing folder is not reused

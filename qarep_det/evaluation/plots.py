@@ -1,10 +1,12 @@
 """Diagnosis report (``report.json``'s dict), ``--max-drop`` rows and leave-one-out sweeps -> PNG plots; nothing here
 measures anything.
 
-The diagnosis gets four figures, each comparing every model of the report on one axis (layers are matched by name,
+The diagnosis gets five figures, each comparing every model of the report on one axis (layers are matched by name,
 in the first model's order, so twins such as yolo_qarep_s / yolo_repvgg_s line up bar by bar): the isolated output
-SQNR per conv, the cumulative SQNR along the depth, the fused weights' max/median per conv, and the BN scale factors
-of the training form per block and branch. Matplotlib's object API with the Agg canvas: no pyplot state, no display.
+SQNR per conv, the cumulative SQNR along the depth, the fused weights' max/median per conv, the BN scale factors
+of the training form per block and branch, and the QARepVGG paper's two conditions per Rep block (C1: the deployed
+kernel's spread; C2: the block output's max / std). Matplotlib's object API with the Agg canvas: no pyplot state,
+no display.
 """
 
 from __future__ import annotations
@@ -170,6 +172,63 @@ def plot_bn_scales(models: Sequence[dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
+def _block_values(model: dict[str, Any], key: str, field: str, blocks: list[str]) -> list[float]:
+    """``field`` of each named Rep block in the ``key`` list of a model's report, NaN where missing or not finite."""
+    by_block = {row["block"]: row.get(field) for row in model.get(key, [])}
+    return [v if isinstance(v, (int, float)) and math.isfinite(v) else math.nan for v in map(by_block.get, blocks)]
+
+
+def plot_conditions(models: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """The paper's C1 and C2 per Rep block (log scale), every model on the same axes: the deployed kernel's largest
+    |w| over its median (whole kernel, and the worst output channel's own) and the block output's max / std. None
+    when no model has Rep blocks."""
+    with_blocks = [m for m in models if m.get("fused_kernels")]
+    if not with_blocks:
+        return None
+    blocks = list(dict.fromkeys(row["block"] for m in with_blocks for row in m["fused_kernels"]))
+    fig = Figure(figsize=(max(8.0, 2.5 + INCH_PER_LAYER * len(blocks)), 8.0), layout="constrained")
+    c1, c2 = fig.subplots(2, 1, sharex=True)
+    xs = range(len(blocks))
+    for k, model in enumerate(with_blocks):
+        name = model["model"]
+        c1.plot(
+            xs,
+            _block_values(model, "fused_kernels", "max_to_median", blocks),
+            "o-",
+            color=f"C{k}",
+            markersize=4,
+            label=f"{name}: whole kernel",
+        )
+        c1.plot(
+            xs,
+            _block_values(model, "fused_kernels", "channel_max_to_median", blocks),
+            "s--",
+            color=f"C{k}",
+            markersize=3,
+            markerfacecolor="none",
+            label=f"{name}: worst output channel",
+        )
+        c2.plot(
+            xs,
+            _block_values(model, "block_outputs", "max_to_std", blocks),
+            "o-",
+            color=f"C{k}",
+            markersize=4,
+            label=name,
+        )
+    c1.set_ylabel("C1: fused kernel max |w| / median |w|\n(log scale)")
+    c2.set_ylabel("C2: block output max |x| / std\n(log scale)")
+    for ax in (c1, c2):
+        ax.set_yscale("log")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    c2.set_xticks(xs, [_short(b) for b in blocks], rotation=90, fontsize=LABEL_SIZE)
+    c2.set_xlabel("Rep block (module path without 'model.'), forward order")
+    fig.suptitle("What INT8 needs (QARepVGG's C1 and C2): small weight spread and small activation spread per block")
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def save_plots(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """Write every plot of a diagnosis report into ``out_dir``; returns the files written."""
     out_dir = Path(out_dir)
@@ -179,6 +238,7 @@ def save_plots(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
         plot_cumulative(models, out_dir / "cumulative_sqnr.png"),
         plot_weights(models, out_dir / "weight_max_to_median.png"),
         plot_bn_scales(models, out_dir / "bn_scales.png"),
+        plot_conditions(models, out_dir / "c1_c2.png"),
     ]
     return [p for p in paths if p is not None]
 

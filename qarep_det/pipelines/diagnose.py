@@ -24,12 +24,12 @@ from qarep_det.checks import check_count, check_imgsz
 from qarep_det.errors import InputError
 from qarep_det.evaluation.plots import save_plots
 from qarep_det.evaluation.table import markdown_table
-from qarep_det.quant.calibration import CalibrationSet, calibration_set
+from qarep_det.quant.calibration import CalibrationSet, calibration_set, first_images
 from qarep_det.quant.qat import qat_student
 from qarep_det.quant.recipe import QuantRecipe
 from qarep_det.reparam import reparameterize_model
 from qarep_det.sensitivity.analysis import analyze
-from qarep_det.sensitivity.diagnostics import BN_OUTLIER_FACTOR, bn_scales
+from qarep_det.sensitivity.diagnostics import BN_OUTLIER_FACTOR, block_outputs, bn_scales, fused_kernels
 from qarep_det.ultralytics.checkpoint import checkpoint_paths, load_detector, model_name
 
 TOP = 10
@@ -78,8 +78,10 @@ def diagnose_checkpoint(
 ) -> dict[str, Any]:
     """The report entry of one checkpoint (``model``: as loaded from ``weights``)."""
     scales = bn_scales(model)  # the training form: fusion removes every BN
+    kernels = fused_kernels(model)  # C1 of the kernels deployed: the same on the training form as once fused
     fused = reparameterize_model(model)
     result = analyze(fused, calib, settings.recipe, settings.device, progress, settings.rank_images)
+    outputs = block_outputs(fused, first_images(calib, settings.rank_images))  # C2 on the analysed images
     return {
         "model": model_name(weights),
         "weights": str(weights),
@@ -94,6 +96,8 @@ def diagnose_checkpoint(
         "layers": [to_record(row) for row in result.layers],
         "bn_scales": [to_record(row) for row in scales],
         "bn_outlier_factor": BN_OUTLIER_FACTOR,
+        "fused_kernels": [to_record(row) for row in kernels],
+        "block_outputs": [to_record(row) for row in outputs],
         "ranking": result.ranking,
         "cumulative_ranking": result.cumulative_ranking,
     }
@@ -150,6 +154,7 @@ def _model_section(m: dict[str, Any]) -> list[str]:
         *_ranked(layers, m["cumulative_ranking"], ADDED_COLUMNS),
         "",
         *_bn_section(m),
+        *_kernel_section(m),
     ]
 
 
@@ -166,6 +171,7 @@ def _bn_section(m: dict[str, Any]) -> list[str]:
             f"{r['median']:.3g}",
             str(r["channel"]),
             str(r["outliers"]),
+            str(r["dead_channels"]),
         ]
         for r in largest
     ]
@@ -173,9 +179,54 @@ def _bn_section(m: dict[str, Any]) -> list[str]:
         f"BN scale factors |gamma| / sqrt(var + eps) of the training form: {len(m['bn_scales'])} BNs, "
         f"{len(outliers)} with an outlier channel (> {m['bn_outlier_factor']:g}x its BN's median). Largest:",
         "",
-        *markdown_table(["block", "branch", "max", "median", "max channel", "outlier channels"], rows),
+        *markdown_table(["block", "branch", "max", "median", "max channel", "outlier channels", "dead channels"], rows),
+        "",
+        "Dead channels: channels whose BN output is zero after the ReLU for every input (beta <= 0 with a near-zero "
+        "running variance); behind an identity BN they are the block's dead input channels, whose tiny variance makes "
+        "gamma / sqrt(var + eps) singular (the QARepVGG paper's C1).",
         "",
     ]
+
+
+def _kernel_section(m: dict[str, Any]) -> list[str]:
+    """C1 of the deployed kernels and C2 of the block outputs, worst TOP blocks of each."""
+    kernels, outputs = m.get("fused_kernels", []), m.get("block_outputs", [])
+    if not kernels:
+        return []
+    worst = sorted(kernels, key=lambda r: -(r["max_to_median"] or math.inf))[:TOP]
+    kernel_rows = [
+        [
+            f"{r['block']} ({r['block_type']})",
+            _ratio(r["max_to_median"]),
+            f"{_ratio(r['channel_max_to_median'])} (ch {r['channel']})",
+            f"{r['zero_share_max']:.1%}",
+            f"{r['zero_share_mean']:.1%}",
+        ]
+        for r in worst
+    ]
+    spread = sorted(outputs, key=lambda r: -(r["max_to_std"] or math.inf))[:TOP]
+    output_rows = [
+        [f"{r['block']} ({r['block_type']})", f"{r['variance']:.3g}", f"{r['max_abs']:.3g}", _ratio(r["max_to_std"])]
+        for r in spread
+    ]
+    return [
+        f"Fused kernels (C1, weights): the {len(kernels)} fused blocks' deployed kernels, the largest max / median "
+        "|w| first. Zero share: per output channel, the share of weights that round to 0 at per-channel INT8 because "
+        "one tap sets the channel's scale.",
+        "",
+        *markdown_table(["block", "max/median", "worst channel max/median", "zero share max", "mean"], kernel_rows),
+        "",
+        f"Block outputs (C2, activations) on the {m['calib_images']} analysed calibration images, after each Rep "
+        "block's activation: per-tensor INT8 spends its range on the largest value, so max / std is how many standard "
+        "deviations the typical value shares 127 levels with.",
+        "",
+        *markdown_table(["block", "variance", "max |x|", "max / std"], output_rows),
+        "",
+    ]
+
+
+def _ratio(value: float | None) -> str:
+    return "inf" if value is None else f"{value:.3g}"
 
 
 def _summary(models: Sequence[dict[str, Any]]) -> list[str]:
