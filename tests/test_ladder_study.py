@@ -21,6 +21,7 @@ from qarep_det import reparameterize_model
 from qarep_det.cli.main import main as cli_main
 from qarep_det.data.synthetic import make_dataset
 from qarep_det.errors import InputError
+from qarep_det.evaluation.ladder_report import TRACE_COLUMNS, growth_rows
 from qarep_det.models import model_yaml
 from qarep_det.nn import QARepBlock, RepVGGBlock
 from qarep_det.pipelines import ladder
@@ -145,6 +146,32 @@ def test_c1_and_c2_name_each_steps_batchnorms_and_rep_blocks(study: dict[str, An
     assert c2["max_to_std_max"] == max(b["max_to_std"] for b in c2["by_block"].values())
 
 
+def test_c1_is_traced_after_every_epoch_on_the_saved_model(study: dict[str, Any]) -> None:
+    """The trace after the one epoch is C1 of the model last.pt holds (saved in half precision, hence the tolerance);
+    the step's summary averages it over seeds and the Markdown shows it."""
+    for row in study["json"]["runs"]:
+        (epoch,) = row["c1_by_epoch"]
+        traced = row["c1_by_epoch"][epoch]
+        assert epoch == "1" and set(traced["bn_scale_max"]) == set(row["c1"]["bn_scale_max"])
+        for branch, value in row["c1"]["bn_scale_max"].items():
+            assert math.isclose(traced["bn_scale_max"][branch], value, rel_tol=2e-3), (row["step"], branch)
+    s0 = study["json"]["steps"][0]
+    identity = [r["c1_by_epoch"]["1"]["bn_scale_max"]["identity"] for r in study["json"]["runs"] if r["step"] == "S0"]
+    assert math.isclose(s0["c1_by_epoch"]["1"]["bn_scale_max"]["identity"], statistics.fmean(identity))
+    text = (study["out"] / "ladder.md").read_text()
+    assert "| step | BN | epoch 1 |" in text and "| S0 | identity |" in text
+
+
+def test_the_growth_table_shows_evenly_spaced_epochs_and_the_identity_bn() -> None:
+    trace = {str(e): {"bn_scale_max": {"identity": float(e), "3x3": 100.0 + e}} for e in range(1, 31)}
+    post = {str(e): {"bn_scale_max": {"3x3": 1.0, "post": 2.0 * e}} for e in range(1, 31)}
+    header, rows = growth_rows({"steps": [{"step": "S0", "c1_by_epoch": trace}, {"step": "S4", "c1_by_epoch": post}]})
+    assert header[:3] == ["step", "BN", "epoch 1"] and header[-1] == "epoch 30" and len(header) == 2 + TRACE_COLUMNS
+    assert rows[0][:3] == ["S0", "identity", "1"] and rows[0][-1] == "30"  # identity, not the larger 3x3
+    assert rows[1][:3] == ["S4", "post", "2"] and rows[1][-1] == "60"
+    assert growth_rows({"steps": [{"step": "S0"}]}) == ([], [])
+
+
 def test_markdown_and_plot_are_written(study: dict[str, Any]) -> None:
     text = (study["out"] / "ladder.md").read_text()
     for step in STUDY_STEPS:
@@ -228,7 +255,8 @@ def test_train_run_resumes_an_interrupted_run_and_restarts_one_without_an_epoch(
     given = []
 
     class Trainer:
-        def __init__(self, options) -> None:
+        def __init__(self, options, callbacks=None) -> None:
+            assert list(callbacks) == ["on_fit_epoch_end"]  # the C1 trace
             given.append(options)
             run.mkdir(parents=True, exist_ok=True)  # as Ultralytics makes the run folder
             self.last = last

@@ -74,6 +74,34 @@ def diagnosis_rows(study: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+TRACE_COLUMNS = 8  # epochs shown in the growth table: evenly spaced, the last always
+
+
+def _shown_epochs(epochs: Sequence[str]) -> list[str]:
+    """At most TRACE_COLUMNS of the traced epochs, evenly spaced, first and last included."""
+    if len(epochs) <= TRACE_COLUMNS:
+        return list(epochs)
+    picks = {round(i * (len(epochs) - 1) / (TRACE_COLUMNS - 1)) for i in range(TRACE_COLUMNS)}
+    return [epochs[i] for i in sorted(picks)]
+
+
+def growth_rows(study: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The C1 trace as a table: per step, its largest identity-BN scale (else its largest BN scale of any branch,
+    the branch named) after each shown epoch, the mean over seeds; empty when no step was traced."""
+    traced = [step for step in study["steps"] if step.get("c1_by_epoch")]
+    if not traced:
+        return [], []
+    epochs = _shown_epochs(sorted({e for step in traced for e in step["c1_by_epoch"]}, key=int))
+    rows = []
+    for step in traced:
+        trace = step["c1_by_epoch"]
+        last = trace[max(trace, key=int)]["bn_scale_max"]
+        branch = IDENTITY if IDENTITY in last else max(last, key=lambda b: last[b] or 0.0)
+        values = [trace.get(e, {}).get("bn_scale_max", {}).get(branch) for e in epochs]
+        rows.append([step["step"], branch, *map(_number, values)])
+    return ["step", "BN", *(f"epoch {e}" for e in epochs)], rows
+
+
 def format_markdown(study: dict[str, Any]) -> str:
     """The study as Markdown: settings, the accuracy table, the diagnosis table and what each figure means."""
     s, m = study["settings"], study["machine"]
@@ -103,6 +131,16 @@ def format_markdown(study: dict[str, Any]) -> str:
         f"(activations, fused model, the first {s['activation_images']} calibration images): each Rep block's output "
         "(after its ReLU), the largest over blocks. '-': the step has no such BN.",
     ]
+    header, rows = growth_rows(study)
+    if rows:
+        lines += [
+            "",
+            *markdown_table(header, rows, [False, False] + [True] * (len(header) - 2)),
+            "",
+            "C1 by epoch: the largest BN scale |gamma| / sqrt(running var + eps) of the model the checkpoint saves "
+            "(Ultralytics' EMA) after each epoch, the identity BN where the step has one, else the branch named; the "
+            "mean over seeds. How it grows says at which schedule RepVGG's singular identity-BN scales would appear.",
+        ]
     return "\n".join(lines) + "\n"
 
 

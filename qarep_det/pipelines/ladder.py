@@ -96,6 +96,7 @@ STUDY_HYP: dict[str, Any] = {
 """Ultralytics settings every training of a study takes; ``hyp`` may override them."""
 TRAIN_MARKER = "ladder_train.json"  # written in a run folder when its training finished
 ROW_FILE = "ladder_row.json"  # the (step, seed)'s finished row: its evaluation is done
+C1_TRACE = "ladder_c1_by_epoch.json"  # C1 of the training model after each epoch: how the outliers grow
 STUDY_FILE = "study.json"  # the settings that make a folder one study
 PINNED = ("data", "groups", "epochs", "imgsz", "batch", "hyp", "calib_images", "calib_method", "backends",
           "eval_batch", "activation_images")  # fmt: skip
@@ -265,6 +266,7 @@ def summarize(step: str, groups: int, rows: Sequence[dict[str, Any]]) -> dict[st
         },
         "c1": mean_leaves([row["c1"] for row in rows]),
         "c2": mean_leaves([row["c2"] for row in rows]),
+        "c1_by_epoch": trace_means([row["c1_by_epoch"] for row in rows if row.get("c1_by_epoch")]),
         "train_s": sum(row["train_s"] for row in rows),
         "eval_s": sum(row["eval_s"] for row in rows),
         "wall_s": sum(row["train_s"] + row["eval_s"] for row in rows),
@@ -303,6 +305,36 @@ def c2_figures(fused: torch.nn.Module, batches: Sequence[torch.Tensor]) -> dict[
         "max_to_std_max": max(r.max_to_std for r in rows),
         "by_block": {r.block: {"variance": r.variance, "max_to_std": r.max_to_std} for r in rows},
     }
+
+
+def c1_trace(path: Path) -> Callable[[Any], None]:
+    """An Ultralytics ``on_fit_epoch_end`` callback that adds, after each epoch, the largest BN scale per branch and
+    the fused kernels' largest max / median of the model the checkpoint saves (the EMA) to the JSON at ``path``,
+    keyed by the epochs done; a resumed training adds to it. This is what says at which length RepVGG's singular
+    identity-BN scales appear, and how fast they grow where they have not yet."""
+
+    def record(trainer: Any) -> None:
+        if int(os.environ.get("RANK", -1)) > 0:
+            return  # DDP (torch.distributed sets RANK, as Ultralytics reads it): the first process writes
+        if trainer.epoch + 1 > trainer.epochs:
+            return  # the final validation's call, made with the epoch counter one past the last epoch
+        model = trainer.ema.ema if getattr(trainer, "ema", None) is not None else trainer.model
+        figures = c1_figures(model)
+        trace = _read_json(path) if path.is_file() else {}
+        trace[str(trainer.epoch + 1)] = {key: figures[key] for key in TRACED}
+        _write_json(path, trace)
+
+    return record
+
+
+TRACED = ("bn_scale_max", "dead_channels", "kernel_max_to_median")
+"""The C1 figures traced per epoch."""
+
+
+def trace_means(traces: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per epoch that every seed's trace has, the mean over seeds of each traced figure (:func:`mean_leaves`)."""
+    epochs = [e for e in traces[0] if all(e in t for t in traces)] if traces else []
+    return {e: mean_leaves([t[e] for t in traces]) for e in sorted(epochs, key=int)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -363,7 +395,7 @@ def train_run(settings: LadderSettings, step: str, seed: int, project: Path) -> 
         shutil.rmtree(run)  # the start of a run that saved no epoch: start it again
     print(f"ladder: {'resuming' if resumed else 'training'} {step} seed {seed} -> {run}", flush=True)
     start = time.perf_counter()
-    trainer = train(options)
+    trainer = train(options, callbacks={"on_fit_epoch_end": [c1_trace(run / C1_TRACE)]})
     done = {"train_s": time.perf_counter() - start, "resumed": resumed, "epochs": settings.epochs,
             "weights": str(Path(trainer.last).resolve())}  # fmt: skip
     _write_json(marker, done)
@@ -468,6 +500,8 @@ def run_ladder(
                        "rep_l2": STEPS[step].rep_l2, "run": str(run.relative_to(out)), **trained, "eval_s": eval_s,
                        **figures}  # fmt: skip
                 _write_json(row_file, row)
+            if (trace := run / C1_TRACE).is_file():  # read apart from the row: a study run before it was traced
+                row = {**row, "c1_by_epoch": _read_json(trace)}
             rows.append(row)
             if on_row is not None:
                 on_row(row)
