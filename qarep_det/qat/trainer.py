@@ -206,7 +206,8 @@ def pack_student(student: QATDetectionModel) -> QATDetectionModel:
 def _start_student(options: QATOptions, device: str) -> QATDetectionModel:
     """The student a new run starts from: the checkpoint's own if it is a QAT one, else a freshly calibrated one."""
     model = load_detector(options.weights)  # a QAT checkpoint comes back quantized (Ultralytics re-applies ModelOpt)
-    blocks = training_form_blocks(model, options.weights) if options.form == "training" else {}  # before QAT's
+    # --form training refuses a QAT checkpoint (its blocks are fused) before the checks of one below
+    blocks = training_form_blocks(model, options.weights) if options.form == "training" else {}
     if is_qat_model(model):
         if not isinstance(model, QATDetectionModel):
             raise InputError(
