@@ -253,9 +253,13 @@ def test_ranges_are_pinned_and_half_keeps_float32(fp32_weights: Path, dataset: P
         assert torch.equal(student.eval()(x.half())[0], student(x.half().float())[0])
 
 
-def test_ddp_worker_script_trains_the_packed_student(dataset: Path, fp32_weights: Path, tmp_path: Path) -> None:
-    """Ultralytics' generated DDP worker script, run as is: outside torchrun it trains in one process."""
-    trainer = make_qat_trainer(tiny_options(fp32_weights, dataset, tmp_path, name="ddp", ranges="learned"))
+@pytest.mark.parametrize("form", ["fused", "training"])
+def test_ddp_worker_script_trains_the_packed_student(
+    form: str, dataset: Path, fp32_weights: Path, tmp_path: Path
+) -> None:
+    """Ultralytics' generated DDP worker script, run as is: outside torchrun it trains in one process. The training
+    form's blocks travel with the pickled student."""
+    trainer = make_qat_trainer(tiny_options(fp32_weights, dataset, tmp_path, name="ddp", ranges="learned", form=form))
     start = trainer.model.__dict__["qat_state"]["ranges"]
     script = generate_ddp_file(trainer)
     try:
@@ -265,6 +269,7 @@ def test_ddp_worker_script_trains_the_packed_student(dataset: Path, fp32_weights
         ddp_cleanup(trainer, script)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "learning 118 quantizer ranges" in result.stderr + result.stdout
+    assert ("41 blocks train in their training form" in result.stderr + result.stdout) == (form == "training")
     assert is_qat_model(load_checkpoint(trainer.save_dir / "weights" / "best.pt")[0])
     last = torch_load(trainer.save_dir / "weights" / "last.pt", map_location="cpu")["modelopt"]["ranges"]
     assert not all(torch.equal(last[k], v) for k, v in start.items())
