@@ -29,8 +29,15 @@ from qarep_det.errors import InputError
 from qarep_det.pipelines.diagnose import DiagnoseSettings, run_diagnose
 from qarep_det.pipelines.ptq import PTQSettings, run_ptq_eval
 from qarep_det.qat.trainer import QATOptions, QATTrainer, make_qat_trainer
+from qarep_det.qat.training_form import (
+    fused_student,
+    has_training_form,
+    to_training_form,
+    training_form_blocks,
+    unfused_blocks,
+)
 from qarep_det.quant.calibration import calibration_set
-from qarep_det.quant.lsq import range_parameters
+from qarep_det.quant.lsq import learn_ranges, range_parameters
 from qarep_det.quant.qat import (
     FeatureDistillationLoss,
     QATDetectionModel,
@@ -246,9 +253,13 @@ def test_ranges_are_pinned_and_half_keeps_float32(fp32_weights: Path, dataset: P
         assert torch.equal(student.eval()(x.half())[0], student(x.half().float())[0])
 
 
-def test_ddp_worker_script_trains_the_packed_student(dataset: Path, fp32_weights: Path, tmp_path: Path) -> None:
-    """Ultralytics' generated DDP worker script, run as is: outside torchrun it trains in one process."""
-    trainer = make_qat_trainer(tiny_options(fp32_weights, dataset, tmp_path, name="ddp", ranges="learned"))
+@pytest.mark.parametrize("form", ["fused", "training"])
+def test_ddp_worker_script_trains_the_packed_student(
+    form: str, dataset: Path, fp32_weights: Path, tmp_path: Path
+) -> None:
+    """Ultralytics' generated DDP worker script, run as is: outside torchrun it trains in one process. The training
+    form's blocks travel with the pickled student."""
+    trainer = make_qat_trainer(tiny_options(fp32_weights, dataset, tmp_path, name="ddp", ranges="learned", form=form))
     start = trainer.model.__dict__["qat_state"]["ranges"]
     script = generate_ddp_file(trainer)
     try:
@@ -258,6 +269,7 @@ def test_ddp_worker_script_trains_the_packed_student(dataset: Path, fp32_weights
         ddp_cleanup(trainer, script)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "learning 118 quantizer ranges" in result.stderr + result.stdout
+    assert ("41 blocks train in their training form" in result.stderr + result.stdout) == (form == "training")
     assert is_qat_model(load_checkpoint(trainer.save_dir / "weights" / "best.pt")[0])
     last = torch_load(trainer.save_dir / "weights" / "last.pt", map_location="cpu")["modelopt"]["ranges"]
     assert not all(torch.equal(last[k], v) for k, v in start.items())
@@ -440,3 +452,94 @@ def test_qat_steps_after_every_batch(fp32_weights: Path, dataset: Path, tmp_path
     """QAT's few epochs need their steps: its nominal batch is the batch, so nothing is accumulated."""
     trainer = make_qat_trainer(tiny_options(fp32_weights, dataset, tmp_path, batch=4))
     assert trainer.args.nbs == trainer.args.batch == 4
+
+
+def test_the_training_form_computes_the_fused_students_arithmetic_and_trains_the_branches(
+    fp32_weights: Path, dataset: Path
+) -> None:
+    """Before any step it is the fused student (outputs, and its own conversion back); gradients reach every block's
+    branch kernels, BN affine parameters and learned ranges; BN statistics stay frozen in train mode."""
+    model = load_checkpoint(fp32_weights)[0]
+    images = next(iter(calibration_set(dataset, 64, 8, 0, progress=False)))
+    student = make_student(reparameterize_model(model), [images], RECIPE).eval()
+    training = copy.deepcopy(student)
+    blocks = copy.deepcopy(unfused_blocks(model))
+    assert to_training_form(training, blocks) == len(blocks) > 0 and has_training_form(training)
+    assert training_form_blocks(model, "fp32.pt").keys() == blocks.keys()
+    with torch.no_grad():
+        expected = student(images)[0]
+        torch.testing.assert_close(training(images)[0], expected, rtol=1e-5, atol=1e-5)
+        back = fused_student(training)
+        assert not has_training_form(back) and back.state_dict().keys() == student.state_dict().keys()
+        torch.testing.assert_close(back(images)[0], expected, rtol=1e-5, atol=1e-5)
+
+    ranges = learn_ranges(training)
+    statistics = {k: v.clone() for k, v in training.state_dict().items() if "running_" in k}
+    training.train()(images)  # a training forward: no BN runs as a module, so none updates its statistics
+    assert all(torch.equal(training.state_dict()[k], v) for k, v in statistics.items())
+    training.eval()(images)[0].square().mean().backward()
+    for block in blocks.values():
+        bns = block.branch_bns().values()
+        trained = [block.geometry().weight, *(bn.weight for bn in bns), *(bn.bias for bn in bns)]
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained), block
+    assert all(r.grad is not None for r in ranges)
+
+    with torch.no_grad():  # a step later, the checkpoint's fused conv is the block's equivalent kernel
+        for block in blocks.values():
+            block.geometry().weight.mul_(1.1)
+        back = fused_student(training)
+        torch.testing.assert_close(back(images)[0], training(images)[0], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(back(images)[0], expected, rtol=1e-3, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def training_form_run(tmp_path_factory: pytest.TempPathFactory, dataset: Path, fp32_weights: Path) -> Path:
+    """One epoch of ``qarep-det qat --form training`` (learned ranges, the default)."""
+    project = tmp_path_factory.mktemp("qat_training_form")
+    argv = ["--weights", fp32_weights, "--data", dataset, "--epochs", "1", *TINY, "--calib-images", "8",
+            "--form", "training", "--project", project, "--name", "run"]  # fmt: skip
+    assert cli_main(["qat", *map(str, argv)]) == 0
+    return project / "run"
+
+
+def test_a_training_form_run_writes_fused_qat_checkpoints_that_ptq_eval_scores(
+    training_form_run: Path, fp32_weights: Path, dataset: Path, tmp_path: Path
+) -> None:
+    assert results_epochs(training_form_run) == [0, 1]
+    start = calibrated_ranges(fp32_weights, dataset)
+    fused = reparameterize_model(load_checkpoint(fp32_weights)[0])
+    for name in ("best.pt", "last.pt"):
+        ckpt = torch_load(training_form_run / "weights" / name, map_location="cpu")
+        student = ckpt["model"]
+        assert type(student) is QATDetectionModel and student.qat_form == "training"
+        assert not has_training_form(student) and ckpt["modelopt"]["ranges"].keys() == start.keys()
+    # the trained blocks' kernels reached last.pt (model.1 is a QARepBlock, now one conv)
+    assert not torch.equal(student.model[1].conv.weight, fused.model[1].conv.weight)
+    settings = PTQSettings(dataset, QuantRecipe(calib_images=1), ("torch",), imgsz=64, batch=4)
+    rows, _, _ = run_ptq_eval([training_form_run / "weights" / "best.pt"], settings, tmp_path, progress=False)
+    assert [(r["backend"], r["method"]) for r in rows] == [("torch", "qat")]
+
+
+@pytest.mark.parametrize("case", ["no rep blocks", "qat weights", "resume"])
+def test_the_training_form_refuses_what_it_cannot_train_in_one_line(
+    case: str, training_form_run: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    project = tmp_path / "runs"
+    if case == "resume":  # its last.pt as if interrupted after the first of two epochs (the optimizer is not read)
+        ckpt = torch_load(training_form_run / "weights" / "last.pt", map_location="cpu")
+        ckpt["epoch"], ckpt["train_args"]["epochs"], ckpt["optimizer"] = 0, 2, {"param_groups": []}
+        weights = project / "interrupted" / "weights" / "last.pt"
+        weights.parent.mkdir(parents=True)
+        torch.save(ckpt, weights)
+        argv, message = ["--resume", weights], "a --form training run does not resume"
+    else:
+        weights, message = training_form_run / "weights" / "best.pt", "is a QAT checkpoint"
+        if case == "no rep blocks":
+            weights, message = tmp_path / "yolov8n.pt", "has no unfused rep blocks"
+            torch.save({"model": DetectionModel("yolov8n.yaml", nc=6, verbose=False), "train_args": {}}, weights)
+        argv = ["--weights", weights, "--data", dataset, *TINY, "--form", "training", "--project", project]
+    assert cli_main(["qat", *[str(a) for a in argv]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: ") and message in err[-1], err
+    if case != "resume":
+        assert len(err) == 1 and not project.exists()

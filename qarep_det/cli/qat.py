@@ -31,6 +31,7 @@ from qarep_det.cli.common import (
 )
 from qarep_det.errors import InputError
 from qarep_det.qat.trainer import DEFAULT_RANGES, LEARNING_RATES, QAT_RECIPE, QATOptions, make_qat_trainer
+from qarep_det.qat.training_form import DEFAULT_FORM, FORMS
 from qarep_det.quant.qat import DISTILL_WEIGHT, RANGES
 
 RESUME_FLAGS = {"resume", "device", "workers", "data", "project"}  # what --resume may be given with
@@ -77,6 +78,15 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--lr-ranges", type=float, help="initial learning rate of learned ranges; default: the optimizer's"
+    )
+    parser.add_argument(
+        "--form",
+        choices=FORMS,
+        default=DEFAULT_FORM,
+        help="what trains: the fused convs (fused), or each block's branches and BNs (training: every forward "
+        "folds them, BN statistics frozen, into the one kernel that is fake-quantized and run, so the deployed "
+        "arithmetic trains in the branch parameterisation; checkpoints hold the fused student; no --resume). "
+        "Same calibration and quantizers either way (docs/qat.md)",
     )
     add_recipe_args(parser, 512, "calibration images from the train split")
     add_partial_args(parser)

@@ -29,6 +29,14 @@ from ultralytics.utils.torch_utils import qat_state, restore_qat, strip_qat, unw
 from qarep_det.device import torch_device
 from qarep_det.errors import InputError, one_line
 from qarep_det.qat.range_report import write_range_report
+from qarep_det.qat.training_form import (
+    BLOCKS_KEY,
+    DEFAULT_FORM,
+    FORMS,
+    ema_fused,
+    to_training_form,
+    training_form_blocks,
+)
 from qarep_det.quant.backends.simulated import import_modelopt, modelopt_quiet
 from qarep_det.quant.calibration import calibration_set
 from qarep_det.quant.lsq import LogDomainSteps, freeze_ranges, learn_ranges, range_parameters
@@ -81,6 +89,7 @@ class QATOptions(RunOptions):
     keep_float: int = 0  # keep the K convs float that hurt most alone (diagnose's ranking on the calibration draw)
     recipe_flags: tuple[str, ...] = ()  # recipe flags the user gave: refused with QAT weights, whose ranges are set
     distill: bool = False
+    form: str = DEFAULT_FORM  # one of FORMS: train the fused convs, or the blocks' branches (qat/training_form.py)
 
 
 class QATTrainer(QARepTrainer):
@@ -106,6 +115,8 @@ class QATTrainer(QARepTrainer):
             if isinstance(self.model, nn.Module):
                 restore_qat(self.model, self.model.__dict__.pop(STATE_KEY))
                 ckpt = None
+                if blocks := self.model.__dict__.pop(BLOCKS_KEY, None):
+                    LOGGER.info(f"QAT: {to_training_form(self.model, blocks)} blocks train in their training form")
             else:
                 ckpt = super().setup_model()
         if self.learned:
@@ -116,6 +127,11 @@ class QATTrainer(QARepTrainer):
         """On resume: the QAT student that Ultralytics' ``load_checkpoint`` restored from last.pt, as it is."""
         if weights is None or not is_qat_model(weights):
             raise InputError("QAT resumes from a QAT checkpoint only (its last.pt)")
+        if getattr(weights, "qat_form", "fused") == "training":
+            raise InputError(
+                "--resume: a --form training run does not resume (its checkpoints hold the fused student); start a "
+                "new run from its last.pt with --weights"
+            )
         return self.set_model_names_for_load(weights)
 
     def build_optimizer(self, model: nn.Module, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
@@ -155,6 +171,11 @@ class QATTrainer(QARepTrainer):
         if not self.resume:
             self.validate_start()
 
+    def save_model(self) -> bool:
+        """Ultralytics' checkpoints, of the fused student also when the blocks train in their training form."""
+        with ema_fused(self.ema):
+            return super().save_model()
+
     def optimizer_step(self) -> None:
         super().optimizer_step()
         if not self.learned:
@@ -185,6 +206,8 @@ def pack_student(student: QATDetectionModel) -> QATDetectionModel:
 def _start_student(options: QATOptions, device: str) -> QATDetectionModel:
     """The student a new run starts from: the checkpoint's own if it is a QAT one, else a freshly calibrated one."""
     model = load_detector(options.weights)  # a QAT checkpoint comes back quantized (Ultralytics re-applies ModelOpt)
+    # --form training refuses a QAT checkpoint (its blocks are fused) before the checks of one below
+    blocks = training_form_blocks(model, options.weights) if options.form == "training" else {}
     if is_qat_model(model):
         if not isinstance(model, QATDetectionModel):
             raise InputError(
@@ -197,13 +220,18 @@ def _start_student(options: QATOptions, device: str) -> QATDetectionModel:
         if options.distill and model.fp32_reference is None:
             raise InputError(f"--distill: '{options.weights}' holds no FP32 teacher to distill from")
         model.distill, model.qat_ranges, model.qat_lr_ranges = options.distill, options.ranges, options.lr_ranges
+        model.qat_form = options.form
         return model
     fused, recipe = reparameterize_model(model), options.recipe
     check_partial(fused, recipe, options.keep_float)  # before minutes of calibration
     calib = calibration_set(options.data, options.imgsz, recipe.calib_images, recipe.seed, batch_size=8)
     main_device = torch_device(device, first=True)  # DDP: the main process calibrates on its own device
     recipe = keep_most_sensitive(fused, calib, recipe, options.keep_float, main_device)
-    return make_student(fused, calib, recipe, main_device, options.distill, options.ranges, options.lr_ranges).cpu()
+    student = make_student(fused, calib, recipe, main_device, options.distill, options.ranges, options.lr_ranges)
+    student.qat_form = options.form
+    if blocks:  # carried to QATTrainer.setup_model, which gives them back to the student after ModelOpt's restore
+        student.__dict__[BLOCKS_KEY] = blocks
+    return student.cpu()
 
 
 def _checked_learning(options: QATOptions) -> QATOptions:
@@ -212,6 +240,8 @@ def _checked_learning(options: QATOptions) -> QATOptions:
         raise InputError(f"--optimizer must be one of {', '.join(LEARNING_RATES)}, got {options.optimizer!r}")
     if options.ranges not in RANGES:
         raise InputError(f"--ranges must be one of {', '.join(RANGES)}, got {options.ranges!r}")
+    if options.form not in FORMS:
+        raise InputError(f"--form must be one of {', '.join(FORMS)}, got {options.form!r}")
     if options.lr_ranges is not None and options.ranges != "learned":
         raise InputError("--lr-ranges applies to --ranges learned only")
     default_lr0, default_lr_ranges = LEARNING_RATES[options.optimizer]

@@ -60,6 +60,7 @@ class QATDetectionModel(DetectionModel):
     calibrated_ranges: dict[str, Tensor] | None = None  # the ranges calibration gave, by key (set through __dict__)
     qat_ranges: str = "frozen"  # one of RANGES (class default: checkpoints written before learned ranges existed)
     qat_lr_ranges: float | None = None  # the learned ranges' learning rate (Ultralytics' settings take no new key)
+    qat_form: str = "fused"  # what trained: the fused convs, or the blocks' branches ("training", qat/training_form.py)
 
     def half(self) -> QATDetectionModel:
         """Keep float32: rounding fine-tuned weights to float16 would move their INT8 codes (module docstring)."""
