@@ -188,8 +188,9 @@ def quantize_onnxruntime(
 def quantize_static_default(fp32_onnx: str | Path, batches: Iterable[torch.Tensor], path: str | Path) -> Path:
     """Write ``path``: ``fp32_onnx`` quantized as onnxruntime's documentation advises a CNN on x86, the anchor our
     integer file is compared with: its pre-processing (``quant_pre_process``), then ``quantize_static``'s defaults
-    (QDQ, uint8 activations, int8 weights, MinMax on ``batches``) with per-channel weights, convs only. Nothing of
-    the recipe: the DFL conv and the Detect head are quantized too, and every range is onnxruntime's own."""
+    (QDQ, uint8 activations, int8 weights, MinMax on ``batches``, every op type it can quantize) with per-channel
+    weights. Nothing of the recipe: the DFL conv, the Detect head and its decode (sigmoid, concat, multiplies) are
+    quantized too, and every range is onnxruntime's own."""
     require_onnx()
     from onnxruntime.quantization import quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -198,9 +199,7 @@ def quantize_static_default(fp32_onnx: str | Path, batches: Iterable[torch.Tenso
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="qarep_ort_") as scratch:
         quant_pre_process(str(fp32_onnx), prepared := str(Path(scratch) / "fp32_pre.onnx"), skip_symbolic_shape=True)
-        quantize_static(
-            prepared, str(path), _calibration_reader(batches), per_channel=True, op_types_to_quantize=["Conv"]
-        )
+        quantize_static(prepared, str(path), _calibration_reader(batches), per_channel=True)
     return path
 
 
