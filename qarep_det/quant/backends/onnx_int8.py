@@ -191,8 +191,8 @@ def quantize_static_default(fp32_onnx: str | Path, batches: Iterable[torch.Tenso
     (QDQ, uint8 activations, int8 weights, MinMax on ``batches``) with per-channel weights, convs only. Nothing of
     the recipe: the DFL conv and the Detect head's convs are quantized too, and every range is onnxruntime's own.
     Convs only, because its default (every op type it can quantize) also quantizes the decode: the concat of pixel
-    boxes and class scores becomes one uint8 tensor, whose step (about 1.3 at 320 px) rounds every score to 0 or
-    1.3 (measured mAP50-95 0.00 on yolo_qarep_s, docs/int8.md)."""
+    boxes and class scores becomes one uint8 tensor, whose step (2.49 on yolo_qarep_s at 320 px) rounds every
+    score to 0 or 2.49 (measured mAP50-95 0.00 there, docs/int8.md)."""
     require_onnx()
     from onnxruntime.quantization import quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
