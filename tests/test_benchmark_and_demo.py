@@ -345,3 +345,15 @@ def test_demo_trains_both_families(tmp_path: Path) -> None:
             settings.batch,
             settings.optimizer,
         )
+
+
+def test_cpu_info_reads_the_model_name_and_the_int8_isa(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu avx2 avx512f avx512_vnni amx_tile amx_int8\n\n"
+        "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n"
+    )
+    info = cpu_info(cpuinfo)
+    assert info.name == "Some Xeon" and info.vnni
+    assert info.int8_isa == ["AVX2", "AVX-512F", "AVX512-VNNI", "AMX-INT8"]
+    assert not cpu_info(tmp_path / "missing").vnni and cpu_info(tmp_path / "missing").int8_isa == []
