@@ -1,4 +1,5 @@
-"""One reading of a tool's ``--device`` argument, checked against this machine before any work."""
+"""One reading of a tool's ``--device`` argument, checked against this machine before any work, and of the CPU (its
+name and the instruction sets INT8 speed depends on)."""
 
 from __future__ import annotations
 

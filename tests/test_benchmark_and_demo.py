@@ -23,6 +23,7 @@ from ultralytics.utils.patches import torch_load
 from qarep_det.cli import benchmark as cli_benchmark
 from qarep_det.cli.benchmark import _print_grid_fusion
 from qarep_det.cli.demo import DemoSettings, run_demo
+from qarep_det.cli.main import main as qarep_det_main
 from qarep_det.data.synthetic import CLASS_NAMES, make_dataset
 from qarep_det.device import cpu_info
 from qarep_det.pipelines import benchmark
@@ -307,16 +308,12 @@ def test_int8_benchmark_prints_the_isa_every_pair_and_what_it_skipped(
     assert lines[10:] == [f"  {what}: skipped, {why}" for what, why in int8_bench.skipped.items()]
 
 
-def test_benchmark_cli_help_and_bad_input(tmp_path: Path) -> None:
+def test_benchmark_cli_help_and_bad_input() -> None:
     assert "fusion" in subprocess.run([sys.executable, TOOL, "--help"], capture_output=True, text=True).stdout
     for command in ("fusion", "train"):
         usage = subprocess.run([sys.executable, TOOL, command, "--help"], capture_output=True, text=True).stdout
         assert "--device" in usage and "(default: cpu)" in usage
-    data = str(make_dataset(tmp_path / "data", n_train=2, n_val=1, imgsz=64, seed=0))
-    cases = [(["fusion", "--cfg", "missing.yaml"], "missing.yaml"), (["fusion", "--device", "gpu"], "is not a device"),
-             (["int8", "--data", data, "--anchors", "ultralytics"], "ultralytics anchor exports a checkpoint"),
-             (["int8", "--data", data, "--batches", "1", "0"], "--batches must be an integer >= 1"),
-             (["int8", "--data", data, "--weights", "missing.pt"], "missing.pt")]  # fmt: skip
+    cases = [(["fusion", "--cfg", "missing.yaml"], "missing.yaml"), (["fusion", "--device", "gpu"], "is not a device")]
     if not torch.cuda.is_available():
         cases += [(["fusion", "--device", "0"], "CUDA is not available"), (["train", "--device", "0"], "CUDA")]
     for args, message in cases:
@@ -357,3 +354,23 @@ def test_cpu_info_reads_the_model_name_and_the_int8_isa(tmp_path: Path) -> None:
     assert info.name == "Some Xeon" and info.vnni
     assert info.int8_isa == ["AVX2", "AVX-512F", "AVX512-VNNI", "AMX-INT8"]
     assert not cpu_info(tmp_path / "missing").vnni and cpu_info(tmp_path / "missing").int8_isa == []
+
+
+def test_int8_benchmark_bad_input_in_one_line_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = str(make_dataset(tmp_path / "data", n_train=2, n_val=1, imgsz=64, seed=0))
+    cases = [
+        (["--anchors", "ultralytics"], "the ultralytics anchor exports a checkpoint"),
+        (["--anchors", "tensorrt"], "invalid choice: 'tensorrt'"),
+        (["--batches", "1", "0"], "--batches must be an integer >= 1"),
+        (["--weights", str(tmp_path / "missing.pt")], "missing.pt"),
+    ]
+    for args, message in cases:
+        try:
+            status = qarep_det_main(["benchmark", "int8", "--data", data, "--imgsz", "64", *args])
+        except SystemExit as e:  # argparse's own errors (an unknown choice)
+            status = e.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert status == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], (args, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # nothing written
