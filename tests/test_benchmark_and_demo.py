@@ -20,12 +20,27 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils.patches import torch_load
 
+from qarep_det.cli import benchmark as cli_benchmark
 from qarep_det.cli.benchmark import _print_grid_fusion
 from qarep_det.cli.demo import DemoSettings, run_demo
+from qarep_det.cli.main import main as qarep_det_main
 from qarep_det.data.synthetic import CLASS_NAMES, make_dataset
+from qarep_det.device import cpu_info
 from qarep_det.pipelines import benchmark
-from qarep_det.pipelines.benchmark import fusion_latency, interleaved_ms, median_ms, openvino_int8, train_throughput
+from qarep_det.pipelines.benchmark import (
+    ANCHORS,
+    Int8Benchmark,
+    TimedModel,
+    fusion_latency,
+    int8_benchmark,
+    interleaved_ms,
+    median_ms,
+    train_throughput,
+)
+from qarep_det.quant.recipe import QuantRecipe
+from qarep_det.quant.scope import float_conv_names
 from qarep_det.reparam import reparameterize_model
+from qarep_det.ultralytics.checkpoint import load_fused
 
 ROOT = Path(__file__).resolve().parents[1]
 N_YAMLS = [str(ROOT / f"model_yamls/yolo_{family}_n.yaml") for family in ("qarep", "repvgg")]
@@ -210,34 +225,87 @@ def test_amp_train_throughput_refuses_a_scaler_that_never_settles(monkeypatch: p
         train_throughput(N_YAMLS[:1], imgsz=64, batch=2, steps=1, amp=True)
 
 
-def test_openvino_int8_benchmark_reports_latency_size_and_calibration(
-    clock: FakeClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """On the fake clock NNCF's quantization takes 7 s, an FP32 inference 5 ms and an INT8 one 3 ms (told apart by
-    their kernels): each figure must come from its own step."""
-    qov = pytest.importorskip("qarep_det.quant.backends.openvino")
+@pytest.fixture(scope="module")
+def int8_bench(known_answer, tmp_path_factory: pytest.TempPathFactory) -> Int8Benchmark:
+    """``benchmark int8`` on the self-labelled detector with every anchor, one batch size, one run, on a fake clock on
+    which each model takes its own time (:func:`fake_ms`)."""
     pytest.importorskip("openvino")
-    quantize, runner = qov.quantize_openvino, qov.openvino_runner
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("modelopt")
+    out = tmp_path_factory.mktemp("int8_bench")
+    weights = out / "clean.pt"
+    weights.write_bytes(known_answer.clean.read_bytes())
+    runner, clock = benchmark._runner, FakeClock()
 
-    def timed_quantize(*args, **kwargs):
-        clock.advance(7e3)
-        return quantize(*args, **kwargs)
+    def timed_runner(model: TimedModel, imgsz: int, threads: int):
+        run = runner(model, imgsz, threads)
+        return lambda x: clock.advance(fake_ms(model)) or run(x)
 
-    def timed_runner(compiled):
-        run, ms = runner(compiled), 3.0 if any(k[:3] in ("u8 ", "i8 ") for k in qov.conv_kernels(compiled)) else 5.0
-        return lambda x: clock.advance(ms) or run(x)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(benchmark, "time", types.SimpleNamespace(perf_counter=clock))
+        patch.setattr(benchmark, "_runner", timed_runner)
+        return int8_benchmark(known_answer.data, weights, imgsz=known_answer.imgsz, calib_images=8, batches=(2,),
+                              runs=1, threads=1, anchors=ANCHORS, out_dir=out, progress=False)  # fmt: skip
 
-    monkeypatch.setattr(qov, "quantize_openvino", timed_quantize)
-    monkeypatch.setattr(qov, "openvino_runner", timed_runner)
-    data = make_dataset(tmp_path / "data", n_train=4, n_val=1, imgsz=64, seed=0)
-    r = openvino_int8(N_YAMLS[0], str(data), imgsz=64, calib_images=4, runs=1)
-    assert r.calib_images == 4
-    assert (r.calib_s, r.fp32_ms, r.int8_ms) == pytest.approx((7.0, 5.0, 3.0))
-    assert r.int8_mb < 0.5 * r.fp32_mb  # int8 weights: about a quarter of the FP32 IR
-    convs = sum(isinstance(m, torch.nn.Conv2d) for m in reparameterize_model(DetectionModel(N_YAMLS[0])).modules())
-    assert sum(r.int8_kernels.values()) == sum(r.fp32_kernels.values()) == convs
-    assert any(kernel.startswith(("u8 ", "i8 ")) for kernel in r.int8_kernels)
-    assert not any(kernel.startswith(("u8 ", "i8 ")) for kernel in r.fp32_kernels)
+
+def fake_ms(model: TimedModel) -> float:
+    """A time of each model's own on the fake clock: its label's length, plus 100 ms on onnxruntime."""
+    return len(model.label) + 100.0 * (model.runtime == "onnxruntime CPU")
+
+
+def test_int8_benchmark_times_each_int8_file_beside_its_fp32_twin(int8_bench: Int8Benchmark, known_answer) -> None:
+    r = int8_bench
+    assert [(m.runtime, m.label) for m in r.models] == [
+        ("OpenVINO CPU", "FP32"),
+        ("OpenVINO CPU", "INT8 ours (openvino)"),
+        ("OpenVINO CPU", "INT8 NNCF nncf.quantize defaults"),
+        ("OpenVINO CPU", "INT8 Ultralytics export int8=True"),
+        ("onnxruntime CPU", "FP32"),
+        ("onnxruntime CPU", "INT8 ours (onnxruntime-int8)"),
+        ("onnxruntime CPU", "INT8 onnxruntime quantize_static"),
+    ]
+    # the twins are ptq-eval's own files, named as its rows name them; every file is there
+    assert [m.path.name for m in r.models if not m.int8] == ["clean_fp32.xml", "clean_fp32.onnx"]
+    assert r.models[1].path.name == "clean_int8.xml" and r.models[5].path.name == "clean_int8_ort.onnx"
+    assert all(m.path.is_file() for m in r.models)
+    assert all(m.ms == {2: pytest.approx(fake_ms(m))} for m in r.models)  # each median is its own model's
+    assert r.fp32("onnxruntime CPU") is r.models[4] and (r.threads, r.runs, r.calib_images) == (1, 1, 8)
+    # every file scored on the val split by one pipeline: the two FP32 runtimes agree, no INT8 file is broken
+    assert r.val_images == 8
+    fp32 = [m.map50_95 for m in r.models if not m.int8]
+    assert fp32[0] > 30 and fp32[0] == pytest.approx(fp32[1], abs=0.1)
+    scores = {m.label: m.map50_95 for m in r.models if m.int8}
+    assert all(fp32[0] - 15 < scores[f"INT8 ours ({b})"] < fp32[0] + 5 for b in ("openvino", "onnxruntime-int8")), (
+        scores
+    )
+    assert all(0 < score < fp32[0] + 5 for score in scores.values()), scores
+    # ours run every conv the recipe quantizes on integer kernels; the FP32 twins none
+    fused = load_fused(known_answer.clean).fused
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in fused.modules())
+    quantized = convs - len(float_conv_names(fused, QuantRecipe()))
+    assert [m.integer_convs for m in r.models[:2] + r.models[4:6]] == [0, quantized, 0, quantized]
+    assert r.cpu == cpu_info()
+    if not torch.cuda.is_available():
+        assert r.skipped == {"INT8 QDQ ONNX for TensorRT": "no CUDA device"}
+
+
+def test_int8_benchmark_prints_the_isa_every_pair_and_what_it_skipped(
+    int8_bench: Int8Benchmark, known_answer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli_benchmark, "int8_benchmark", lambda *args: int8_bench)
+    assert cli_benchmark.main(["int8", "--data", str(known_answer.data), "--imgsz", "96"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    isa = ", ".join(cpu_info().int8_isa)
+    assert lines[0].startswith(f"CPU: {cpu_info().name}; ISA: {isa}")
+    assert "1 CPU threads" in lines[1] and "medians of 1 runs" in lines[1] and "on 8 val images" in lines[1]
+    assert lines[2].split()[-4:] == ["b2", "ms/img", "vs", "FP32"]
+    rows = lines[3:10]
+    for m, line in zip(int8_bench.models, rows, strict=True):
+        assert line.split()[:2] == m.runtime.split() and m.label in line and f"{m.map50_95:.2f}" in line
+        assert f"{m.ms[2] / 2:.2f}" in line
+        fp32 = int8_bench.fp32(m.runtime)
+        assert line.endswith(f"{fp32.ms[2] / m.ms[2]:.2f}x") == m.int8  # the ratio to its own runtime's FP32
+    assert lines[10:] == [f"  {what}: skipped, {why}" for what, why in int8_bench.skipped.items()]
 
 
 def test_benchmark_cli_help_and_bad_input() -> None:
@@ -274,3 +342,35 @@ def test_demo_trains_both_families(tmp_path: Path) -> None:
             settings.batch,
             settings.optimizer,
         )
+
+
+def test_cpu_info_reads_the_model_name_and_the_int8_isa(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu avx2 avx512f avx512_vnni amx_tile amx_int8\n\n"
+        "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n"
+    )
+    info = cpu_info(cpuinfo)
+    assert info.name == "Some Xeon" and info.vnni
+    assert info.int8_isa == ["AVX2", "AVX-512F", "AVX512-VNNI", "AMX-INT8"]
+    assert not cpu_info(tmp_path / "missing").vnni and cpu_info(tmp_path / "missing").int8_isa == []
+
+
+def test_int8_benchmark_bad_input_in_one_line_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = str(make_dataset(tmp_path / "data", n_train=2, n_val=1, imgsz=64, seed=0))
+    cases = [
+        (["--anchors", "ultralytics"], "the ultralytics anchor exports a checkpoint"),
+        (["--anchors", "tensorrt"], "invalid choice: 'tensorrt'"),
+        (["--batches", "1", "0"], "--batches must be an integer >= 1"),
+        (["--weights", str(tmp_path / "missing.pt")], "missing.pt"),
+    ]
+    for args, message in cases:
+        try:
+            status = qarep_det_main(["benchmark", "int8", "--data", data, "--imgsz", "64", *args])
+        except SystemExit as e:  # argparse's own errors (an unknown choice)
+            status = e.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert status == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], (args, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # nothing written

@@ -176,7 +176,7 @@ def test_benchmark_int8_is_offline(audit: Path, data: Path, tmp_path: Path) -> N
         "--data", str(data), "--imgsz", "64", "--calib-images", "2", "--runs", "1",
     )  # fmt: skip
     assert not attempts, "\n".join(attempts[:3])
-    assert "calibration of 2 images" in out and "INT8 convs run as: " in out
+    assert "ISA: " in out and "INT8 ours (openvino)" in out and "INT8 ours (onnxruntime-int8)" in out
 
 
 def test_qat_and_diagnose_are_offline(audit: Path, data: Path, weights: Path, tmp_path: Path) -> None:

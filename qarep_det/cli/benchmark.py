@@ -2,7 +2,8 @@
 
   qarep-det benchmark fusion [--cfg yolo_qarep_s.yaml --imgsz 640 --runs 20 --device cpu|0]
   qarep-det benchmark train --device 0 --imgsz 640 --batch 64
-  qarep-det benchmark int8 --data DATA [--cfg yolo_qarep_s.yaml --imgsz 640 --calib-images 512]
+  qarep-det benchmark int8 --data DATA [--weights best.pt | --cfg yolo_qarep_s.yaml] [--imgsz 640 --batches 1 8
+    --anchors quantize_static nncf ultralytics --out DIR]
   qarep-det benchmark consistency --weights best.pt --data DATA
 
 (python tools/benchmark.py takes the same arguments.) Model YAMLs are files or the names of shipped ones.
@@ -19,12 +20,14 @@ from qarep_det.cli.common import tool_parser
 from qarep_det.data.dataset import resolve_dataset
 from qarep_det.device import torch_device
 from qarep_det.pipelines.benchmark import (
+    ANCHORS,
     CUDA_GRID,
+    INT8_BATCHES,
     PLAIN_CONV_LIMIT,
     FusionTiming,
     fp32_consistency,
     fusion_latency,
-    openvino_int8,
+    int8_benchmark,
     train_throughput,
 )
 from qarep_det.ultralytics.checkpoint import checkpoint_paths
@@ -92,20 +95,34 @@ def train(args: argparse.Namespace) -> None:
         )
 
 
-def _kernels(counts: dict[str, int]) -> str:
-    return ", ".join(f"{n} x {kernel}" for kernel, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+def _ratio(fp32_ms: float, ms: float) -> str:
+    return f"{fp32_ms / ms:5.2f}x"
 
 
 def int8(args: argparse.Namespace) -> None:
-    r = openvino_int8(args.cfg, args.data, args.imgsz, args.calib_images, args.runs)
-    print(f"OpenVINO FP32 vs NNCF INT8, {r.cfg}, {r.imgsz}x{r.imgsz}, batch 1, CPU, median of {args.runs} interleaved")
-    print(f"  latency  FP32 {r.fp32_ms:8.1f} ms   INT8 {r.int8_ms:8.1f} ms   speed-up {r.fp32_ms / r.int8_ms:5.2f}x")
-    print(f"  IR size  FP32 {r.fp32_mb:8.1f} MB   INT8 {r.int8_mb:8.1f} MB   ratio {r.int8_mb / r.fp32_mb:5.2f}")
-    print(f"  calibration of {r.calib_images} images: {r.calib_s:.1f} s")
-    print(f"  FP32 convs run as: {_kernels(r.fp32_kernels)}")
-    print(f"  INT8 convs run as: {_kernels(r.int8_kernels)}")
-    vnni = "yes" if r.vnni else "no: INT8 convs use u8 x s8 -> int16 multiply-adds, often no faster than FP32"
-    print(f"  CPU int8 dot-product instruction (VNNI/AMX): {vnni}")
+    r = int8_benchmark(args.data, args.weights, args.cfg, args.imgsz, args.calib_images, args.batches, args.runs,
+                       args.threads, args.anchors, args.out)  # fmt: skip
+    isa = ", ".join(r.cpu.int8_isa) or "none of AVX2, AVX-512, VNNI, AMX"
+    vnni = "" if r.cpu.vnni else " (no VNNI/AMX: INT8 convs sum u8 x s8 products in int16, often no faster than FP32)"
+    print(f"CPU: {r.cpu.name}; ISA: {isa}{vnni}")
+    scored = f"mAP50-95 on {r.val_images} val images (ptq-eval's scoring)" if r.val_images else "random weights: no mAP"
+    print(
+        f"INT8 against FP32, {r.model}, {r.imgsz}x{r.imgsz}, {r.calib_images} calibration images, {r.threads} CPU "
+        f"threads, medians of {r.runs} runs of every model interleaved; {scored}"
+    )
+    batches = sorted(next(iter(r.models)).ms)
+    head = "".join(f"  b{b} ms/img  vs FP32" for b in batches)
+    print(f"  {'runtime':<16} {'model':<34} {'mAP50-95':>8}  {'int convs':>9}{head}")
+    for m in r.models:
+        fp32 = r.fp32(m.runtime)
+        cells = "".join(f"  {m.ms[b] / b:9.2f}  {_ratio(fp32.ms[b], m.ms[b]) if m.int8 else '':>7}" for b in batches)
+        score = "" if m.map50_95 is None else f"{m.map50_95:8.2f}"
+        convs = "" if m.integer_convs is None else str(m.integer_convs)
+        print(f"  {m.runtime:<16} {m.label:<34} {score:>8}  {convs:>9}{cells}")
+    for what, why in r.skipped.items():
+        print(f"  {what}: skipped, {why}")
+    if args.out:
+        print(f"files: {args.out}")
 
 
 def consistency(args: argparse.Namespace) -> None:
@@ -121,7 +138,7 @@ def check_inputs(args: argparse.Namespace) -> None:
     writes): a bad one fails in one line."""
     for cfg in [*getattr(args, "cfgs", []), *[getattr(args, k) for k in ("cfg", "limit") if hasattr(args, k)]]:
         find_model_yaml(cfg)
-    if hasattr(args, "weights"):
+    if getattr(args, "weights", None) is not None:
         checkpoint_paths([args.weights])
     if hasattr(args, "data"):
         resolve_dataset(args.data)
@@ -129,6 +146,8 @@ def check_inputs(args: argparse.Namespace) -> None:
     for name in ("runs", "steps", "batch", "calib_images", "threads"):
         if hasattr(args, name):
             check_count(f"--{name.replace('_', '-')}", getattr(args, name))
+    for batch in getattr(args, "batches", []):
+        check_count("--batches", batch)
     if hasattr(args, "device"):
         torch_device(args.device)
 
@@ -155,12 +174,19 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     p.add_argument("--device", default="cpu", help=f"{device_help}; CUDA trains with AMP, as Ultralytics does")
     p.set_defaults(func=train)
-    p = sub.add_parser("int8", help="OpenVINO FP32 vs INT8 latency and size", formatter_class=parser.formatter_class)
-    p.add_argument("--cfg", default="yolo_qarep_s.yaml", help="model YAML (file or shipped name)")
-    p.add_argument("--data", required=True, help="dataset YAML whose train split calibrates")
+    p = sub.add_parser(
+        "int8", help="every INT8 file against its FP32 twin: ms and mAP", formatter_class=parser.formatter_class
+    )
+    p.add_argument("--data", required=True, help="dataset YAML: its train split calibrates, its val split scores")
+    p.add_argument("--weights", help="trained checkpoint, scored on the val split (default: --cfg, random weights)")
+    p.add_argument("--cfg", default="yolo_qarep_s.yaml", help="model YAML timed without --weights")
     p.add_argument("--imgsz", type=int, default=640, help="square input size")
     p.add_argument("--calib-images", type=int, default=512, help="calibration images")
-    p.add_argument("--runs", type=int, default=20, help="timed runs per model")
+    p.add_argument("--batches", type=int, nargs="+", default=list(INT8_BATCHES), help="batch sizes timed")
+    p.add_argument("--runs", type=int, default=20, help="timed runs per model and batch size")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads of every runtime")
+    p.add_argument("--anchors", nargs="*", default=[], choices=ANCHORS, help="what users quantize with instead")
+    p.add_argument("--out", help="folder for the files (default: a temporary folder, removed)")
     p.set_defaults(func=int8)
     p = sub.add_parser("consistency", help="FP32 mAP: Ultralytics val vs ours", formatter_class=parser.formatter_class)
     p.add_argument("--weights", required=True, help="trained checkpoint")

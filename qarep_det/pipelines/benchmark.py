@@ -8,11 +8,13 @@ One code path serves the CPU and CUDA: timings wait for the GPU before the clock
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -20,9 +22,26 @@ import torch
 from ultralytics.cfg import get_cfg
 from ultralytics.nn.tasks import DetectionModel
 
+from qarep_det.checks import check_count
+from qarep_det.device import CpuInfo, cpu_info
 from qarep_det.errors import InputError
+from qarep_det.evaluation.coco import load_ground_truth
+from qarep_det.evaluation.predict import evaluate_runner
 from qarep_det.pipelines.op_profile import op_breakdown
+from qarep_det.pipelines.ptq import (
+    PTQSettings,
+    backend_jobs,
+    calibration_and_tuning,
+    evaluate_checkpoint,
+    load_checked,
+)
+from qarep_det.quant.backends.base import BACKENDS
+from qarep_det.quant.calibration import CalibrationSet
+from qarep_det.quant.recipe import QuantRecipe
+from qarep_det.quant.runner import Runner
 from qarep_det.reparam import reparameterize_model
+from qarep_det.ultralytics.checkpoint import FusedCheckpoint, checkpoint_paths
+from qarep_det.ultralytics.registration import find_model_yaml
 
 Precision = Literal["fp32", "fp16"]
 CUDA_GRID: tuple[tuple[Precision, int], ...] = (("fp32", 1), ("fp32", 32), ("fp16", 1), ("fp16", 32))
@@ -280,60 +299,199 @@ def train_throughput(
     ]
 
 
+INT8_BATCHES = (1, 8)
+ANCHORS = ("quantize_static", "nncf", "ultralytics")
+"""What a user would quantize with instead, timed and scored beside our files: onnxruntime's ``quantize_static``
+(:func:`~qarep_det.quant.backends.onnx_int8.quantize_static_default`), NNCF's default ``nncf.quantize``
+(:func:`~qarep_det.quant.backends.openvino.nncf_default`) and Ultralytics' ``export format=openvino int8=True``."""
+_RUNTIMES = {"openvino": "OpenVINO CPU", "onnxruntime-int8": "onnxruntime CPU", "onnxruntime": "TensorRT"}
+_TENSORRT = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
 @dataclass(frozen=True)
-class OpenVINOInt8:
-    """OpenVINO FP32 vs NNCF INT8 of one detector: latency at batch 1, IR sizes, calibration time."""
+class TimedModel:
+    """One model file of ``benchmark int8``: where it runs, its median ms per batch size, its mAP50-95 on the val
+    split when a trained checkpoint was scored, and how many of its convs run on integer kernels."""
 
-    cfg: str
+    label: str  # "FP32", "INT8 ours (<backend>)" or "INT8 <anchor>"
+    runtime: str  # the ratios compare models of one runtime: each INT8 model with the FP32 model there
+    path: Path
+    int8: bool
+    map50_95: float | None = None
+    integer_convs: int | None = None
+    ms: dict[int, float] = field(default_factory=dict)  # batch size -> median ms per batch
+
+
+@dataclass(frozen=True)
+class Int8Benchmark:
+    """Every INT8 artefact against its FP32 twin on one machine, timed interleaved in one run."""
+
+    model: str
     imgsz: int
+    threads: int
+    runs: int
     calib_images: int
-    calib_s: float
-    fp32_ms: float
-    int8_ms: float
-    fp32_mb: float
-    int8_mb: float
-    fp32_kernels: dict[str, int]  # convolutions per "<precision> <kernel>" in OpenVINO's execution graph
-    int8_kernels: dict[str, int]
-    vnni: bool  # whether the CPU has an int8 dot-product instruction (INT8 speed depends on it)
+    cpu: CpuInfo
+    models: list[TimedModel]
+    skipped: dict[str, str]  # an artefact not timed here, and why
+    val_images: int | None  # the images every mAP was scored on (None: not scored, random weights)
+
+    def fp32(self, runtime: str) -> TimedModel:
+        return next(m for m in self.models if m.runtime == runtime and not m.int8)
 
 
-def openvino_int8(cfg: str, data: str, imgsz: int = 640, calib_images: int = 512, runs: int = 20) -> OpenVINOInt8:
-    """Quantize the fused model built from ``cfg`` with the reference recipe and time both IRs on the CPU.
+def tensorrt_missing() -> str | None:
+    """Why the TensorRT QDQ ONNX cannot be timed here (None: it can, through onnxruntime's TensorRT provider)."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    from qarep_det.quant.backends.onnx_qdq import require_onnx
 
-    Weights are the YAML's initialisation: latency, size and calibration time do not depend on training.
-    """
+    _, ort = require_onnx()
+    if _TENSORRT[0] not in ort.get_available_providers():
+        return "onnxruntime has no TensorRT execution provider here (onnxruntime-gpu built with TensorRT)"
+    return None
+
+
+def _runner(model: TimedModel, imgsz: int, threads: int) -> Runner:
+    """A runner for ``model`` on its runtime with ``threads`` CPU threads, for any batch size (an IR exported with
+    a fixed batch, as Ultralytics exports, is reshaped to a dynamic one)."""
     from qarep_det.quant.backends import openvino as qov
-    from qarep_det.quant.backends.base import file_size_mb
-    from qarep_det.quant.calibration import calibration_set
-    from qarep_det.quant.recipe import QuantRecipe
+    from qarep_det.quant.backends.onnx_qdq import onnx_runner, require_onnx
 
-    fused = reparameterize_model(DetectionModel(cfg, verbose=False))
-    recipe = QuantRecipe(calib_images=calib_images)
-    calib = calibration_set(data, imgsz, calib_images, recipe.seed, batch_size=8)
-    fp32 = qov.convert_openvino(fused, imgsz)
-    start = time.perf_counter()
-    int8 = qov.quantize_openvino(fused, calib, imgsz, recipe, fp32=fp32)
-    calib_s = time.perf_counter() - start
-    with tempfile.TemporaryDirectory() as tmp:
-        sizes = []
-        for name, model in (("fp32", fp32), ("int8", int8)):
-            xml = qov.save_openvino(model, Path(tmp) / f"{name}.xml")
-            sizes.append(file_size_mb(xml, xml.with_suffix(".bin")))
-    compiled = [qov.compile_cpu(model) for model in (fp32, int8)]
-    kernels = [dict(qov.conv_kernels(c)) for c in compiled]
-    runners = [qov.openvino_runner(c) for c in compiled]
-    x = torch.rand(1, 3, imgsz, imgsz)
-    times = interleaved_ms([lambda run=run: run(x) for run in runners], runs, warmup=3)
-    return OpenVINOInt8(
-        cfg,
-        imgsz,
-        len(calib.paths),
-        calib_s,
-        *times,
-        *sizes,
-        *kernels,
-        qov.cpu_has_vnni(),
-    )
+    if model.runtime == _RUNTIMES["openvino"]:
+        ov_model = qov.read_openvino(model.path)
+        ov_model.reshape({ov_model.input(0): [-1, 3, imgsz, imgsz]})
+        return qov.openvino_runner(ov_model, threads)
+    _, ort = require_onnx()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    if model.runtime == _RUNTIMES["onnxruntime"]:  # TensorRT builds an INT8 engine from the Q/DQ pairs
+        tensorrt = (_TENSORRT[0], {"trt_int8_enable": model.int8})
+        return onnx_runner(model.path, options, providers=(tensorrt, _TENSORRT[1]))
+    return onnx_runner(model.path, options)
+
+
+def _integer_convs(model: TimedModel) -> int | None:
+    """The convs the runtime runs on integer kernels: OpenVINO's execution graph, onnxruntime's optimized graph."""
+    from qarep_det.quant.backends import openvino as qov
+    from qarep_det.quant.backends.onnx_int8 import integer_convs
+
+    if model.runtime == _RUNTIMES["openvino"]:
+        kernels = qov.conv_kernels(qov.compile_cpu(model.path))
+        return sum(n for kernel, n in kernels.items() if kernel.startswith(("u8 ", "i8 ")))
+    return integer_convs(model.path) if model.runtime == _RUNTIMES["onnxruntime-int8"] else None
+
+
+def _ultralytics_openvino_int8(weights: Path, data: Path, imgsz: int, out: Path) -> Path:
+    """Ultralytics' own ``export format=openvino int8=True`` of a copy of ``weights`` in ``out`` (its folder
+    beside the checkpoint would be ``export --int8``'s). ``split=train``: calibrated on the train split as ours is;
+    Ultralytics' default, the val split, would calibrate on the images both are scored on."""
+    from ultralytics import YOLO
+
+    copy = out / f"{weights.stem}_ultralytics.pt"
+    shutil.copyfile(weights, copy)
+    folder = YOLO(str(copy)).export(format="openvino", int8=True, data=str(data), imgsz=imgsz, split="train",
+                                    device="cpu")  # fmt: skip
+    return next(Path(folder).glob("*.xml"))
+
+
+def _anchor(anchor: str, fp32: dict[str, Path], job_stem: Path, calib: CalibrationSet, weights: Path | None,
+            data: Path, imgsz: int) -> TimedModel:  # fmt: skip
+    """The anchor's file, made from the same FP32 model (or checkpoint) and calibration images as ours."""
+    from qarep_det.quant.backends import openvino as qov
+    from qarep_det.quant.backends.onnx_int8 import quantize_static_default
+
+    path = job_stem.with_name(f"{job_stem.name}_int8_{anchor}")
+    if anchor == "quantize_static":
+        onnx = quantize_static_default(fp32["onnxruntime-int8"], calib, path.with_suffix(".onnx"))
+        return TimedModel("INT8 onnxruntime quantize_static", _RUNTIMES["onnxruntime-int8"], onnx, True)
+    if anchor == "nncf":
+        int8 = qov.nncf_default(qov.read_openvino(fp32["openvino"]), calib, len(calib.paths))
+        xml = qov.save_openvino(int8, path.with_suffix(".xml"), overwrite=True)
+        return TimedModel("INT8 NNCF nncf.quantize defaults", _RUNTIMES["openvino"], xml, True)
+    xml = _ultralytics_openvino_int8(weights, data, imgsz, job_stem.parent)
+    return TimedModel("INT8 Ultralytics export int8=True", _RUNTIMES["openvino"], xml, True)
+
+
+def int8_benchmark(
+    data: str | os.PathLike,
+    weights: str | os.PathLike | None = None,
+    cfg: str = "yolo_qarep_s.yaml",
+    imgsz: int = 640,
+    calib_images: int = 512,
+    batches: Sequence[int] = INT8_BATCHES,
+    runs: int = 20,
+    threads: int | None = None,
+    anchors: Sequence[str] = (),
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> Int8Benchmark:
+    """Every INT8 artefact of ptq-eval's backends against its FP32 twin, timed interleaved at each batch size.
+
+    The models are ptq-eval's own (:func:`qarep_det.pipelines.ptq.backend_jobs` and each backend's quantize step,
+    recipe defaults): the openvino backend's NNCF IR beside the FP32 IR on OpenVINO, the onnxruntime-int8 file
+    beside the FP32 ONNX on onnxruntime, and, where a CUDA device and onnxruntime's TensorRT provider exist, the QDQ
+    ONNX for TensorRT beside the FP32 ONNX there (else :attr:`Int8Benchmark.skipped` says why). ``anchors``
+    (:data:`ANCHORS`) adds what a user would use instead, from the same FP32 model and calibration images.
+
+    ``weights``: a trained checkpoint, whose models are all scored by ptq-eval's pipeline (its rows; the anchors by
+    the same prediction and pycocotools code) on ``data``'s val split; without it ``cfg``'s random weights are
+    timed only (latency does not depend on training). Every model runs with ``threads`` CPU threads (default:
+    torch's), all of them interleaved run by run (:func:`interleaved_ms`) at each of ``batches``. Files go to
+    ``out_dir`` (default: a temporary folder).
+    """
+    if unknown := [a for a in anchors if a not in ANCHORS]:
+        raise InputError(f"unknown anchor {unknown[0]!r}; choose from {', '.join(ANCHORS)}", field="anchors")
+    if "ultralytics" in anchors and weights is None:
+        raise InputError("the ultralytics anchor exports a checkpoint: give weights", field="anchors")
+    for name, value in (("runs", runs), ("threads", threads or 1), *(("batches", b) for b in batches)):
+        check_count(name, value)
+    threads = threads or torch.get_num_threads()
+    skipped = {}
+    if reason := tensorrt_missing():
+        skipped["INT8 QDQ ONNX for TensorRT"] = reason
+    backends = ("openvino", "onnxruntime-int8") + (() if skipped else ("onnxruntime",))
+    settings = PTQSettings(Path(data), QuantRecipe(calib_images=calib_images), backends, imgsz, save_int8=True,
+                           overwrite=True)  # fmt: skip
+    if weights is not None:
+        checkpoint = load_checked(checkpoint_paths([weights])[0], settings)
+        ground_truth = load_ground_truth(settings.data)
+    else:
+        find_model_yaml(cfg)
+        checkpoint = FusedCheckpoint(Path(cfg), reparameterize_model(DetectionModel(cfg, verbose=False)), None)
+    calib, _ = calibration_and_tuning(settings, (), progress)
+    with contextlib.ExitStack() as stack:
+        out = Path(out_dir) if out_dir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qarep_")))
+        out.mkdir(parents=True, exist_ok=True)
+        stem = out / checkpoint.name
+        if weights is not None:
+            rows = evaluate_checkpoint(checkpoint, settings, out, ground_truth, calib, progress)
+        else:
+            rows = [{"backend": backend, **BACKENDS[backend].quantize(job).row}
+                    for backend, job, _ in backend_jobs(checkpoint, settings, calib, stem, out, progress)]  # fmt: skip
+        models, fp32 = [], {}
+        for row in rows:
+            runtime, fp32[row["backend"]] = _RUNTIMES[row["backend"]], Path(row["fp32_file"])
+            models.append(TimedModel("FP32", runtime, fp32[row["backend"]], False, row.get("fp32_backend_map50_95")))
+            models.append(TimedModel(f"INT8 ours ({row['backend']})", runtime, Path(row["int8_file"]), True,
+                                     row.get("int8_map50_95")))  # fmt: skip
+        for anchor in anchors:
+            model = _anchor(anchor, fp32, stem, calib, weights and Path(weights), settings.data, imgsz)
+            if weights is not None:
+                runner = _runner(model, imgsz, threads)
+                scored = evaluate_runner(runner, ground_truth, out / f"{model.path.stem}.json", settings.protocol,
+                                         settings.batch, progress)  # fmt: skip
+                model = replace(model, map50_95=scored["map50_95"])
+            models.append(model)
+        models = [replace(m, integer_convs=_integer_convs(m)) for m in models]
+        models.sort(key=lambda m: (list(_RUNTIMES.values()).index(m.runtime), m.int8))
+        runners = [_runner(m, imgsz, threads) for m in models]
+        for batch in batches:
+            x = torch.rand(batch, 3, imgsz, imgsz)
+            for model, ms in zip(models, interleaved_ms([lambda r=r, x=x: r(x) for r in runners], runs), strict=True):
+                model.ms[batch] = ms
+    return Int8Benchmark(checkpoint.name, imgsz, threads, runs, len(calib.paths), cpu_info(), models, skipped,
+                         None if weights is None else len(ground_truth.image_files))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -349,8 +507,6 @@ def fp32_consistency(weights: str, data: str, imgsz: int, batch: int = 8) -> Con
     """Evaluate one checkpoint with Ultralytics' val and with our pycocotools route, fused and unfused."""
     from ultralytics import YOLO
 
-    from qarep_det.evaluation.coco import load_ground_truth
-    from qarep_det.evaluation.predict import evaluate_runner
     from qarep_det.evaluation.protocol import EvalProtocol
     from qarep_det.quant.runner import torch_runner
     from qarep_det.ultralytics.checkpoint import load_detector

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from qarep_det.checks import check_count, check_imgsz
-from qarep_det.device import torch_device
+from qarep_det.device import cpu_info, torch_device
 from qarep_det.errors import InputError
 from qarep_det.evaluation.coco import GroundTruth, load_ground_truth, per_image_map50_95
 from qarep_det.evaluation.ladder_report import plot_ladder, write_markdown
@@ -189,14 +189,8 @@ def machine(device: torch.device) -> dict[str, Any]:
     name when it ran on one, and the versions its numbers depend on."""
     import ultralytics
 
-    cpu = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if
-                 line.startswith("model name")]  # fmt: skip
-        cpu = names[0] if names else cpu
     return {
-        "cpu": cpu,
+        "cpu": cpu_info().name,
         "cpu_count": os.cpu_count(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "python": platform.python_version(),

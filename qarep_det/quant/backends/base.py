@@ -163,7 +163,10 @@ class OnnxRuntimeBackend(Backend):
         from qarep_det.quant.backends.onnx_qdq import onnx_runner
 
         fp32_runner = None if job.fused is None else onnx_runner(job.fp32_onnx)
-        return Quantized(onnx_runner(job.qdq_onnx), fp32_runner, {"int8_file": str(job.qdq_onnx)} if job.save else {})
+        row = {"int8_file": str(job.qdq_onnx)} if job.save else {}
+        if job.save and job.fused is not None:
+            row["fp32_file"] = str(job.fp32_onnx)
+        return Quantized(onnx_runner(job.qdq_onnx), fp32_runner, row)
 
     def candidate(self, job: Job, scratch: Path) -> Runner:
         from qarep_det.quant.backends.onnx_qdq import export_qdq_onnx, onnx_runner
@@ -185,6 +188,7 @@ class OpenVINOBackend(Backend):
             if fp32 is not None:
                 fp32_xml = save_openvino(fp32, job.path("fp32.xml"), overwrite=job.overwrite)
                 row["fp32_mb"] = file_size_mb(fp32_xml, fp32_xml.with_suffix(".bin"))
+                row["fp32_file"] = str(fp32_xml)
             int8_xml = save_openvino(int8, job.path("int8.xml"), overwrite=job.overwrite)
             row["int8_mb"] = file_size_mb(int8_xml, int8_xml.with_suffix(".bin"))
             row["int8_file"] = str(int8_xml)
@@ -237,7 +241,8 @@ class OnnxRuntimeInt8Backend(Backend):
         int8 = self._quantize(job, job.path("int8_ort.onnx"), job.overwrite)
         row = {"integer_convs": integer_convs(int8)}
         if job.save:
-            row |= {"int8_file": str(int8), "int8_mb": file_size_mb(int8), "fp32_mb": file_size_mb(job.fp32_onnx)}
+            row |= {"int8_file": str(int8), "int8_mb": file_size_mb(int8), "fp32_mb": file_size_mb(job.fp32_onnx),
+                    "fp32_file": str(job.fp32_onnx)}  # fmt: skip
         return Quantized(onnx_runner(int8), onnx_runner(job.fp32_onnx), row)
 
     def candidate(self, job: Job, scratch: Path) -> Runner:

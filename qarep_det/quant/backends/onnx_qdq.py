@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -64,11 +65,11 @@ def export_qdq_onnx(qmodel: nn.Module, path: str | Path, imgsz: int, overwrite: 
     return path
 
 
-def onnx_runner(path: str | Path, options=None) -> Runner:
-    """A runner over an ONNX file on onnxruntime's CPU provider, with ``options`` (``onnxruntime.SessionOptions``:
-    threads, graph optimization level) or onnxruntime's defaults."""
+def onnx_runner(path: str | Path, options=None, providers: Sequence = ("CPUExecutionProvider",)) -> Runner:
+    """A runner over an ONNX file on onnxruntime's CPU provider (or ``providers``, e.g. TensorRT's), with
+    ``options`` (``onnxruntime.SessionOptions``: threads, graph optimization level) or onnxruntime's defaults."""
     _, ort = require_onnx()
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), options, providers=list(providers))
 
     def run(images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {"images": images.detach().float().cpu().numpy()})[0])

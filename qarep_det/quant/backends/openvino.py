@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qarep_det.device import cpu_info
 from qarep_det.errors import InputError
 from qarep_det.logs import quiet
 from qarep_det.quant.recipe import QuantRecipe
@@ -166,11 +167,7 @@ def force_signed_activations(ov_model: ov.Model) -> int:
 
 def cpu_has_vnni() -> bool:
     """Whether this CPU has an int8 dot-product instruction (AVX-VNNI, AVX512-VNNI or AMX); False if unknown."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    return cpu_info().vnni
 
 
 OVERFLOW_FIX: dict[str, bool | None] = {"auto": None, "on": True, "off": False}  # the CLI's --overflow-fix
@@ -246,6 +243,16 @@ def quantize_openvino(
     return quantized
 
 
+def nncf_default(fp32: ov.Model, batches: Iterable[torch.Tensor], images: int) -> ov.Model:
+    """``fp32`` (copied) quantized by ``nncf.quantize`` with NNCF's defaults, the anchor our IR is compared with:
+    its preset (performance: symmetric activations), its ranges, its bias correction, its overflow fix (first layer
+    only) and every op type it quantizes, on the calibration ``batches``; ``subset_size`` is their ``images`` so
+    that it sees the same images as the recipe (its default, 300, would take fewer or repeat none)."""
+    _, nncf = _require()
+    with nncf_quiet():
+        return nncf.quantize(fp32.clone(), nncf.Dataset(SingleImages(batches)), subset_size=images)
+
+
 def convert_qdq_onnx(path: str | Path) -> ov.Model:
     """OpenVINO model of a QDQ ONNX file (a QAT student's): its Q/DQ pairs become FakeQuantize ops with the file's
     scales and its weights INT8 constants, so the CPU runs integer convolutions with the learned ranges.
@@ -262,6 +269,12 @@ def convert_qdq_onnx(path: str | Path) -> ov.Model:
             stacklevel=2,
         )
     return ov.convert_model(str(path))
+
+
+def read_openvino(path: str | Path) -> ov.Model:
+    """An IR (.xml) as a model object, to reshape or quantize before compiling."""
+    ov, _ = _require()
+    return ov.Core().read_model(str(path))
 
 
 def save_openvino(ov_model: ov.Model, path: str | Path, overwrite: bool = False) -> Path:
