@@ -3,7 +3,8 @@
 Every checkpoint is loaded and fused once, then: its FP32 model is evaluated; with ``keep_float`` or ``max_drop`` its
 convs are ranked (:func:`qarep_det.sensitivity.rankings.rank_sensitivity` by ``rank_by``, on the first
 ``rank_images`` of the calibration draw, on the weight grid each backend computes with: OpenVINO's is NNCF's half
-range where its overflow fix is on); per backend, ``max_drop`` searches the fewest of that ranking kept
+range where its overflow fix is on), re-ordered by harm per multiply-accumulate with ``float_cost="latency"``
+(:mod:`qarep_det.sensitivity.float_cost`); per backend, ``max_drop`` searches the fewest of that order kept
 float (:mod:`qarep_det.sensitivity.max_drop`), the backend quantizes (:mod:`qarep_det.quant.backends`) and the INT8
 model is evaluated the same way, giving one row per (model, backend). Every model is scored by the same prediction and
 pycocotools code under one :class:`EvalProtocol`.
