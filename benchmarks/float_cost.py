@@ -77,10 +77,15 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
     columns = ["float set", "float convs", "float GMACs", "estimated ms", "measured ms"]
     table = markdown_table(
-        columns, [[r[c] if not isinstance(r[c], float) else f"{r[c]:.2f}" for c in columns] for r in rows]
+        columns,
+        [
+            ["" if r[c] is None else f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in columns]
+            for r in rows
+        ],
+        [False, True, True, True, True],
     )
-    (args.out / "results.md").write_text(table + "\n")
-    print(table)
+    (args.out / "results.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
 
 
 if __name__ == "__main__":
