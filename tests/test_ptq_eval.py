@@ -215,6 +215,7 @@ def test_keep_float_keeps_the_most_sensitive_convs_float_in_the_int8_file(
     from helpers import qdq_convs
 
     from qarep_det.evaluation.table import format_console
+    from qarep_det.sensitivity.float_cost import conv_macs
     from qarep_det.sensitivity.rankings import rank_sensitivity
 
     recipe = QuantRecipe(calib_images=4)
@@ -222,8 +223,9 @@ def test_keep_float_keeps_the_most_sensitive_convs_float_in_the_int8_file(
     (row,), json_path, _ = run_ptq_eval(weights[:1], settings, tmp_path, progress=False)
     calib = calibration_set(data, 64, 4, seed=0, batch_size=4, progress=False)  # the draw ptq_eval made
     fused = reparameterize_model(load_detector(weights[0]))
-    ranking = rank_sensitivity(fused, calib, recipe, progress=False, rank_by=settings.rank_by).ranking
-    assert row["rank_by"] == settings.rank_by
+    sensitivity = rank_sensitivity(fused, calib, recipe, progress=False, rank_by=settings.rank_by)
+    ranking = sensitivity.by_cost(conv_macs(fused, 64, sensitivity.ranking)).ranking  # --float-cost latency
+    assert row["rank_by"] == settings.rank_by and row["float_cost"] == settings.float_cost == "latency"
     assert row["float_layers"] == ranking[:2] == json.loads(json_path.read_text())[0]["float_layers"]
     convs = qdq_convs(row["int8_file"])
     assert all(convs[name] == (None, None) for name in ranking[:2])  # no Q/DQ around a kept conv

@@ -33,6 +33,7 @@ from qarep_det.evaluation.table import format_console
 from qarep_det.pipelines.ptq import RANK_IMAGES, TUNE_IMAGES, PTQSettings, run_ptq_eval
 from qarep_det.quant.backends.base import BACKENDS
 from qarep_det.quant.backends.openvino import OVERFLOW_FIX
+from qarep_det.sensitivity.float_cost import DEFAULT_FLOAT_COST, FLOAT_COST_HELP
 from qarep_det.sensitivity.rankings import DEFAULT_RANKING, RANKING_HELP
 
 DEMO = DemoSettings()
@@ -80,6 +81,13 @@ def add_int8_args(parser: argparse.ArgumentParser, calib_images: int | None, cal
         f"(default: {DEFAULT_RANKING}; how each agrees with the leave-one-out mAP: docs/diagnose.md)",
     )
     parser.add_argument(
+        "--float-cost",
+        default=DEFAULT_FLOAT_COST,
+        metavar="NAME",
+        help="what a conv kept float by --keep-float / --max-drop costs, and so which convs go first: "
+        f"{FLOAT_COST_HELP} (default: {DEFAULT_FLOAT_COST}; the measurement: docs/diagnose.md)",
+    )
+    parser.add_argument(
         "--overflow-fix",
         choices=OVERFLOW_FIX,
         default="auto",
@@ -112,6 +120,7 @@ def int8_settings(
         refine=args.refine,
         rank_images=args.rank_images,
         rank_by=args.rank_by,
+        float_cost=args.float_cost,
         overflow_fix=OVERFLOW_FIX[args.overflow_fix],
         **more,
     )

@@ -3,7 +3,8 @@
 Every checkpoint is loaded and fused once, then: its FP32 model is evaluated; with ``keep_float`` or ``max_drop`` its
 convs are ranked (:func:`qarep_det.sensitivity.rankings.rank_sensitivity` by ``rank_by``, on the first
 ``rank_images`` of the calibration draw, on the weight grid each backend computes with: OpenVINO's is NNCF's half
-range where its overflow fix is on); per backend, ``max_drop`` searches the fewest of that ranking kept
+range where its overflow fix is on), re-ordered by harm per multiply-accumulate with ``float_cost="latency"``
+(:mod:`qarep_det.sensitivity.float_cost`); per backend, ``max_drop`` searches the fewest of that order kept
 float (:mod:`qarep_det.sensitivity.max_drop`), the backend quantizes (:mod:`qarep_det.quant.backends`) and the INT8
 model is evaluated the same way, giving one row per (model, backend). Every model is scored by the same prediction and
 pycocotools code under one :class:`EvalProtocol`.
@@ -38,6 +39,7 @@ from qarep_det.quant.qat import ULTRALYTICS_QAT
 from qarep_det.quant.recipe import QuantRecipe
 from qarep_det.quant.runner import torch_runner
 from qarep_det.quant.scope import check_partial
+from qarep_det.sensitivity.float_cost import DEFAULT_FLOAT_COST, check_float_cost, conv_macs, float_cost_row
 from qarep_det.sensitivity.max_drop import search_backend
 from qarep_det.sensitivity.rankings import (
     DEFAULT_RANKING,
@@ -75,6 +77,7 @@ class PTQSettings:
     refine: int = 0  # max_drop: re-rank the first R convs of the ranking by their tuning mAP, each reverted alone
     rank_images: int | None = None  # images of the calibration draw the ranking runs on (None: RANK_IMAGES or all)
     rank_by: str = DEFAULT_RANKING  # how the convs are ranked (sensitivity/rankings.py)
+    float_cost: str = DEFAULT_FLOAT_COST  # what a float conv costs: its MACs (latency) or 1 (count): float_cost.py
     fp32_weights: Path | None = None  # the FP32 model of a QAT checkpoint that does not carry one (Ultralytics')
     overflow_fix: bool | None = None  # OpenVINO: NNCF's overflow fix (7-bit weights); None: on if this CPU lacks VNNI
 
@@ -87,6 +90,7 @@ class PTQSettings:
             raise InputError("refine re-ranks the candidates of max_drop's search: give max_drop too")
         check_count("tune_images", self.tune_images)
         check_ranking(self.rank_by)
+        check_float_cost(self.float_cost)
         if self.rank_images is not None and check_count("rank_images", self.rank_images) > self.recipe.calib_images:
             raise InputError(
                 f"rank_images ({self.rank_images}) cannot exceed calib_images ({self.recipe.calib_images}): the "
@@ -151,10 +155,11 @@ def _search(
     settings: PTQSettings,
     scratch: Path,
     progress: bool,
+    macs: dict[str, int],
 ) -> tuple[Job, dict[str, Any]]:
     """The search step: the fewest convs of the ranking kept float for ``max_drop`` on ``backend`` (its first
-    ``refine`` re-ranked), scored on the tuning set; the row's job (its artefacts named per backend) and the search's
-    row keys."""
+    ``refine`` re-ranked), scored on the tuning set, each step with the MACs it keeps float; the row's job (its
+    artefacts named per backend) and the search's row keys."""
     name = job.stem.name
 
     def kept(names: tuple[str, ...]) -> QuantRecipe:
@@ -173,6 +178,7 @@ def _search(
         settings.batch,
         progress,
         settings.refine,
+        macs,
     )
     return job.with_recipe(kept(search.float_layers), job.stem.with_name(f"{name}_{backend}")), extra
 
@@ -239,6 +245,7 @@ def backend_jobs(
         if settings.ranks:
             sensitivities = _rank(checkpoint, settings, calib, progress)
     calibrated = next(iter(sensitivities.values())).calibrated if sensitivities else None  # one for every grid
+    macs = conv_macs(fused, settings.imgsz, next(iter(sensitivities.values())).ranking) if sensitivities else {}
     job = Job(None if fused is None else fused.cpu(), calib, recipe, settings.imgsz, settings.device, stem,
               settings.save_int8, settings.overwrite, student, calibrated,
               overflow_fix=settings.overflow_fix)  # fmt: skip
@@ -252,13 +259,18 @@ def backend_jobs(
         start = time.perf_counter()
         chosen, extra, sensitivity = job, {}, sensitivities.get(backend)
         if sensitivity is not None:
+            if settings.float_cost == "latency":
+                sensitivity = sensitivity.by_cost(macs)
             chosen = job.with_recipe(sensitivity.keep(recipe, settings.keep_float))  # K kept float (0 to search)
             extra = {"calibrate_s": sensitivity.calibrate_s, "rank_images": settings.ranked_images,
                      "rank_by": sensitivity.rank_by, "rank_s": sensitivity.rank_s,
                      "rank_half_range": sensitivity.half_range}  # fmt: skip
         if tuning is not None:
-            chosen, searched = _search(chosen, backend, sensitivity, tuning, fp32_tune, settings, scratch, progress)
+            chosen, searched = _search(chosen, backend, sensitivity, tuning, fp32_tune, settings, scratch, progress,
+                                       macs)  # fmt: skip
             extra |= searched | {"search_s": time.perf_counter() - start + fp32_tune_s}  # with the FP32 evaluation
+        if sensitivity is not None:
+            extra |= float_cost_row(macs, chosen.recipe.float_layers, settings.float_cost)
         yield backend, chosen, extra
 
 

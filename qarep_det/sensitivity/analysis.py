@@ -99,9 +99,14 @@ class _Errors:
     added: NoisePower = field(default_factory=NoisePower)
 
 
+def relative_detection_noise(boxes: NoisePower, scores: NoisePower) -> float:
+    """The mean of the box and score rows' relative noise powers: :func:`detection_noise` in linear units."""
+    return (boxes.relative + scores.relative) / 2
+
+
 def detection_noise(boxes: NoisePower, scores: NoisePower) -> float:
     """The ranking figure from box and score noise: SQNR of the mean of their relative noise powers."""
-    return db((boxes.relative + scores.relative) / 2)
+    return db(relative_detection_noise(boxes, scores))
 
 
 def add_detection(boxes: NoisePower, scores: NoisePower, reference: torch.Tensor, test: torch.Tensor) -> None:

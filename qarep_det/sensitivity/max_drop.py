@@ -1,9 +1,11 @@
 """``ptq_eval --max-drop D``: the fewest convs kept float, in ranking order, for an INT8 drop of at most D.
 
-K convs kept float means the first K of the model's sensitivity ranking (shared by every backend). Each candidate
-float set is scored by one evaluation of the tuning set (:mod:`~qarep_det.sensitivity.tuning`), its
-drop measured against the
-FP32 model on the same images, as the table's drop is.
+K convs kept float means the first K of the model's sensitivity ranking (shared by every backend); with
+``--float-cost latency`` that ranking is first re-ordered by harm per multiply-accumulate
+(:mod:`~qarep_det.sensitivity.float_cost`), so the search answers the cheapest prefix that meets D rather than the
+shortest. Each candidate float set is scored by one evaluation of the tuning set
+(:mod:`~qarep_det.sensitivity.tuning`), its drop measured against the FP32 model on the same images, as the table's
+drop is.
 
 The search is a bisection over K in [0, L] (L quantized convs): the FP32 evaluation, K = 0 (the fully INT8 model,
 done if it meets D), then probes at the midpoint of (lo, hi], where lo is the largest K known to miss D and hi the
@@ -33,7 +35,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,13 +56,15 @@ from qarep_det.sensitivity.tuning import TuningSet
 class Step:
     """One tuning evaluation: the convs kept float, the tuning mAP50-95 and drop (percent points), and the INT8
     runner's median ms per image on the tuning batches. ``reverted``: a refinement step, its one conv reverted alone
-    (out of the bisection's order)."""
+    (out of the bisection's order). ``gmacs``: the float convs' multiply-accumulates (G), the latency estimate
+    :mod:`~qarep_det.sensitivity.float_cost` orders by, beside the measured ``int8_ms``; None when not given."""
 
     names: tuple[str, ...]
     tune_map50_95: float
     tune_drop: float
     int8_ms: float
     reverted: bool = False
+    gmacs: float | None = None
 
     @property
     def k(self) -> int:
@@ -74,6 +78,8 @@ class Step:
             "tune_drop": round(self.tune_drop, 2),
             "int8_ms": round(self.int8_ms, 2),
         }
+        if self.gmacs is not None:
+            entry["float_gmacs"] = round(self.gmacs, 4)
         return entry | {"reverted": self.names[0]} if self.reverted else entry
 
 
@@ -140,6 +146,7 @@ def search_float_convs(
     resolution: Callable[[], Resolution] | None = None,
     report: Callable[[str], None] = print,
     refine: int = 0,
+    costs: Mapping[str, float] | None = None,
 ) -> SearchResult:
     """Bisection for the fewest K in [0, L] whose tuning drop is at most ``max_drop``, K counting convs of
     ``ranking`` (the L quantized convs, most harmful first), its first ``refine`` re-ordered by their tuning mAP
@@ -149,7 +156,8 @@ def search_float_convs(
     per image)``; it is called at most ``evaluation_budget(L, refine) - 1`` times, never twice for one float set (the
     FP32 score is given). ``resolution()``, if given, is asked once, right after K = 0's evaluation: the tuning drop's
     standard error, printed beside each drop; a ``UserWarning`` says when it cannot resolve ``max_drop``. ``report``
-    gets one line per step as it goes.
+    gets one line per step as it goes. ``costs``, if given, are the convs' multiply-accumulates: each step records
+    its float set's (G).
     """
     if max_drop < 0:
         raise InputError(f"the largest drop allowed must be >= 0 mAP50-95 points, got {max_drop}")
@@ -159,7 +167,8 @@ def search_float_convs(
 
     def measure(names: Sequence[str], reverted: bool = False) -> Step:
         tune_map, ms = evaluate(tuple(names))
-        steps.append(Step(tuple(names), tune_map, fp32_tune_map - tune_map, ms, reverted))
+        gmacs = None if costs is None else sum(costs[name] for name in names) / 1e9
+        steps.append(Step(tuple(names), tune_map, fp32_tune_map - tune_map, ms, reverted, gmacs))
         return steps[-1]
 
     def meets(step: Step) -> bool:
@@ -169,7 +178,9 @@ def search_float_convs(
         what = f"{step.names[0]} reverted alone:" if step.reverted else f"K={step.k:<3d}"
         report(
             f"  {what} tuning mAP50-95 {step.tune_map50_95:6.2f}  drop {step.tune_drop:+6.2f}{spread} "
-            f"{'<=' if meets(step) else '> '} {max_drop:g}  ({1 + len(steps)}/{budget} tuning evaluations)"
+            f"{'<=' if meets(step) else '> '} {max_drop:g}  ({1 + len(steps)}/{budget} tuning evaluations"
+            + ("" if step.gmacs is None else f"; {step.gmacs:.3f} GMACs float, {step.int8_ms:.1f} ms")
+            + ")"
         )
         return step
 
@@ -233,9 +244,11 @@ def search_backend(
     batch: int = 8,
     progress: bool = True,
     refine: int = 0,
+    costs: Mapping[str, float] | None = None,
 ) -> tuple[SearchResult, dict[str, Any]]:
     """The search on one backend, ``candidate(names)`` being its INT8 runner with the convs ``names`` float, each
-    scored on the tuning set with the evaluation's ``protocol``: the result, and the keys of its results.json row.
+    scored on the tuning set with the evaluation's ``protocol``: the result, and the keys of its results.json row
+    (``costs``: as :func:`search_float_convs` takes them).
     ``fp32_per_image`` is the FP32 model's AP50-95 of each tuning image
     (:func:`qarep_det.evaluation.coco.per_image_map50_95`), paired with K = 0's for the drop's standard error."""
     detections: dict[tuple[str, ...], Path] = {}  # one file per float set evaluated, K = 0's first
@@ -252,5 +265,5 @@ def search_backend(
         f"{label}: fewest of {len(ranking)} convs float for a drop <= {max_drop:g} on {tuning.describe()}, FP32 "
         f"{fp32_tune_map:.2f}" + (f"; the first {refine} re-ranked by their tuning mAP" if refine else "")
     )
-    result = search_float_convs(ranking, fp32_tune_map, evaluate, max_drop, resolution, tqdm.write, refine)
+    result = search_float_convs(ranking, fp32_tune_map, evaluate, max_drop, resolution, tqdm.write, refine, costs)
     return result, {**result.row(), "tune_images": tuning.images, "tune_split": tuning.split}

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +52,11 @@ from qarep_det.sensitivity.analysis import (
     isolated_noise,
     out_of_place,
     rank_by_noise,
+    relative_detection_noise,
     set_quantizers,
 )
 from qarep_det.sensitivity.diagnostics import NoisePower
+from qarep_det.sensitivity.float_cost import by_cost
 
 RANKINGS = {
     "isolated": "the detector's output noise with only that conv INT8",
@@ -79,10 +81,12 @@ def revert_noise(
     recipe: QuantRecipe,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    full: tuple[NoisePower, NoisePower] | None = None,
 ) -> dict[str, tuple[NoisePower, NoisePower]]:
     """Each quantized conv's box and score noise against FP32 when it alone is restored to float in the fully INT8
     ``qmodel`` (calibrated with ``recipe``; not modified): per batch one FP32 pass, one INT8 pass kept restartable,
-    and per conv a forward restarted from its node in the INT8 model with its quantizers off."""
+    and per conv a forward restarted from its node in the INT8 model with its quantizers off. ``full``, if given,
+    accumulates the fully INT8 model's box and score noise (what a revert removes noise from), from the same passes."""
     from qarep_det.quant.scope import quantized_conv_names
     from qarep_det.ultralytics.restartable import RestartableForward
 
@@ -93,6 +97,8 @@ def revert_noise(
     for x, bar in walk.batches(images, device, progress):
         reference = walk.graph.forward(x).output
         cache = int8_graph.forward(x)
+        if full is not None:
+            add_detection(*full, reference, cache.output)
         for name, conv in walk.qconvs.items():
             set_quantizers(conv, False)
             try:
@@ -218,10 +224,16 @@ class Sensitivity:
     rank_s: float
     rank_by: str = DEFAULT_RANKING
     half_range: bool = False  # ranked on NNCF's half-range weights (``calibrated`` is always the reference grid)
+    harm: Mapping[str, float] = field(default_factory=dict)  # each conv's figure in linear units (:func:`rank`)
 
     def keep(self, recipe: QuantRecipe, keep_float: int) -> QuantRecipe:
         """``recipe`` with the first ``keep_float`` convs of the ranking added to its float layers."""
         return replace(recipe, float_layers=recipe.float_layers + tuple(self.ranking[:keep_float]))
+
+    def by_cost(self, costs: Mapping[str, float]) -> Sensitivity:
+        """This ranking re-ordered by harm per cost (:func:`qarep_det.sensitivity.float_cost.by_cost`): what
+        ``--float-cost latency`` keeps float first, with ``costs`` a conv's multiply-accumulates."""
+        return replace(self, ranking=by_cost(self.ranking, self.harm, costs))
 
 
 def rank(
@@ -232,19 +244,26 @@ def rank(
     recipe: QuantRecipe,
     device: str | torch.device = "cpu",
     progress: bool = True,
-) -> list[str]:
-    """The convs of ``fused`` most harmful first by ``rank_by``, on ``images`` (for ``fisher`` a
-    :class:`CalibrationSet`: its paths give the labels), ``calibrated`` the fully INT8 model."""
+) -> dict[str, float]:
+    """Each conv of ``fused``'s harm by ``rank_by``, on ``images`` (for ``fisher`` a :class:`CalibrationSet`: its
+    paths give the labels), ``calibrated`` the fully INT8 model; most harmful first (the ranking is the keys' order),
+    ties in model order. The harm is linear, so that ``--float-cost latency`` can divide it by a cost: ``isolated``,
+    the relative detector-output noise power with only this conv INT8; ``revert``, the relative noise power its revert
+    removes from the fully INT8 model's output; ``fisher``, its loss increase."""
     if check_ranking(rank_by) == "isolated":
-        return rank_by_noise(isolated_noise(fused, calibrated, images, recipe, device, progress))
+        noise = isolated_noise(fused, calibrated, images, recipe, device, progress)
+        return {name: relative_detection_noise(*noise[name]) for name in rank_by_noise(noise)}
     if rank_by == "revert":  # the highest SQNR once restored is the largest gain; ties keep model order
-        noise = revert_noise(fused, calibrated, images, recipe, device, progress)
-        return sorted(noise, key=lambda name: -detection_noise(*noise[name]))
+        full = (NoisePower(), NoisePower())
+        noise = revert_noise(fused, calibrated, images, recipe, device, progress, full)
+        before = relative_detection_noise(*full)
+        ranking = sorted(noise, key=lambda name: -detection_noise(*noise[name]))
+        return {name: before - relative_detection_noise(*noise[name]) for name in ranking}
     if not isinstance(images, CalibrationSet):
         raise TypeError("the gradient ranking reads labels: pass the calibration set itself")
     check_labelled(images.paths)
     scores = fisher_scores(fused, calibrated, images.paths, images.imgsz, recipe, device, images.batch_size, progress)
-    return sorted(scores, key=lambda name: -scores[name])
+    return {name: scores[name] for name in sorted(scores, key=lambda name: -scores[name])}
 
 
 def rank_sensitivity(
@@ -270,8 +289,9 @@ def rank_sensitivity(
         calibrate_s = time.perf_counter() - start
     images = first_images(calib, rank_images)  # calibration saw all of them; the per-conv passes see these
     ranked = half_range_weights(calibrated) if half_range else calibrated
-    ranking = rank(rank_by, fused, ranked, images, recipe, device, progress)
-    return Sensitivity(calibrated, ranking, calibrate_s, time.perf_counter() - start - calibrate_s, rank_by, half_range)
+    harm = rank(rank_by, fused, ranked, images, recipe, device, progress)
+    rank_s = time.perf_counter() - start - calibrate_s
+    return Sensitivity(calibrated, list(harm), calibrate_s, rank_s, rank_by, half_range, harm)
 
 
 def keep_most_sensitive(
