@@ -199,9 +199,18 @@ def main() -> None:
     # ours: the tool itself
     ours, ours_total_s = {}, {}
     for rank_by in args.rank_by:
-        settings = PTQSettings(args.data, recipe, ("openvino",), args.imgsz, max_drop=args.max_drop,
-                               tune_images=args.tune_images, overwrite=True, rank_by=rank_by,
-                               refine=args.refine, overflow_fix=overflow_fix(args))  # fmt: skip
+        settings = PTQSettings(
+            args.data,
+            recipe=recipe,
+            backends=("openvino",),
+            imgsz=args.imgsz,
+            max_drop=args.max_drop,
+            tune_images=args.tune_images,
+            overwrite=True,
+            rank_by=rank_by,
+            refine=args.refine,
+            overflow_fix=overflow_fix(args),
+        )
         start = time.perf_counter()
         (ours[rank_by],), _, _ = run_ptq_eval([args.weights], settings, args.out / f"ptq_eval_{rank_by}")
         ours_total_s[rank_by] = time.perf_counter() - start
@@ -222,7 +231,7 @@ def main() -> None:
     # both final IRs measured the same way
     import openvino as ov
 
-    ours_irs = {rank_by: ov.Core().read_model(row["int8_file"]) for rank_by, row in ours.items()}
+    ours_irs = {rank_by: ov.Core().read_model(row.int8_file) for rank_by, row in ours.items()}
     candidates = quantized_conv_names(fused, recipe)
 
     def scored(ir, ground_truth: GroundTruth, tag: str) -> float:
@@ -231,8 +240,8 @@ def main() -> None:
 
     fp32_tune = evaluate_runner(torch_runner(fused), tuning.ground_truth, args.out / "fp32_tune.json", protocol,
                                 progress=False)["map50_95"]  # fmt: skip
-    fp32_val = first["fp32_map50_95"]  # the torch FP32 mAP ptq_eval scored on val, the reference of all drops
-    fp32_val_images = per_image_map50_95(val, args.out / f"ptq_eval_{args.rank_by[0]}" / f"{first['model']}_fp32.json")
+    fp32_val = first.fp32_map50_95  # the torch FP32 mAP ptq_eval scored on val, the reference of all drops
+    fp32_val_images = per_image_map50_95(val, args.out / f"ptq_eval_{args.rank_by[0]}" / f"{first.model}_fp32.json")
 
     def val_se(tag: str) -> float:
         """The val drop's paired standard error (eval/resolution.py), from the val detections ``scored`` wrote."""
@@ -257,17 +266,17 @@ def main() -> None:
     rows |= {
         f"ptq_eval --max-drop --rank-by {rank_by}" + (f" --refine {args.refine}" if args.refine else ""): {
             "float_convs": float_convs(ours_irs[rank_by], candidates),
-            "float_layers": row["float_layers"],
-            "wall_s": row["calibrate_s"] + row["rank_s"] + row["search_s"],
+            "float_layers": list(row.float_layers),
+            "wall_s": row.rank.calibrate_s + row.rank.rank_s + row.search.search_s,
             "ptq_eval_total_s": ours_total_s[rank_by],
-            "tune_evals": row["tune_evals"],
-            "tune_images_run": row["tune_evals"] * tuning.images,
-            "refine": row["refine"],
-            "tune_steps": row["tune_steps"],
-            "tune_drop_se": row.get("tune_drop_se"),
-            "calibrate_s": row["calibrate_s"],
-            "rank_s": row["rank_s"],
-            "search_s": row["search_s"],
+            "tune_evals": row.search.tune_evals,
+            "tune_images_run": row.search.tune_evals * tuning.images,
+            "refine": row.search.refine,
+            "tune_steps": row.to_json()["tune_steps"],
+            "tune_drop_se": row.search.tune_drop_se,
+            "calibrate_s": row.rank.calibrate_s,
+            "rank_s": row.rank.rank_s,
+            "search_s": row.search.search_s,
             "tune_drop": fp32_tune - scored(ours_irs[rank_by], tuning.ground_truth, f"ours_{rank_by}_tune"),
             "val_drop": fp32_val - scored(ours_irs[rank_by], val, f"ours_{rank_by}_val"),
             "val_drop_se": val_se(f"ours_{rank_by}_val"),

@@ -68,9 +68,17 @@ def main() -> None:
     add_overflow_fix(parser)
     args = parser.parse_args()
     try:  # ptq_eval's own checks and draws; a refusal is one line, and --out is not made
-        settings = PTQSettings(args.data, QuantRecipe(calib_images=args.calib_images, seed=args.seed),
-                               tuple(args.backends), args.imgsz, args.batch, args.device, tune_images=args.tune_images,
-                               tune_split=args.tune_split, rank_images=args.rank_images)  # fmt: skip
+        settings = PTQSettings(
+            args.data,
+            recipe=QuantRecipe(calib_images=args.calib_images, seed=args.seed),
+            backends=tuple(args.backends),
+            imgsz=args.imgsz,
+            batch=args.batch,
+            device=args.device,
+            tune_images=args.tune_images,
+            tune_split=args.tune_split,
+            rank_images=args.rank_images,
+        )
         recipe, protocol = settings.recipe, settings.protocol
         fused = reparameterize_model(load_detector(args.weights))
         val = load_ground_truth(args.data)
@@ -97,8 +105,18 @@ def main() -> None:
         fp32 = evaluate_runner(torch_runner(fused, args.device), tuning.ground_truth, Path(scratch) / "fp32.json",
                                protocol, args.batch)["map50_95"]  # fmt: skip
         fp32_s = time.perf_counter() - start
-        job = Job(fused.cpu(), calib, recipe, args.imgsz, args.device, Path(scratch) / "loo", save=False,
-                  overwrite=True, calibrated=calibrated, overflow_fix=overflow_fix(args))  # fmt: skip
+        job = Job(
+            fused=fused.cpu(),
+            calib=calib,
+            recipe=recipe,
+            imgsz=args.imgsz,
+            device=args.device,
+            stem=Path(scratch) / "loo",
+            save=False,
+            overwrite=True,
+            calibrated=calibrated,
+            overflow_fix=overflow_fix(args),
+        )
         for backend in args.backends:
             sweeps[backend] = leave_one_out(job, backend, names, tuning, protocol, Path(scratch), args.batch,
                                             fp32_tune_map=fp32)  # fmt: skip

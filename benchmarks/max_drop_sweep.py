@@ -137,8 +137,18 @@ def main() -> None:
     orders |= extra
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="qarep_sweep_") as scratch:
-        job = Job(fused, calib, recipe, args.imgsz, "cpu", Path(scratch) / "sweep", save=False, overwrite=True,
-                  calibrated=calibrated, overflow_fix=overflow_fix(args))  # fmt: skip
+        job = Job(
+            fused=fused,
+            calib=calib,
+            recipe=recipe,
+            imgsz=args.imgsz,
+            device="cpu",
+            stem=Path(scratch) / "sweep",
+            save=False,
+            overwrite=True,
+            calibrated=calibrated,
+            overflow_fix=overflow_fix(args),
+        )
         score = Scorer(job, args.backend, tuning.ground_truth, val, args, Path(scratch))
         results = {label: sweep_order(order, len(order) == len(convs), args.ks, score, args.max_drop)
                    for label, order in tqdm(orders.items(), desc="orders", unit="order")}  # fmt: skip

@@ -35,8 +35,17 @@ def planted_job(known_answer, tmp_path_factory: pytest.TempPathFactory):
     calib = calibration_set(known_answer.data, known_answer.imgsz, CALIB, batch_size=4, progress=False)
     recipe = QuantRecipe(calib_images=CALIB)
     scratch = tmp_path_factory.mktemp("loo")
-    job = Job(fused, calib, recipe, known_answer.imgsz, "cpu", scratch / "planted", save=False, overwrite=True,
-              calibrated=quantize_torch(fused, calib, recipe))  # fmt: skip
+    job = Job(
+        fused=fused,
+        calib=calib,
+        recipe=recipe,
+        imgsz=known_answer.imgsz,
+        device="cpu",
+        stem=scratch / "planted",
+        save=False,
+        overwrite=True,
+        calibrated=quantize_torch(fused, calib, recipe),
+    )
     tuning = tuning_set(known_answer.data, TUNE, 0, calib.paths, load_ground_truth(known_answer.data).image_files)
     return job, tuning, scratch
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import ptq_row
 
 from qarep_det.cli import ptq_eval as ptq_cli
 from qarep_det.cli.main import main as cli_main
@@ -126,8 +127,8 @@ def test_without_refinement_the_search_probes_the_plain_bisection() -> None:
         drops, target = noisy_curve(rng)
         result, asked = curve_search(drops, target)
         assert asked == bisection_probes(drops, target) == [s.k for s in result.steps]
-        assert not any(s.reverted for s in result.steps) and result.row()["refine"] == 0
-        assert all("reverted" not in s for s in result.row()["tune_steps"])
+        assert not any(s.reverted for s in result.steps) and result.refine == 0
+        assert all(s.row().reverted is None for s in result.steps)
     result, asked = curve_search([0.2, 5.0, 5.0], 0.3, refine=2)
     assert asked == [0] and result.chosen.k == 0 and result.evals == 2
 
@@ -146,10 +147,10 @@ def test_refinement_finds_the_one_conv_deep_in_its_first_r() -> None:
     assert sum(" reverted alone: tuning mAP50-95" in line for line in lines) == 8
     assert any(line.startswith("  conv6 reverted alone: tuning mAP50-95  49.90  drop  +0.10 <=") for line in lines)
     assert lines[-1].startswith("  re-ranked by tuning mAP, each reverted alone: conv6, ")
-    row = result.row()
-    assert row["refine"] == 8 and row["tune_drop"] == pytest.approx(0.1) and row["tune_evals"] == 10
-    assert [s.get("reverted") for s in row["tune_steps"]] == [None, *ranking[:8]]
-    assert all(s["k"] == 1 for s in row["tune_steps"][1:])
+    steps = [s.row() for s in result.steps]
+    assert result.refine == 8 and result.chosen.tune_drop == pytest.approx(0.1) and result.evals == 10
+    assert [s.reverted for s in steps] == [None, *ranking[:8]]
+    assert all(s.k == 1 for s in steps[1:])
 
 
 def test_refinement_bisects_on_the_re_ranked_order() -> None:
@@ -194,9 +195,9 @@ def test_the_trade_off_plot_draws_a_refined_search_beside_a_plain_one(tmp_path: 
     rows = []
     for backend, refine in (("torch", 0), ("openvino", 4)):
         result, _, _ = additive_search(ranking, gains, 0.3, refine)
-        rows.append({**result.row(), "model": "m", "backend": backend, "float_layers": list(result.float_layers),
-                     "fp32_ms": 1.0, "tune_images": 16})  # fmt: skip
-    assert any("reverted" in s for s in rows[1]["tune_steps"])
+        search = result.row(tune_images=16, tune_split="train", search_s=1.0)
+        rows.append(ptq_row(backend=backend, float_layers=result.float_layers, fp32_ms=1.0, search=search))
+    assert any(s.reverted is not None for s in rows[1].search.tune_steps)
     assert plot_max_drop(rows, tmp_path / "max_drop.png").stat().st_size > 10_000
 
 
@@ -281,8 +282,16 @@ def test_switching_quantizers_off_is_calibrating_with_those_convs_float(known_an
 def searched(known_answer, tmp_path_factory: pytest.TempPathFactory, one_torch_thread):
     """One run on the planted model with all three backends (one FP32 tuning evaluation, one ranking)."""
     out = tmp_path_factory.mktemp("max_drop")
-    settings = PTQSettings(known_answer.data, QuantRecipe(calib_images=CALIB), BACKENDS, imgsz=known_answer.imgsz,
-                           batch=4, max_drop=5.0, tune_images=TUNE, rank_images=4)  # fmt: skip
+    settings = PTQSettings(
+        known_answer.data,
+        recipe=QuantRecipe(calib_images=CALIB),
+        backends=BACKENDS,
+        imgsz=known_answer.imgsz,
+        batch=4,
+        max_drop=5.0,
+        tune_images=TUNE,
+        rank_images=4,
+    )
     rows, json_path, _ = run_ptq_eval([known_answer.planted], settings, out, progress=False)
     return rows, json.loads(json_path.read_text()), out
 

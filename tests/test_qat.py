@@ -311,17 +311,17 @@ def test_ptq_eval_scores_the_student_with_its_learned_scales_in_every_artefact(
     learned_run: Path, dataset: Path, tmp_path: Path
 ) -> None:
     backends = ("torch", "onnxruntime", "openvino")
-    settings = PTQSettings(dataset, QuantRecipe(calib_images=1), backends, imgsz=64, batch=4)
+    settings = PTQSettings(dataset, recipe=QuantRecipe(calib_images=1), backends=backends, imgsz=64, batch=4)
     weights = learned_run / "weights" / "last.pt"  # its ranges were trained (test_learned_ranges_train_...)
     rows, _, _ = run_ptq_eval([weights], settings, tmp_path, progress=False)
-    assert [(r["backend"], r["method"], r["ranges"], r["calib_images"]) for r in rows] == [
+    assert [(r.backend, r.method, r.ranges, r.calib_images) for r in rows] == [
         (b, "qat", "learned", 8) for b in backends
     ]
     student = load_detector(weights)
     quantized = {n: m for n, m in student.named_modules() if getattr(m, "input_quantizer", None) is not None}
     quantized = {n: m for n, m in quantized.items() if m.input_quantizer.is_enabled}
 
-    convs = qdq_convs(rows[0]["int8_file"])  # the QDQ ONNX for TensorRT: one Q/DQ pair per quantizer, its scale
+    convs = qdq_convs(rows[0].int8_file)  # the QDQ ONNX for TensorRT: one Q/DQ pair per quantizer, its scale
     assert {n for n, (i, w) in convs.items() if i and w} == set(quantized)
     for name, conv in quantized.items():
         (inputs, weights) = convs[name]
@@ -332,7 +332,7 @@ def test_ptq_eval_scores_the_student_with_its_learned_scales_in_every_artefact(
             torch.tensor(weights.scale), conv.weight_quantizer.amax.flatten() / 127, rtol=1e-7, atol=0
         )
 
-    ir = ov.Core().read_model(rows[2]["int8_file"])  # the OpenVINO IR: FakeQuantize at the learned input ranges
+    ir = ov.Core().read_model(rows[2].int8_file)  # the OpenVINO IR: FakeQuantize at the learned input ranges
     highs = {f"{op.input_value(2).get_node().get_data().max():.6g}" for op in ir.get_ordered_ops()
              if op.get_type_name() == "FakeQuantize"}  # fmt: skip
     assert highs == {f"{float(c.input_quantizer.amax):.6g}" for c in quantized.values()}
@@ -340,7 +340,7 @@ def test_ptq_eval_scores_the_student_with_its_learned_scales_in_every_artefact(
 
 def test_ptq_eval_and_diagnose_refuse_what_does_not_apply_to_a_qat_checkpoint(qat_run: Path, dataset: Path) -> None:
     weights = [qat_run / "weights" / "best.pt"]
-    settings = PTQSettings(dataset, QuantRecipe(calib_images=1), keep_float=1, imgsz=64)
+    settings = PTQSettings(dataset, recipe=QuantRecipe(calib_images=1), keep_float=1, imgsz=64)
     fix = replace(settings, keep_float=0, backends=("openvino",), overflow_fix=True)  # its weights are learned
     own_ranges = replace(settings, keep_float=0, backends=("onnxruntime-int8",))  # it calibrates an FP32 model
     for refused in (settings, replace(settings, keep_float=0, max_drop=0.3), fix, own_ranges):

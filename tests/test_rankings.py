@@ -62,8 +62,15 @@ def test_each_backend_is_ranked_on_its_own_weight_grid_after_one_calibration(
         return rank(rank_by, fused, calibrated, *args, **kwargs)
 
     monkeypatch.setattr(rankings, "rank", recording)
-    settings = ptq.PTQSettings(known_answer.data, recipe, ("torch", "openvino", "onnxruntime"), known_answer.imgsz,
-                               keep_float=1, rank_images=RANKED, overflow_fix=True)  # fmt: skip
+    settings = ptq.PTQSettings(
+        known_answer.data,
+        recipe=recipe,
+        backends=("torch", "openvino", "onnxruntime"),
+        imgsz=known_answer.imgsz,
+        keep_float=1,
+        rank_images=RANKED,
+        overflow_fix=True,
+    )
     checkpoint = load_fused(known_answer.planted)
     ranked = ptq._rank(checkpoint, settings, calib, progress=False)
     assert grids == [{8}, {7}]  # ModelOpt's num_bits: the reference, then the half range (a narrow 7-bit grid)

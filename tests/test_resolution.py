@@ -83,7 +83,7 @@ def test_identical_models_drop_nothing_with_no_error(truth: GroundTruth, tmp_pat
     assert noise.resolves(0.0) and noise.images_needed(0.0) == 0
     result = search_float_convs(["a", "b", "c", "d"], 40.0, lambda _: (40.0, 1.0), 0.0, lambda: noise,
                                 report=lambda _: None)  # fmt: skip
-    assert result.chosen.k == 0 and result.met and result.row()["tune_drop_se"] == 0.0
+    assert result.chosen.k == 0 and result.met and result.tune_drop_se == 0.0
 
 
 def test_the_paired_standard_error_by_hand() -> None:
@@ -137,8 +137,7 @@ def test_a_target_below_two_standard_errors_is_warned_about_once() -> None:
     )
     assert calls[:2] == ["K=0", "resolution"] and calls.count("resolution") == 1  # once, from K = 0
     assert all("± 0.15" in line for line in lines)  # every step with the same error
-    row = result.row()
-    assert row["tune_drop_se"] == 0.15 and row["tune_images_needed"] == 274
+    assert result.tune_drop_se == 0.15 and result.tune_images_needed == 274
     _, _, caught = search(0.0, noise)
     assert [str(w.message).split("; ")[1] for w in caught] == ["no number of images resolves 0"]
 
@@ -146,6 +145,6 @@ def test_a_target_below_two_standard_errors_is_warned_about_once() -> None:
 def test_a_resolved_target_is_not_warned_about() -> None:
     for max_drop in (0.3, 1.0):  # 2 se = 0.3 exactly resolves
         result, lines, caught = search(max_drop, Resolution(0.15, 256))
-        assert not caught and result.row()["tune_images_needed"] is None and result.met
+        assert not caught and result.tune_images_needed is None and result.met
     result, _, caught = search(0.0, Resolution(0.0, 256))
-    assert not caught and result.row()["tune_images_needed"] is None
+    assert not caught and result.tune_images_needed is None

@@ -150,9 +150,16 @@ class LadderSettings:
     def ptq(self) -> PTQSettings:
         """The ptq-eval settings of every (step, seed): one recipe, its calibration draw the same for all."""
         recipe = QuantRecipe(calib_method=self.calib_method, calib_images=self.calib_images)
-        return PTQSettings(data=Path(self.data), recipe=recipe, backends=self.backends, imgsz=self.imgsz,
-                           batch=self.eval_batch, device=str(torch_device(self.device, first=True)), save_int8=False,
-                           overwrite=True)  # fmt: skip
+        return PTQSettings(
+            Path(self.data),
+            recipe=recipe,
+            backends=self.backends,
+            imgsz=self.imgsz,
+            batch=self.eval_batch,
+            device=str(torch_device(self.device, first=True)),
+            save_int8=False,
+            overwrite=True,
+        )
 
     def options(self, step: str, seed: int, project: Path) -> TrainOptions:
         """The training run of ``step`` with ``seed``, in ``project/<step>_seed<seed>``."""
@@ -385,13 +392,17 @@ def evaluate_run(
     start = time.perf_counter()
     ptq, weights = settings.ptq, run / "weights" / "last.pt"
     rows, _, _ = run_ptq_eval([weights], ptq, run / "eval", progress=progress)
-    name = rows[0]["model"]  # the run folder's name, which the prediction files carry
+    name = rows[0].model  # the run folder's name, which the prediction files carry
     fp32_images = per_image_map50_95(ground_truth, run / "eval" / f"{name}_fp32.json")
     backends = {}
     for row in rows:
-        int8_images = per_image_map50_95(ground_truth, run / "eval" / f"{name}_int8_{row['backend']}.json")
-        backends[row["backend"]] = {
-            **{k: row[k] for k in ("fp32_map50_95", "int8_map50_95", "drop", "fp32_map50", "int8_map50")},
+        int8_images = per_image_map50_95(ground_truth, run / "eval" / f"{name}_int8_{row.backend}.json")
+        backends[row.backend] = {
+            "fp32_map50_95": row.fp32_map50_95,
+            "int8_map50_95": row.int8_map50_95,
+            "drop": row.drop,
+            "fp32_map50": row.fp32_map50,
+            "int8_map50": row.int8_map50,
             "image_drop_se": _image_drop_se(fp32_images, int8_images),
             "images": len(fp32_images),
         }
