@@ -173,7 +173,7 @@ def known_answer_detector(root: Path, imgsz: int = 96, n_train: int = 24, n_val:
             for x, y, bw, bh in [d["bbox"]]
         ]
         Path(label).write_text("\n".join(rows) + "\n")
-    calib = torch.cat(list(calibration_set(data, imgsz, 8, batch_size=8, progress=False)))
+    calib = torch.cat(list(calibration_set(data, imgsz, n=8, batch_size=8, progress=False)))
     clean = save_detector(fused, root / "clean.pt", calib)
     planted, info = plant_outlier(fused, *PLANT, calib)
     return KnownAnswer(data, clean, unfused, save_detector(planted, root / "planted.pt", calib), info.consumer, imgsz)

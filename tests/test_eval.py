@@ -284,7 +284,9 @@ def test_torch_runner_and_evaluate_runner(dataset: list[Path], tmp_path: Path) -
     y = runner(torch.rand(2, 3, 8, 8))
     assert not model.training and y.shape == (2, 6, 64) and not y.requires_grad
     gt = ground_truth_from_labels(dataset, NAMES)
-    result = evaluate_runner(_fake_runner(dataset), gt, tmp_path / "d.json", EvalProtocol(imgsz=IMGSZ), progress=False)
+    result = evaluate_runner(
+        _fake_runner(dataset), gt, tmp_path / "d.json", protocol=EvalProtocol(imgsz=IMGSZ), progress=False
+    )
     assert result["map50"] == pytest.approx(100.0) and result["protocol"].startswith(f"{IMGSZ} px")
 
 

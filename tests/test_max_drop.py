@@ -42,7 +42,9 @@ def curve_search(drops: list[float], max_drop: float, refine: int = 0) -> tuple[
         asked.append(len(float_set))
         return 50.0 - drops[len(float_set)], 1.0
 
-    return search_float_convs(ranking, 50.0, evaluate, max_drop, report=lambda _: None, refine=refine), asked
+    return search_float_convs(
+        ranking, fp32_tune_map=50.0, evaluate=evaluate, max_drop=max_drop, report=lambda _: None, refine=refine
+    ), asked
 
 
 def names(convs: int) -> list[str]:
@@ -72,7 +74,9 @@ def additive_search(
         drop = max(0.0, 3.0 - sum(gains[name] for name in float_set))
         return 50.0 - drop - noises.setdefault(frozenset(float_set), rng.gauss(0, noise)), 1.0
 
-    result = search_float_convs(ranking, 50.0, evaluate, max_drop, report=lines.append, refine=refine)
+    result = search_float_convs(
+        ranking, fp32_tune_map=50.0, evaluate=evaluate, max_drop=max_drop, report=lines.append, refine=refine
+    )
     return result, asked, lines
 
 
@@ -204,8 +208,13 @@ def test_the_trade_off_plot_draws_a_refined_search_beside_a_plain_one(tmp_path: 
 def test_an_unreachable_target_keeps_the_lowest_drop_and_reports_the_shortfall() -> None:
     drops = [3.0, 2.0, 0.8, 1.5, 1.1, 0.9, 1.0]
     lines: list[str] = []
-    result = search_float_convs(names(7), 50.0, lambda float_set: (50.0 - drops[len(float_set)], 1.0), 0.5,
-                                report=lines.append)  # fmt: skip
+    result = search_float_convs(
+        names(7),
+        fp32_tune_map=50.0,
+        evaluate=lambda float_set: (50.0 - drops[len(float_set)], 1.0),
+        max_drop=0.5,
+        report=lines.append,
+    )
     assert not result.met and result.evals == evaluation_budget(7) == 5
     evaluated = {s.k: s.tune_drop for s in result.steps}
     best = min(evaluated, key=evaluated.get)
@@ -237,25 +246,25 @@ def test_tuning_images_are_neither_calibration_nor_scored_images(known_answer, t
     listing.write_text("\n".join(str(p) for p in [*val, *stray]) + "\n")
     overlapping = tmp_path / "data.yaml"
     overlapping.write_text(yaml.safe_dump({**spec, "path": str(root), "val": str(listing)}))
-    calib = calibration_set(overlapping, known_answer.imgsz, CALIB, seed=0, progress=False)
+    calib = calibration_set(overlapping, known_answer.imgsz, n=CALIB, seed=0, progress=False)
     scored = load_ground_truth(overlapping).image_files
-    tuning = tuning_set(overlapping, 8, 0, calib.paths, scored)
+    tuning = tuning_set(overlapping, 8, seed=0, calibration=calib.paths, scored=scored)
     files = set(tuning.ground_truth.image_files)
     assert len(files) == tuning.images == 8
     assert not files & set(calib.paths) and not files & set(scored)
     assert list(tuning.ground_truth.image_files) == shuffled[CALIB + 4 : CALIB + 12]  # calibration's shuffle, on
     with pytest.warns(UserWarning, match="only 12 train images are neither calibration nor val images; tuning on"):
-        assert tuning_set(overlapping, 100, 0, calib.paths, scored).images == 12
+        assert tuning_set(overlapping, 100, seed=0, calibration=calib.paths, scored=scored).images == 12
     with pytest.raises(ValueError, match="no train image is left for tuning: all 24"):
-        tuning_set(overlapping, 8, 0, train, scored)
+        tuning_set(overlapping, 8, seed=0, calibration=train, scored=scored)
     with pytest.raises(ValueError, match="cannot be the scored 'val' split"):
-        tuning_set(overlapping, 8, 0, calib.paths, scored, split="val")
+        tuning_set(overlapping, 8, seed=0, calibration=calib.paths, scored=scored, split="val")
     with pytest.raises(ValueError, match="no 'test' split"):
-        tuning_set(overlapping, 8, 0, calib.paths, scored, split="test")
+        tuning_set(overlapping, 8, seed=0, calibration=calib.paths, scored=scored, split="test")
     # a named split: its images less the scored ones (here: a split made of the four stray val images and others)
     named = tmp_path / "named.yaml"
     named.write_text(yaml.safe_dump({**spec, "path": str(root), "val": str(listing), "tune": spec["train"]}))
-    tuning = tuning_set(named, 100, 3, [], scored, split="tune")
+    tuning = tuning_set(named, 100, seed=3, calibration=[], scored=scored, split="tune")
     assert tuning.images == 20 and not set(tuning.ground_truth.image_files) & set(scored)
 
 
@@ -266,7 +275,7 @@ def test_switching_quantizers_off_is_calibrating_with_those_convs_float(known_an
     from qarep_det.quant.backends.simulated import quantize_torch, with_float_layers
 
     fused = reparameterize_model(load_detector(known_answer.planted))
-    calib = calibration_set(known_answer.data, known_answer.imgsz, CALIB, batch_size=4, progress=False)
+    calib = calibration_set(known_answer.data, known_answer.imgsz, n=CALIB, batch_size=4, progress=False)
     recipe = QuantRecipe(calib_images=CALIB)
     kept = replace(recipe, float_layers=(known_answer.consumer, "model.24.cv3.1.1.conv"))
     images = next(iter(calib))

@@ -205,7 +205,7 @@ def test_onnxruntime_scores_the_torch_backends_qdq_onnx_after_one_calibration(
     # random-init models score ~0 mAP, so compare what the runners compute on a few letterboxed images too: the
     # QDQ file must be closer to the simulation than the simulation is to FP32 (measured: 85 vs 76 dB), else it
     # could be running the float model; the FP32 file must match torch to float rounding (measured: 140 dB)
-    images = next(iter(calibration_set(data, 64, 4, seed=1, batch_size=4, progress=False)))
+    images = next(iter(calibration_set(data, 64, n=4, seed=1, batch_size=4, progress=False)))
     fused = reparameterize_model(load_detector(weights[0]))
     quantization_noise_db = sqnr_db(torch_runner(fused)(images), torch_runner(quantized[0])(images))
     assert check_qdq_onnx(ort_row.int8_file, quantized[0], images).output_sqnr_db > quantization_noise_db + 3
@@ -226,7 +226,7 @@ def test_keep_float_keeps_the_most_sensitive_convs_float_in_the_int8_file(
     recipe = QuantRecipe(calib_images=4)
     settings = PTQSettings(data, recipe=recipe, backends=("torch",), imgsz=64, batch=4, keep_float=2)
     (row,), json_path, _ = run_ptq_eval(weights[:1], settings, tmp_path, progress=False)
-    calib = calibration_set(data, 64, 4, seed=0, batch_size=4, progress=False)  # the draw ptq_eval made
+    calib = calibration_set(data, 64, n=4, seed=0, batch_size=4, progress=False)  # the draw ptq_eval made
     fused = reparameterize_model(load_detector(weights[0]))
     ranking = rank_sensitivity(fused, calib, recipe, progress=False, rank_by=settings.rank_by).ranking
     assert row.rank.rank_by == settings.rank_by

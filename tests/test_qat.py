@@ -97,7 +97,7 @@ def tiny_options(weights: Path, data: Path, project: Path, **changes: Any) -> QA
 def calibrated_ranges(fp32_weights: Path, dataset: Path) -> dict[str, torch.Tensor]:
     """The ranges ptq_eval's recipe gives this checkpoint: what a QAT run must start from and keep."""
     fused = reparameterize_model(load_checkpoint(fp32_weights)[0])
-    return quantizer_ranges(make_student(fused, calibration_set(dataset, 64, 8, 0, progress=False), RECIPE))
+    return quantizer_ranges(make_student(fused, calibration_set(dataset, 64, n=8, seed=0, progress=False), RECIPE))
 
 
 def test_one_cpu_epoch_keeps_the_calibrated_ranges_and_float32_weights(
@@ -217,7 +217,7 @@ def test_qat_checkpoint_as_weights_continues_with_its_own_ranges(qat_run: Path, 
 
 def test_distillation_adds_a_feature_loss_that_vanishes_for_the_teacher(fp32_weights: Path, dataset: Path) -> None:
     fused = reparameterize_model(load_checkpoint(fp32_weights)[0])
-    student = make_student(fused, calibration_set(dataset, 64, 8, 0, progress=False), RECIPE, distill=True)
+    student = make_student(fused, calibration_set(dataset, 64, n=8, seed=0, progress=False), RECIPE, distill=True)
     student.args = get_cfg()  # the loss gains, as the trainer sets them
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     batch = {"img": images, "batch_idx": torch.zeros(1), "cls": torch.zeros(1, 1), "bboxes": torch.tensor([[0.5] * 4])}
@@ -234,7 +234,7 @@ def test_distillation_adds_a_feature_loss_that_vanishes_for_the_teacher(fp32_wei
 
 def test_ranges_are_pinned_and_half_keeps_float32(fp32_weights: Path, dataset: Path) -> None:
     fused = reparameterize_model(load_checkpoint(fp32_weights)[0])
-    student = make_student(fused, calibration_set(dataset, 64, 8, 0, progress=False), RECIPE)
+    student = make_student(fused, calibration_set(dataset, 64, n=8, seed=0, progress=False), RECIPE)
     ranges = quantizer_ranges(student)
     drifted = make_student(fused, [torch.rand(2, 3, 64, 64) * 2], RECIPE)
     assert not all(torch.equal(quantizer_ranges(drifted)[k], v) for k, v in ranges.items())

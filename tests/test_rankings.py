@@ -30,7 +30,9 @@ def planted(known_answer):
     """The planted detector fused, its calibration set and recipe."""
     fused = load_fused(known_answer.planted).fused
     recipe = QuantRecipe(calib_images=CALIB)
-    calib = calibration_set(known_answer.data, known_answer.imgsz, CALIB, recipe.seed, batch_size=4, progress=False)
+    calib = calibration_set(
+        known_answer.data, known_answer.imgsz, n=CALIB, seed=recipe.seed, batch_size=4, progress=False
+    )
     return fused, calib, recipe
 
 
@@ -88,7 +90,7 @@ def test_revert_one_noise_equals_a_full_forward_with_that_conv_float(planted) ->
     fused, calib, recipe = planted
     qmodel = quantize_torch(fused, calib, recipe)
     batch = next(iter(calib))
-    noise = revert_noise(fused, qmodel, [batch], recipe, progress=False)
+    noise = revert_noise(fused, qmodel, [batch], recipe=recipe, progress=False)
     with torch.no_grad():
         reference = first_output(fused.eval()(batch))
         for name in list(noise)[::9]:  # every ninth conv: stem, stages, head

@@ -81,8 +81,14 @@ def test_identical_models_drop_nothing_with_no_error(truth: GroundTruth, tmp_pat
     assert drop == 0 and noise == Resolution(0.0, 3)
     assert drop - 2 * noise.standard_error <= 0 <= drop + 2 * noise.standard_error
     assert noise.resolves(0.0) and noise.images_needed(0.0) == 0
-    result = search_float_convs(["a", "b", "c", "d"], 40.0, lambda _: (40.0, 1.0), 0.0, lambda: noise,
-                                report=lambda _: None)  # fmt: skip
+    result = search_float_convs(
+        ["a", "b", "c", "d"],
+        fp32_tune_map=40.0,
+        evaluate=lambda _: (40.0, 1.0),
+        max_drop=0.0,
+        resolution=lambda: noise,
+        report=lambda _: None,
+    )
     assert result.chosen.k == 0 and result.met and result.tune_drop_se == 0.0
 
 
@@ -121,8 +127,14 @@ def search(max_drop: float, noise: Resolution, calls: list[str] | None = None) -
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = search_float_convs([f"conv{i}" for i in range(60)], 40.0, evaluate, max_drop, resolution,
-                                    report=lines.append)  # fmt: skip
+        result = search_float_convs(
+            [f"conv{i}" for i in range(60)],
+            fp32_tune_map=40.0,
+            evaluate=evaluate,
+            max_drop=max_drop,
+            resolution=resolution,
+            report=lines.append,
+        )
     return result, lines, [w for w in caught if issubclass(w.category, UserWarning)]
 
 

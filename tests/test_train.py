@@ -349,7 +349,7 @@ def test_new_models_train_fuse_export_and_quantize(cfg: str, dataset: Path, tmp_
     path, diff = export(trainer.last, "onnx", imgsz=64, data=dataset)
     assert path.is_file() and diff.max_rel < 1e-4
     fused = reparameterize_model(load_detector(trainer.last))
-    calib = calibration_set(dataset, 64, 4, batch_size=4, progress=False)
+    calib = calibration_set(dataset, 64, n=4, batch_size=4, progress=False)
     quantized = quantize_torch(fused, calib, QuantRecipe(calib_images=4))  # raises if the scheme deviates
     images = next(iter(calib))
     assert torch.isfinite(quantized(images)[0]).all()

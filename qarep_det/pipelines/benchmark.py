@@ -309,7 +309,7 @@ def openvino_int8(cfg: str, data: str, imgsz: int = 640, calib_images: int = 512
 
     fused = reparameterize_model(DetectionModel(cfg, verbose=False))
     recipe = QuantRecipe(calib_images=calib_images)
-    calib = calibration_set(data, imgsz, calib_images, recipe.seed, batch_size=8)
+    calib = calibration_set(data, imgsz, n=calib_images, seed=recipe.seed, batch_size=8)
     fp32 = qov.convert_openvino(fused, imgsz)
     start = time.perf_counter()
     int8 = qov.quantize_openvino(fused, calib, imgsz, recipe, fp32=fp32)
@@ -364,6 +364,8 @@ def fp32_consistency(weights: str, data: str, imgsz: int, batch: int = 8) -> Con
         )
         for i, candidate in enumerate((reparameterize_model(model), model)):
             out = Path(tmp) / f"{i}.json"
-            metrics = evaluate_runner(torch_runner(candidate), ground_truth, out, EvalProtocol(imgsz=imgsz), batch)
+            metrics = evaluate_runner(
+                torch_runner(candidate), ground_truth, out, protocol=EvalProtocol(imgsz=imgsz), batch=batch
+            )
             results.append(metrics["map50_95"])
     return Consistency(100.0 * float(val.box.map), *results)

@@ -134,7 +134,7 @@ def _rank(
             checkpoint.fused,
             calib,
             settings.recipe,
-            settings.device,
+            device=settings.device,
             progress=progress,
             rank_images=settings.ranked_images,
             rank_by=settings.rank_by,
@@ -403,13 +403,25 @@ def calibration_and_tuning(
     """The calibration draw from the train split and, with ``max_drop``, the tuning set (never a calibration image
     nor one of the ``scored`` images); one clear error for no train images or no labelled image to rank by."""
     recipe = settings.recipe
-    calib = calibration_set(settings.data, settings.imgsz, recipe.calib_images, recipe.seed, settings.batch, progress)
+    calib = calibration_set(
+        settings.data,
+        settings.imgsz,
+        n=recipe.calib_images,
+        seed=recipe.seed,
+        batch_size=settings.batch,
+        progress=progress,
+    )
     if settings.ranks and settings.rank_by == "fisher":
         check_labelled(calib.paths[: settings.ranked_images])
     tuning = None
     if settings.max_drop is not None:
         tuning = tuning_set(
-            settings.data, settings.tune_images, recipe.seed, calib.paths, scored, split=settings.tune_split
+            settings.data,
+            settings.tune_images,
+            seed=recipe.seed,
+            calibration=calib.paths,
+            scored=scored,
+            split=settings.tune_split,
         )
     return calib, tuning
 

@@ -147,6 +147,7 @@ def evaluation_budget(convs: int, refine: int = 0) -> int:
 
 def search_float_convs(
     ranking: Sequence[str],
+    *,
     fp32_tune_map: float,
     evaluate: Callable[[tuple[str, ...]], tuple[float, float]],
     max_drop: float,
@@ -256,7 +257,9 @@ def search_backend(
 
     def evaluate(names: tuple[str, ...]) -> tuple[float, float]:
         path = detections.setdefault(names, scratch / f"tune_{len(detections)}.json")
-        result = evaluate_runner(candidate(names), tuning.ground_truth, path, protocol, batch, progress)
+        result = evaluate_runner(
+            candidate(names), tuning.ground_truth, path, protocol=protocol, batch=batch, progress=progress
+        )
         return result["map50_95"], result["runner_ms"]
 
     def resolution() -> Resolution:
@@ -266,4 +269,12 @@ def search_backend(
         f"{label}: fewest of {len(ranking)} convs float for a drop <= {max_drop:g} on {tuning.describe()}, FP32 "
         f"{fp32_tune_map:.2f}" + (f"; the first {refine} re-ranked by their tuning mAP" if refine else "")
     )
-    return search_float_convs(ranking, fp32_tune_map, evaluate, max_drop, resolution, tqdm.write, refine)
+    return search_float_convs(
+        ranking,
+        fp32_tune_map=fp32_tune_map,
+        evaluate=evaluate,
+        max_drop=max_drop,
+        resolution=resolution,
+        report=tqdm.write,
+        refine=refine,
+    )

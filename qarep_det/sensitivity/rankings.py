@@ -76,6 +76,7 @@ def revert_noise(
     fused: nn.Module,
     qmodel: nn.Module,
     images: Sequence[torch.Tensor],
+    *,
     recipe: QuantRecipe,
     device: str | torch.device = "cpu",
     progress: bool = True,
@@ -155,6 +156,7 @@ def fisher_scores(
     fused: nn.Module,
     qmodel: nn.Module,
     paths: Sequence[Path],
+    *,
     imgsz: int,
     recipe: QuantRecipe,
     device: str | torch.device = "cpu",
@@ -236,14 +238,23 @@ def rank(
     """The convs of ``fused`` most harmful first by ``rank_by``, on ``images`` (for ``fisher`` a
     :class:`CalibrationSet`: its paths give the labels), ``calibrated`` the fully INT8 model."""
     if check_ranking(rank_by) == "isolated":
-        return rank_by_noise(isolated_noise(fused, calibrated, images, recipe, device, progress))
+        return rank_by_noise(isolated_noise(fused, calibrated, images, recipe=recipe, device=device, progress=progress))
     if rank_by == "revert":  # the highest SQNR once restored is the largest gain; ties keep model order
-        noise = revert_noise(fused, calibrated, images, recipe, device, progress)
+        noise = revert_noise(fused, calibrated, images, recipe=recipe, device=device, progress=progress)
         return sorted(noise, key=lambda name: -detection_noise(*noise[name]))
     if not isinstance(images, CalibrationSet):
         raise TypeError("the gradient ranking reads labels: pass the calibration set itself")
     check_labelled(images.paths)
-    scores = fisher_scores(fused, calibrated, images.paths, images.imgsz, recipe, device, images.batch_size, progress)
+    scores = fisher_scores(
+        fused,
+        calibrated,
+        images.paths,
+        imgsz=images.imgsz,
+        recipe=recipe,
+        device=device,
+        batch_size=images.batch_size,
+        progress=progress,
+    )
     return sorted(scores, key=lambda name: -scores[name])
 
 
@@ -251,6 +262,7 @@ def rank_sensitivity(
     fused: nn.Module,
     calib: Sequence[torch.Tensor],
     recipe: QuantRecipe,
+    *,
     device: str | torch.device = "cpu",
     progress: bool = True,
     rank_images: int | None = None,
@@ -278,6 +290,7 @@ def keep_most_sensitive(
     fused: nn.Module,
     calib: Sequence[torch.Tensor],
     recipe: QuantRecipe,
+    *,
     keep_float: int,
     device: str | torch.device = "cpu",
     progress: bool = True,
@@ -286,4 +299,4 @@ def keep_most_sensitive(
     to its float layers; ``recipe`` itself for 0."""
     if not keep_float:
         return recipe
-    return rank_sensitivity(fused, calib, recipe, device, progress).keep(recipe, keep_float)
+    return rank_sensitivity(fused, calib, recipe, device=device, progress=progress).keep(recipe, keep_float)
