@@ -64,6 +64,7 @@ def test_the_documented_fields_are_the_rows_fields() -> None:
     and search, each tuning step, the backend's); a field added to PTQRow and not documented fails here."""
     row, ranked, step, backend = documented()
     assert row + ranked + backend == json_fields() == list(searched_row().to_json())
+    assert len(set(json_fields())) == len(json_fields())  # a group's field never shadows the row's
     assert ranked == [f.name for f in fields(Ranking)] + [f.name for f in fields(Search)]
     assert step == [f.name for f in fields(TuneStep)]
 
