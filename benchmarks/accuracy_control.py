@@ -267,9 +267,8 @@ def main() -> None:
 
     def scored(ir, ground_truth: GroundTruth, tag: str) -> float:
         runner = openvino_runner(compile_cpu(ir))
-        return evaluate_runner(runner, ground_truth, args.out / f"{tag}.json", protocol=protocol, progress=False)[
-            "map50_95"
-        ]
+        result = evaluate_runner(runner, ground_truth, args.out / f"{tag}.json", protocol=protocol, progress=False)
+        return result["map50_95"]
 
     fp32_tune = evaluate_runner(
         torch_runner(fused), tuning.ground_truth, args.out / "fp32_tune.json", protocol=protocol, progress=False

@@ -111,9 +111,8 @@ def leave_one_out(
         """The tuning mAP50-95 on every image, then on each half (pycocotools on the same detections)."""
         runner = BACKENDS[backend].candidate(candidate, scratch)
         found = scratch / "loo.json"
-        whole = evaluate_runner(runner, tuning.ground_truth, found, protocol=protocol, batch=batch, progress=False)[
-            "map50_95"
-        ]
+        scored = evaluate_runner(runner, tuning.ground_truth, found, protocol=protocol, batch=batch, progress=False)
+        whole = scored["map50_95"]
         detections = json.loads(found.read_text(encoding="utf-8"))
         maps = []
         for half in halves:

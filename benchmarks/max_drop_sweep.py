@@ -75,9 +75,8 @@ class Scorer:
 
     def score(self, runner: Runner) -> dict[str, float]:
         def one(gt: GroundTruth, name: str) -> float:
-            return evaluate_runner(runner, gt, self.scratch / name, protocol=self.args.protocol, progress=False)[
-                "map50_95"
-            ]
+            result = evaluate_runner(runner, gt, self.scratch / name, protocol=self.args.protocol, progress=False)
+            return result["map50_95"]
 
         return {"tune": one(self.tuning, "tune.json"), "val": one(self.val, "val.json")}
 
