@@ -75,7 +75,7 @@ def test_openvino_export_is_ultralytics_layout_of_ptq_evals_model(exported: Expo
     assert metadata["names"] == {i: str(i) for i in range(6)} and metadata["stride"] == 32
     assert metadata["args"]["quantize"] == 8 and metadata["args"]["dynamic"] is False
     # ptq_eval's model exactly: the same weights and quantizer ranges (only the batch is fixed to 1)
-    assert list(result.float_layers) == row.float_layers == FLOAT_LAYERS
+    assert result.float_layers == row.float_layers == FLOAT_LAYERS
     assert (result.path / "clean.bin").read_bytes() == Path(row.int8_file).with_suffix(".bin").read_bytes()
     compiled = compile_cpu(result.path / "clean.xml")
     assert list(compiled.input(0).shape) == [1, 3, 96, 96] and list(compiled.output(0).shape) == [1, 10, 189]
@@ -100,7 +100,7 @@ def test_qdq_onnx_export_carries_ultralytics_metadata_and_static_shapes(exported
     ptq_evals = onnx.load(row.int8_file)
     assert model.graph.node == ptq_evals.graph.node and model.graph.initializer == ptq_evals.graph.initializer
     assert sum(node.op_type == "QuantizeLinear" for node in model.graph.node) > 0
-    assert list(result.float_layers) == row.float_layers == FLOAT_LAYERS
+    assert result.float_layers == row.float_layers == FLOAT_LAYERS
 
 
 @pytest.fixture
