@@ -84,7 +84,7 @@ class PTQRow:
     protocol: str | None = None  # the evaluation protocol in words (EvalProtocol.describe)
     rank: Ranking | None = None
     search: Search | None = None
-    int8_file: str | None = None  # the saved INT8 artefact; None: not saved, or none (onnxruntime reuses torch's)
+    int8_file: str | None = None  # the saved INT8 artefact (torch and onnxruntime: one QDQ ONNX); None: not saved
     fp32_mb: float | None = None  # the backend's saved FP32 file(s) (OpenVINO IR, onnxruntime-int8's ONNX)
     int8_mb: float | None = None  # the backend's saved INT8 file(s)
     integer_convs: int | None = None  # onnxruntime-int8: convs that run as integer QLinearConv
