@@ -74,8 +74,15 @@ class TuningMetric:
         start = time.perf_counter()
         files = [Path(item) for item in items]
         ids = [self.gt.image_id(f) for f in files]
-        predict(openvino_runner(compiled), files, self.out, self.protocol, image_id_fn=self.gt.image_id,
-                category_id_fn=self.gt.category_id, progress=False)  # fmt: skip
+        predict(
+            openvino_runner(compiled),
+            files,
+            self.out,
+            self.protocol,
+            image_id_fn=self.gt.image_id,
+            category_id_fn=self.gt.category_id,
+            progress=False,
+        )
         subset = GroundTruth(files, ids, self.gt.category_ids, self.gt.annotations)
         try:
             metric = evaluate_coco(subset, self.out)["map50_95"]
@@ -124,13 +131,23 @@ def float_convs(ov_model, candidates: list[str]) -> list[str]:
     return [
         name
         for name in candidates
-        if not any(op.input_value(0).get_node().get_type_name() == "FakeQuantize" or _int8_weights(op)
-                   for op in ops[name])
-    ]  # fmt: skip
+        if not any(
+            op.input_value(0).get_node().get_type_name() == "FakeQuantize" or _int8_weights(op) for op in ops[name]
+        )
+    ]
 
 
-def run_nncf(fused, calib, fp32_ir, recipe, metric: TuningMetric, tuning: TuningSet, max_drop: float, ranking: int,
-             fix: bool | None = None):  # fmt: skip
+def run_nncf(
+    fused,
+    calib,
+    fp32_ir,
+    recipe,
+    metric: TuningMetric,
+    tuning: TuningSet,
+    max_drop: float,
+    ranking: int,
+    fix: bool | None = None,
+):
     """NNCF's accuracy control with ptq_eval's arguments (``fix``: its overflow fix); returns the IR and its cost."""
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
@@ -158,8 +175,11 @@ def run_nncf(fused, calib, fp32_ir, recipe, metric: TuningMetric, tuning: Tuning
     finally:
         nncf_logger.removeHandler(handler)
     wall = time.perf_counter() - start
-    lows = [op.input_value(1).get_node().get_data() for op in model.get_ordered_ops()
-            if op.get_type_name() == "FakeQuantize" and op.get_attributes()["levels"] == 256]  # fmt: skip
+    lows = [
+        op.input_value(1).get_node().get_data()
+        for op in model.get_ordered_ops()
+        if op.get_type_name() == "FakeQuantize" and op.get_attributes()["levels"] == 256
+    ]
     if unsigned := [low for low in lows if low.size == 1 and low.min() >= 0]:  # activations: one range each
         raise RuntimeError(f"the signed-activation patch did not reach {len(unsigned)} FakeQuantize ops (nncf moved?)")
     lines = log.getvalue().splitlines()
@@ -186,10 +206,20 @@ def main() -> None:
         help="NNCF's ranking_subset_size, one run each (default: NNCF's own, min(tuning images, calibration images))",
     )
     parser.add_argument("--latency-runs", type=int, default=100)
-    parser.add_argument("--refine", type=int, default=0, metavar="R",
-                        help="ptq_eval's --refine: its first R convs re-ranked by their tuning mAP")  # fmt: skip
-    parser.add_argument("--rank-by", nargs="+", default=[DEFAULT_RANKING], choices=list(RANKINGS),
-                        help="ptq_eval's rankings, one run of ours each (NNCF runs once)")  # fmt: skip
+    parser.add_argument(
+        "--refine",
+        type=int,
+        default=0,
+        metavar="R",
+        help="ptq_eval's --refine: its first R convs re-ranked by their tuning mAP",
+    )
+    parser.add_argument(
+        "--rank-by",
+        nargs="+",
+        default=[DEFAULT_RANKING],
+        choices=list(RANKINGS),
+        help="ptq_eval's rankings, one run of ours each (NNCF runs once)",
+    )
     add_overflow_fix(parser)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -199,9 +229,18 @@ def main() -> None:
     # ours: the tool itself
     ours, ours_total_s = {}, {}
     for rank_by in args.rank_by:
-        settings = PTQSettings(args.data, recipe, ("openvino",), args.imgsz, max_drop=args.max_drop,
-                               tune_images=args.tune_images, overwrite=True, rank_by=rank_by,
-                               refine=args.refine, overflow_fix=overflow_fix(args))  # fmt: skip
+        settings = PTQSettings(
+            args.data,
+            recipe=recipe,
+            backends=("openvino",),
+            imgsz=args.imgsz,
+            max_drop=args.max_drop,
+            tune_images=args.tune_images,
+            overwrite=True,
+            rank_by=rank_by,
+            refine=args.refine,
+            overflow_fix=overflow_fix(args),
+        )
         start = time.perf_counter()
         (ours[rank_by],), _, _ = run_ptq_eval([args.weights], settings, args.out / f"ptq_eval_{rank_by}")
         ours_total_s[rank_by] = time.perf_counter() - start
@@ -209,30 +248,33 @@ def main() -> None:
 
     # the same model, calibration, tuning and val images for NNCF
     fused = reparameterize_model(load_detector(args.weights))
-    calib = calibration_set(args.data, args.imgsz, recipe.calib_images, recipe.seed, progress=False)
+    calib = calibration_set(args.data, args.imgsz, n=recipe.calib_images, seed=recipe.seed, progress=False)
     val = load_ground_truth(args.data)
-    tuning = tuning_set(args.data, args.tune_images, recipe.seed, calib.paths, val.image_files)
+    tuning = tuning_set(args.data, args.tune_images, seed=recipe.seed, calibration=calib.paths, scored=val.image_files)
     fp32_ir = convert_openvino(fused, args.imgsz)
     nncf = {}
     for subset in args.ranking_subset or [min(recipe.calib_images, tuning.images)]:  # the default: NNCF's own
         metric = TuningMetric(tuning, protocol, args.out)
-        nncf[subset] = run_nncf(fused, calib, fp32_ir, recipe, metric, tuning, args.max_drop, subset,
-                                overflow_fix(args))  # fmt: skip
+        nncf[subset] = run_nncf(
+            fused, calib, fp32_ir, recipe, metric, tuning, args.max_drop, subset, overflow_fix(args)
+        )
 
     # both final IRs measured the same way
     import openvino as ov
 
-    ours_irs = {rank_by: ov.Core().read_model(row["int8_file"]) for rank_by, row in ours.items()}
+    ours_irs = {rank_by: ov.Core().read_model(row.int8_file) for rank_by, row in ours.items()}
     candidates = quantized_conv_names(fused, recipe)
 
     def scored(ir, ground_truth: GroundTruth, tag: str) -> float:
         runner = openvino_runner(compile_cpu(ir))
-        return evaluate_runner(runner, ground_truth, args.out / f"{tag}.json", protocol, progress=False)["map50_95"]
+        result = evaluate_runner(runner, ground_truth, args.out / f"{tag}.json", protocol=protocol, progress=False)
+        return result["map50_95"]
 
-    fp32_tune = evaluate_runner(torch_runner(fused), tuning.ground_truth, args.out / "fp32_tune.json", protocol,
-                                progress=False)["map50_95"]  # fmt: skip
-    fp32_val = first["fp32_map50_95"]  # the torch FP32 mAP ptq_eval scored on val, the reference of all drops
-    fp32_val_images = per_image_map50_95(val, args.out / f"ptq_eval_{args.rank_by[0]}" / f"{first['model']}_fp32.json")
+    fp32_tune = evaluate_runner(
+        torch_runner(fused), tuning.ground_truth, args.out / "fp32_tune.json", protocol=protocol, progress=False
+    )["map50_95"]
+    fp32_val = first.fp32_map50_95  # the torch FP32 mAP ptq_eval scored on val, the reference of all drops
+    fp32_val_images = per_image_map50_95(val, args.out / f"ptq_eval_{args.rank_by[0]}" / f"{first.model}_fp32.json")
 
     def val_se(tag: str) -> float:
         """The val drop's paired standard error (eval/resolution.py), from the val detections ``scored`` wrote."""
@@ -241,8 +283,9 @@ def main() -> None:
     x = torch.rand(1, 3, args.imgsz, args.imgsz)
     irs = {"fp32": fp32_ir, **ours_irs, **{subset: ir for subset, (ir, _) in nncf.items()}}
     runners = [openvino_runner(compile_cpu(ir)) for ir in irs.values()]
-    latency = dict(zip(irs, interleaved_ms([lambda r=r: r(x) for r in runners], args.latency_runs, warmup=5),
-                       strict=True))  # fmt: skip
+    latency = dict(
+        zip(irs, interleaved_ms([lambda r=r: r(x) for r in runners], args.latency_runs, warmup=5), strict=True)
+    )
     rows = {
         f"NNCF accuracy control (ranking subset {subset})": {
             "float_convs": float_convs(ir, candidates),
@@ -257,17 +300,17 @@ def main() -> None:
     rows |= {
         f"ptq_eval --max-drop --rank-by {rank_by}" + (f" --refine {args.refine}" if args.refine else ""): {
             "float_convs": float_convs(ours_irs[rank_by], candidates),
-            "float_layers": row["float_layers"],
-            "wall_s": row["calibrate_s"] + row["rank_s"] + row["search_s"],
+            "float_layers": list(row.float_layers),
+            "wall_s": row.rank.calibrate_s + row.rank.rank_s + row.search.search_s,
             "ptq_eval_total_s": ours_total_s[rank_by],
-            "tune_evals": row["tune_evals"],
-            "tune_images_run": row["tune_evals"] * tuning.images,
-            "refine": row["refine"],
-            "tune_steps": row["tune_steps"],
-            "tune_drop_se": row.get("tune_drop_se"),
-            "calibrate_s": row["calibrate_s"],
-            "rank_s": row["rank_s"],
-            "search_s": row["search_s"],
+            "tune_evals": row.search.tune_evals,
+            "tune_images_run": row.search.tune_evals * tuning.images,
+            "refine": row.search.refine,
+            "tune_steps": row.to_json()["tune_steps"],
+            "tune_drop_se": row.search.tune_drop_se,
+            "calibrate_s": row.rank.calibrate_s,
+            "rank_s": row.rank.rank_s,
+            "search_s": row.search.search_s,
             "tune_drop": fp32_tune - scored(ours_irs[rank_by], tuning.ground_truth, f"ours_{rank_by}_tune"),
             "val_drop": fp32_val - scored(ours_irs[rank_by], val, f"ours_{rank_by}_val"),
             "val_drop_se": val_se(f"ours_{rank_by}_val"),
@@ -287,17 +330,34 @@ def main() -> None:
         "rows": rows,
     }
     (args.out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    header = ["", "float convs", "tuning evals (images run)", "wall time", "tune drop", "val drop ± SE",
-              "INT8 ms, batch 1"]  # fmt: skip
+    header = [
+        "",
+        "float convs",
+        "tuning evals (images run)",
+        "wall time",
+        "tune drop",
+        "val drop ± SE",
+        "INT8 ms, batch 1",
+    ]
     cells = [
-        [name, str(len(r["float_convs"])), f"{r['tune_evals']} ({r['tune_images_run']})", f"{r['wall_s']:.0f} s",
-         f"{r['tune_drop']:.2f}", f"{r['val_drop']:.2f} ± {r['val_drop_se']:.2f}", f"{r['int8_ms_b1']:.2f}"]
+        [
+            name,
+            str(len(r["float_convs"])),
+            f"{r['tune_evals']} ({r['tune_images_run']})",
+            f"{r['wall_s']:.0f} s",
+            f"{r['tune_drop']:.2f}",
+            f"{r['val_drop']:.2f} ± {r['val_drop_se']:.2f}",
+            f"{r['int8_ms_b1']:.2f}",
+        ]
         for name, r in rows.items()
-    ]  # fmt: skip
-    lines = [*markdown_table(header, cells, [False, *[True] * 6]), "",
-             f"FP32: tuning {fp32_tune:.2f}, val {fp32_val:.2f}, {latency['fp32']:.2f} ms batch 1; "
-             f"{len(candidates)} quantized convs; target reached by NNCF: "
-             f"{', '.join(str(cost['reached']) for _, cost in nncf.values())}"]  # fmt: skip
+    ]
+    lines = [
+        *markdown_table(header, cells, [False, *[True] * 6]),
+        "",
+        f"FP32: tuning {fp32_tune:.2f}, val {fp32_val:.2f}, {latency['fp32']:.2f} ms batch 1; "
+        f"{len(candidates)} quantized convs; target reached by NNCF: "
+        f"{', '.join(str(cost['reached']) for _, cost in nncf.values())}",
+    ]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from benchmark_args import add_overflow_fix, benchmark_parser, overflow_fix
 
-from qarep_det.evaluation.table import markdown_table
+from qarep_det.evaluation.table import markdown_table, read_results
 from qarep_det.pipelines.benchmark import interleaved_ms
 from qarep_det.quant.backends.openvino import convert_openvino, openvino_runner, quantize_openvino
 from qarep_det.quant.calibration import calibration_set
@@ -43,13 +43,17 @@ def main() -> None:
     names = quantized_conv_names(fused, recipe)
     macs = conv_macs(fused, args.imgsz, names)
     by_macs = sorted(names, key=lambda name: -macs[name])  # ties in model order
-    sets: dict[str, tuple[str, ...]] = {"fully INT8": (), "5 of most MACs": tuple(by_macs[:5]),
-                                        "5 of fewest MACs": tuple(by_macs[-5:])}  # fmt: skip
+    sets: dict[str, tuple[str, ...]] = {
+        "fully INT8": (),
+        "5 of most MACs": tuple(by_macs[:5]),
+        "5 of fewest MACs": tuple(by_macs[-5:]),
+    }
     for path in args.rows:
-        for row in json.loads(path.read_text()):
-            if row["backend"] == "openvino":
-                sets[f"{path.parent.name}: {row.get('float_cost', 'count')}"] = tuple(row["float_layers"])
-    calib = calibration_set(args.data, args.imgsz, args.calib_images, recipe.seed)
+        for row in read_results(path):
+            if row.backend == "openvino":
+                cost = "count" if row.rank is None or row.rank.float_cost is None else row.rank.float_cost
+                sets[f"{path.parent.name}: {cost}"] = row.float_layers
+    calib = calibration_set(args.data, args.imgsz, n=args.calib_images, seed=recipe.seed)
     fp32 = convert_openvino(fused, args.imgsz)
     irs = {"fp32": fp32} | {
         label: quantize_openvino(

@@ -68,14 +68,29 @@ def main() -> None:
     add_overflow_fix(parser)
     args = parser.parse_args()
     try:  # ptq_eval's own checks and draws; a refusal is one line, and --out is not made
-        settings = PTQSettings(args.data, QuantRecipe(calib_images=args.calib_images, seed=args.seed),
-                               tuple(args.backends), args.imgsz, args.batch, args.device, tune_images=args.tune_images,
-                               tune_split=args.tune_split, rank_images=args.rank_images)  # fmt: skip
+        settings = PTQSettings(
+            args.data,
+            recipe=QuantRecipe(calib_images=args.calib_images, seed=args.seed),
+            backends=tuple(args.backends),
+            imgsz=args.imgsz,
+            batch=args.batch,
+            device=args.device,
+            tune_images=args.tune_images,
+            tune_split=args.tune_split,
+            rank_images=args.rank_images,
+        )
         recipe, protocol = settings.recipe, settings.protocol
         fused = reparameterize_model(load_detector(args.weights))
         val = load_ground_truth(args.data)
-        calib = calibration_set(args.data, args.imgsz, recipe.calib_images, recipe.seed, args.batch)
-        tuning = tuning_set(args.data, args.tune_images, recipe.seed, calib.paths, val.image_files, args.tune_split)
+        calib = calibration_set(args.data, args.imgsz, n=recipe.calib_images, seed=recipe.seed, batch_size=args.batch)
+        tuning = tuning_set(
+            args.data,
+            args.tune_images,
+            seed=recipe.seed,
+            calibration=calib.paths,
+            scored=val.image_files,
+            split=args.tune_split,
+        )
         # every ranking on the reference weight grid, and again on NNCF's half range if a backend computes with it
         grids = dict.fromkeys([False] + [BACKENDS[b].half_range(overflow_fix(args)) for b in args.backends])
         calibrated = None
@@ -83,8 +98,15 @@ def main() -> None:
         for half_range in grids:
             for name in args.rankings:
                 sensitivities[f"{name} (half-range weights)" if half_range else name] = s = rank_sensitivity(
-                    fused, calib, recipe, args.device, rank_images=settings.ranked_images, rank_by=name,
-                    half_range=half_range, calibrated=calibrated)  # fmt: skip
+                    fused,
+                    calib,
+                    recipe,
+                    device=args.device,
+                    rank_images=settings.ranked_images,
+                    rank_by=name,
+                    half_range=half_range,
+                    calibrated=calibrated,
+                )
                 calibrated = s.calibrated
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
@@ -94,22 +116,42 @@ def main() -> None:
     sweeps: dict[str, LeaveOneOut] = {}
     with tempfile.TemporaryDirectory(prefix="qarep_loo_") as scratch:
         start = time.perf_counter()
-        fp32 = evaluate_runner(torch_runner(fused, args.device), tuning.ground_truth, Path(scratch) / "fp32.json",
-                               protocol, args.batch)["map50_95"]  # fmt: skip
+        fp32 = evaluate_runner(
+            torch_runner(fused, args.device),
+            tuning.ground_truth,
+            Path(scratch) / "fp32.json",
+            protocol=protocol,
+            batch=args.batch,
+        )["map50_95"]
         fp32_s = time.perf_counter() - start
-        job = Job(fused.cpu(), calib, recipe, args.imgsz, args.device, Path(scratch) / "loo", save=False,
-                  overwrite=True, calibrated=calibrated, overflow_fix=overflow_fix(args))  # fmt: skip
+        job = Job(
+            fused=fused.cpu(),
+            calib=calib,
+            recipe=recipe,
+            imgsz=args.imgsz,
+            device=args.device,
+            stem=Path(scratch) / "loo",
+            save=False,
+            overwrite=True,
+            calibrated=calibrated,
+            overflow_fix=overflow_fix(args),
+        )
         for backend in args.backends:
-            sweeps[backend] = leave_one_out(job, backend, names, tuning, protocol, Path(scratch), args.batch,
-                                            fp32_tune_map=fp32)  # fmt: skip
+            sweeps[backend] = leave_one_out(
+                job, backend, names, tuning, protocol, Path(scratch), args.batch, fp32_tune_map=fp32
+            )
             write_csv(sweeps[backend], args.out / f"loo_{backend}.csv", orders)
 
     rows = agreement_rows(sweeps, orders)
     costs = {
-        name: {"calibrate_s": s.calibrate_s, "rank_s": s.rank_s, "rank_images": settings.ranked_images,
-               "ranking": s.ranking}
+        name: {
+            "calibrate_s": s.calibrate_s,
+            "rank_s": s.rank_s,
+            "rank_images": settings.ranked_images,
+            "ranking": s.ranking,
+        }
         for name, s in sensitivities.items()
-    }  # fmt: skip
+    }
     report = {
         "args": {k: str(v) for k, v in vars(args).items()},
         "quantized_convs": len(names),
@@ -124,10 +166,17 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     header = ["backend", "ranking", "top-5 overlap", "top-10 overlap", "same first conv", "Kendall tau", "ranking s"]
     cells = [
-        [r["backend"], r["ranking"], f"{r['top5']:.1f}", f"{r['top10']:.1f}", "yes" if r["same_top1"] else "no",
-         f"{r['tau']:.2f}", f"{costs[r['ranking']]['rank_s']:.0f}" if r["ranking"] in costs else "-"]
+        [
+            r["backend"],
+            r["ranking"],
+            f"{r['top5']:.1f}",
+            f"{r['top10']:.1f}",
+            "yes" if r["same_top1"] else "no",
+            f"{r['tau']:.2f}",
+            f"{costs[r['ranking']]['rank_s']:.0f}" if r["ranking"] in costs else "-",
+        ]
         for r in rows
-    ]  # fmt: skip
+    ]
     lines = [
         f"{args.weights.name} at {args.imgsz} px: {len(names)} quantized convs; tuning set {tuning.describe()}, FP32 "
         f"{fp32:.2f}; rankings on the first {settings.ranked_images} of {recipe.calib_images} calibration images "
@@ -135,14 +184,16 @@ def main() -> None:
         "",
         *markdown_table(header, cells, [False, False, True, True, False, True, True]),
         "",
-        *(f"- leave-one-out on {backend}: fully INT8 {s.int8_tune_map50_95:.2f}, {s.evaluations} tuning evaluations "
-          f"in {s.seconds:.0f} s; {sum(r.gain != 0 for r in s.rows)} of {len(s.rows)} convs change the tuning mAP "
-          f"(the order of the others is model order); top 5: {', '.join(s.ranking()[:5])}; the sweep against itself "
-          f"(its even against its odd tuning images): top-5 overlap {half['top5']:.1f}, top-10 {half['top10']:.1f}, "
-          f"Kendall tau {half['tau']:.2f}"
-          for backend, s in sweeps.items()
-          for half in [report["leave_one_out"][backend]["split_half"]]),  # computed once, for results.json
-    ]  # fmt: skip
+        *(
+            f"- leave-one-out on {backend}: fully INT8 {s.int8_tune_map50_95:.2f}, {s.evaluations} tuning evaluations "
+            f"in {s.seconds:.0f} s; {sum(r.gain != 0 for r in s.rows)} of {len(s.rows)} convs change the tuning mAP "
+            f"(the order of the others is model order); top 5: {', '.join(s.ranking()[:5])}; the sweep against itself "
+            f"(its even against its odd tuning images): top-5 overlap {half['top5']:.1f}, top-10 {half['top10']:.1f}, "
+            f"Kendall tau {half['tau']:.2f}"
+            for backend, s in sweeps.items()
+            for half in [report["leave_one_out"][backend]["split_half"]]
+        ),  # computed once, for results.json
+    ]
     (args.out / "agreement.md").write_text("\n".join(lines) + "\n")
     title = f"{args.weights.name} at {args.imgsz} px: the tuning mAP50-95 won back by reverting one conv alone"
     plot_leave_one_out(report["leave_one_out"], orders, args.out / "leave_one_out.png", title)

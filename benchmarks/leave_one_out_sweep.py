@@ -72,8 +72,12 @@ class LeaveOneOut:
 
     def as_dict(self) -> dict[str, Any]:
         """The sweep as JSON-ready data (what :func:`qarep_det.evaluation.plots.plot_leave_one_out` reads)."""
-        return {**asdict(self), "rows": [asdict(row) for row in self.rows], "evaluations": self.evaluations,
-                "split_half": self.split_half()}  # fmt: skip
+        return {
+            **asdict(self),
+            "rows": [asdict(row) for row in self.rows],
+            "evaluations": self.evaluations,
+            "split_half": self.split_half(),
+        }
 
 
 def leave_one_out(
@@ -107,7 +111,8 @@ def leave_one_out(
         """The tuning mAP50-95 on every image, then on each half (pycocotools on the same detections)."""
         runner = BACKENDS[backend].candidate(candidate, scratch)
         found = scratch / "loo.json"
-        whole = evaluate_runner(runner, tuning.ground_truth, found, protocol, batch, False)["map50_95"]
+        scored = evaluate_runner(runner, tuning.ground_truth, found, protocol=protocol, batch=batch, progress=False)
+        whole = scored["map50_95"]
         detections = json.loads(found.read_text(encoding="utf-8"))
         maps = []
         for half in halves:
@@ -156,10 +161,26 @@ def write_csv(loo: LeaveOneOut, path: Path, rankings: Mapping[str, Sequence[str]
     places = {key: {name: i + 1 for i, name in enumerate(order)} for key, order in rankings.items()}
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["name", "block", "tune_map50_95", "gain", "gain_even_images", "gain_odd_images",
-                         *(f"{key}_position" for key in rankings)])  # fmt: skip
+        writer.writerow(
+            [
+                "name",
+                "block",
+                "tune_map50_95",
+                "gain",
+                "gain_even_images",
+                "gain_odd_images",
+                *(f"{key}_position" for key in rankings),
+            ]
+        )
         for row in loo.rows:
-            writer.writerow([row.name, row.block, f"{row.tune_map50_95:.3f}", f"{row.gain:.3f}",
-                             *(f"{g:.3f}" for g in row.half_gains),
-                             *(places[key].get(row.name, "") for key in rankings)])  # fmt: skip
+            writer.writerow(
+                [
+                    row.name,
+                    row.block,
+                    f"{row.tune_map50_95:.3f}",
+                    f"{row.gain:.3f}",
+                    *(f"{g:.3f}" for g in row.half_gains),
+                    *(places[key].get(row.name, "") for key in rankings),
+                ]
+            )
     return path

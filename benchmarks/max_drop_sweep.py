@@ -56,8 +56,10 @@ def read_order(spec: str, convs: list[str]) -> tuple[str, list[str]]:
     names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
     unknown = [n for n in names if n not in convs]
     if unknown or len(set(names)) != len(names) or not names:
-        raise ValueError(f"--order {label}: {path} must list distinct quantized convs of this model"
-                         + (f"; not one: {', '.join(unknown[:3])}" if unknown else ""))  # fmt: skip
+        raise ValueError(
+            f"--order {label}: {path} must list distinct quantized convs of this model"
+            + (f"; not one: {', '.join(unknown[:3])}" if unknown else "")
+        )
     return label, names
 
 
@@ -73,7 +75,8 @@ class Scorer:
 
     def score(self, runner: Runner) -> dict[str, float]:
         def one(gt: GroundTruth, name: str) -> float:
-            return evaluate_runner(runner, gt, self.scratch / name, self.args.protocol, progress=False)["map50_95"]
+            result = evaluate_runner(runner, gt, self.scratch / name, protocol=self.args.protocol, progress=False)
+            return result["map50_95"]
 
         return {"tune": one(self.tuning, "tune.json"), "val": one(self.val, "val.json")}
 
@@ -85,8 +88,11 @@ class Scorer:
             candidate = replace(self.job.with_recipe(recipe), shared=dict(self.job.shared))
             mAP = self.score(BACKENDS[self.backend].candidate(candidate, self.scratch))
             se = Resolution.paired(self.fp32_val_images, per_image_map50_95(self.val, self.scratch / "val.json"))
-            self.measured[key] = {"tune_drop": self.fp32["tune"] - mAP["tune"],
-                                  "val_drop": self.fp32["val"] - mAP["val"], "val_se": se.standard_error}  # fmt: skip
+            self.measured[key] = {
+                "tune_drop": self.fp32["tune"] - mAP["tune"],
+                "val_drop": self.fp32["val"] - mAP["val"],
+                "val_se": se.standard_error,
+            }
         return self.measured[key]
 
 
@@ -97,8 +103,13 @@ def sweep_order(order: list[str], full: bool, ks: list[int] | None, score: Score
     result: dict = {"length": len(order), "curve": list(curve.values())}
     if full and ks is None:
         fp32 = score.fp32["tune"]
-        search = search_float_convs(order, fp32, lambda names: (fp32 - curve[len(names)]["tune_drop"], 0.0), max_drop,
-                                    report=lambda _: None)  # fmt: skip
+        search = search_float_convs(
+            order,
+            fp32_tune_map=fp32,
+            evaluate=lambda names: (fp32 - curve[len(names)]["tune_drop"], 0.0),
+            max_drop=max_drop,
+            report=lambda _: None,
+        )
         result["bisection_k"] = search.chosen.k
         result["bisection_evaluated"] = [s.k for s in search.steps]
     result["fewest_k_tune"] = next((c["k"] for c in result["curve"] if c["tune_drop"] <= max_drop), None)
@@ -125,23 +136,42 @@ def main() -> None:
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     args.protocol = EvalProtocol(imgsz=args.imgsz)
-    calib = calibration_set(args.data, args.imgsz, recipe.calib_images, recipe.seed, progress=False)
+    calib = calibration_set(args.data, args.imgsz, n=recipe.calib_images, seed=recipe.seed, progress=False)
     val = load_ground_truth(args.data)
-    tuning = tuning_set(args.data, args.tune_images, recipe.seed, calib.paths, val.image_files)
+    tuning = tuning_set(args.data, args.tune_images, seed=recipe.seed, calibration=calib.paths, scored=val.image_files)
     half_range = BACKENDS[args.backend].half_range(overflow_fix(args))
     orders, calibrated = {}, None
     for name in args.rank_by:
-        s = rank_sensitivity(fused, calib, recipe, rank_images=args.rank_images, rank_by=name, half_range=half_range,
-                             calibrated=calibrated)  # fmt: skip
+        s = rank_sensitivity(
+            fused,
+            calib,
+            recipe,
+            rank_images=args.rank_images,
+            rank_by=name,
+            half_range=half_range,
+            calibrated=calibrated,
+        )
         orders[name + (" (half-range weights)" if half_range else "")], calibrated = s.ranking, s.calibrated
     orders |= extra
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="qarep_sweep_") as scratch:
-        job = Job(fused, calib, recipe, args.imgsz, "cpu", Path(scratch) / "sweep", save=False, overwrite=True,
-                  calibrated=calibrated, overflow_fix=overflow_fix(args))  # fmt: skip
+        job = Job(
+            fused=fused,
+            calib=calib,
+            recipe=recipe,
+            imgsz=args.imgsz,
+            device="cpu",
+            stem=Path(scratch) / "sweep",
+            save=False,
+            overwrite=True,
+            calibrated=calibrated,
+            overflow_fix=overflow_fix(args),
+        )
         score = Scorer(job, args.backend, tuning.ground_truth, val, args, Path(scratch))
-        results = {label: sweep_order(order, len(order) == len(convs), args.ks, score, args.max_drop)
-                   for label, order in tqdm(orders.items(), desc="orders", unit="order")}  # fmt: skip
+        results = {
+            label: sweep_order(order, len(order) == len(convs), args.ks, score, args.max_drop)
+            for label, order in tqdm(orders.items(), desc="orders", unit="order")
+        }
     report = {
         "args": {k: str(v) for k, v in vars(args).items()},
         "quantized_convs": len(convs),
@@ -168,10 +198,15 @@ def write_summary(args, report: dict) -> None:
     """sweep.md: per order, the bisection's K and the fewest measured K meeting D on tuning and on val."""
     header = ["order", "bisection K (tune / val drop ± SE)", "fewest K, tuning", "fewest K, val", "K measured"]
     cells = [
-        [label, _cell(r["curve"], r.get("bisection_k")), _cell(r["curve"], r["fewest_k_tune"]),
-         _cell(r["curve"], r["fewest_k_val"]), ", ".join(str(c["k"]) for c in r["curve"])]
+        [
+            label,
+            _cell(r["curve"], r.get("bisection_k")),
+            _cell(r["curve"], r["fewest_k_tune"]),
+            _cell(r["curve"], r["fewest_k_val"]),
+            ", ".join(str(c["k"]) for c in r["curve"]),
+        ]
         for label, r in report["orders"].items()
-    ]  # fmt: skip
+    ]
     lines = [
         f"{args.weights.name} at {args.imgsz} px on {args.backend}, {report['quantized_convs']} quantized convs, "
         f"D = {args.max_drop}: {report['tune_images']} tuning images (FP32 {report['fp32_tune_map50_95']:.2f}), "
@@ -202,13 +237,18 @@ def plot(args, report: dict) -> None:
             ax.plot(chosen["k"], chosen["tune_drop"], "x", color=color, markersize=10)
     ax.axhline(args.max_drop, color="gray", linestyle=":", label=f"D = {args.max_drop}")
     bisected = any("bisection_k" in r for r in report["orders"].values())
-    ax.set_xlabel("K: convs kept float, the first K of the order"
-                  + (" (x: the bisection's answer, on the tuning drop)" if bisected else ""))  # fmt: skip
+    ax.set_xlabel(
+        "K: convs kept float, the first K of the order"
+        + (" (x: the bisection's answer, on the tuning drop)" if bisected else "")
+    )
     ax.set_ylabel("mAP50-95 drop against torch FP32 (points)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    ax.set_title(f"{args.weights.name}, {args.backend}, {args.imgsz} px: {report['tune_images']} tuning, "
-                 f"{report['val_images']} val images", fontsize=10)  # fmt: skip
+    ax.set_title(
+        f"{args.weights.name}, {args.backend}, {args.imgsz} px: {report['tune_images']} tuning, "
+        f"{report['val_images']} val images",
+        fontsize=10,
+    )
     fig.savefig(args.out / "sweep.png", dpi=110)
 
 

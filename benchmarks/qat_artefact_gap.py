@@ -54,7 +54,7 @@ def main() -> None:
     parser = benchmark_parser(__doc__, imgsz=640, calib_images=16, out="runs/benchmarks/qat_artefact_gap")
     parser.add_argument("--more-weights", type=Path, nargs="*", default=[], help="further checkpoints, same images")
     args = parser.parse_args()
-    images = torch.cat(list(calibration_set(args.data, args.imgsz, args.calib_images, 0, progress=False)))
+    images = torch.cat(list(calibration_set(args.data, args.imgsz, n=args.calib_images, seed=0, progress=False)))
     results = {str(w): gap(w, images, args.imgsz) for w in [args.weights, *args.more_weights]}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))

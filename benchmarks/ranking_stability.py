@@ -58,14 +58,14 @@ def main() -> None:
 
     fused = reparameterize_model(load_detector(args.weights))
     recipe = QuantRecipe(calib_images=args.calib_images, seed=args.seed)
-    calib = calibration_set(args.data, args.imgsz, args.calib_images, args.seed, args.batch)
+    calib = calibration_set(args.data, args.imgsz, n=args.calib_images, seed=args.seed, batch_size=args.batch)
     start = time.perf_counter()
     qmodel = quantize_torch(fused, calib, recipe)
     calibrate_s = time.perf_counter() - start
     batches: list[Noise] = []
     start = time.perf_counter()
     for batch in tqdm(list(calib), desc="isolated passes", unit="batch"):
-        batches.append(isolated_noise(fused, qmodel, [batch], recipe, progress=False))
+        batches.append(isolated_noise(fused, qmodel, [batch], recipe=recipe, progress=False))
     analyse_s = time.perf_counter() - start
     images = sum(b.shape[0] for b in calib)
     reference = rank_by_noise(summed(batches))
@@ -92,16 +92,29 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "stability.json").write_text(json.dumps(report, indent=2) + "\n")
-    header = ["M", "subsets", "top-5 overlap, mean (min)", "top-10 overlap, mean (min)", "Kendall tau, mean (min)",
-              *(f"same top {k}" for k in keep), "first M (--rank-images): top 5 / top 10 / tau"]  # fmt: skip
+    header = [
+        "M",
+        "subsets",
+        "top-5 overlap, mean (min)",
+        "top-10 overlap, mean (min)",
+        "Kendall tau, mean (min)",
+        *(f"same top {k}" for k in keep),
+        "first M (--rank-images): top 5 / top 10 / tau",
+    ]
     rows = []
     for m, r in sizes.items():
         p = r["prefix"]
-        rows.append([
-            str(m), str(r["subsets"]), f"{r['top5_mean']:.2f} ({r['top5_min']:.1f})",
-            f"{r['top10_mean']:.2f} ({r['top10_min']:.1f})", f"{r['tau_mean']:.2f} ({r['tau_min']:.2f})",
-            *(f"{r[f'same_top{k}_mean']:.0%}" for k in keep), f"{p['top5']:.1f} / {p['top10']:.1f} / {p['tau']:.2f}",
-        ])  # fmt: skip
+        rows.append(
+            [
+                str(m),
+                str(r["subsets"]),
+                f"{r['top5_mean']:.2f} ({r['top5_min']:.1f})",
+                f"{r['top10_mean']:.2f} ({r['top10_min']:.1f})",
+                f"{r['tau_mean']:.2f} ({r['tau_min']:.2f})",
+                *(f"{r[f'same_top{k}_mean']:.0%}" for k in keep),
+                f"{p['top5']:.1f} / {p['top10']:.1f} / {p['tau']:.2f}",
+            ]
+        )
     lines = [
         f"Against the ranking on all {images} images ({len(reference)} convs; isolated passes "
         f"{report['isolated_s_per_image']} s per image, calibration {report['calibrate_s']} s, "

@@ -1,12 +1,16 @@
 """Readers of exported INT8 files that only the tests need: which convs carry Q/DQ pairs and with which scales, how
-a QDQ file's outputs compare with its torch model, and what makes an OpenVINO IR INT8."""
+a QDQ file's outputs compare with its torch model, and what makes an OpenVINO IR INT8; and a results.json row made
+without running a model."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from qarep_det.evaluation.results import PTQRow
 
 
 @dataclass(frozen=True)
@@ -169,7 +173,34 @@ def known_answer_detector(root: Path, imgsz: int = 96, n_train: int = 24, n_val:
             for x, y, bw, bh in [d["bbox"]]
         ]
         Path(label).write_text("\n".join(rows) + "\n")
-    calib = torch.cat(list(calibration_set(data, imgsz, 8, batch_size=8, progress=False)))
+    calib = torch.cat(list(calibration_set(data, imgsz, n=8, batch_size=8, progress=False)))
     clean = save_detector(fused, root / "clean.pt", calib)
     planted, info = plant_outlier(fused, *PLANT, calib)
     return KnownAnswer(data, clean, unfused, save_detector(planted, root / "planted.pt", calib), info.consumer, imgsz)
+
+
+def ptq_row(**fields: Any) -> PTQRow:
+    """A results.json row of a plain torch PTQ run with made-up figures, ``fields`` replacing them."""
+    return replace(
+        PTQRow(
+            model="m",
+            params=1000,
+            backend="torch",
+            calib_method="max",
+            method="ptq",
+            ranges="calibrated",
+            calib_images=8,
+            fp32_map50_95=50.0,
+            int8_map50_95=49.0,
+            drop=1.0,
+            fp32_map50=70.0,
+            int8_map50=69.0,
+            fp32_ms=2.0,
+            int8_ms=3.0,
+            quantize_head=True,
+            float_layers=(),
+            quantize_s=1.5,
+            weights="m.pt",
+        ),
+        **fields,
+    )

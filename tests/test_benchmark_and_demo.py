@@ -21,7 +21,7 @@ from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils.patches import torch_load
 
 from qarep_det.cli import benchmark as cli_benchmark
-from qarep_det.cli.benchmark import _print_grid_fusion
+from qarep_det.cli.benchmark import format_fusion_grid
 from qarep_det.cli.demo import DemoSettings, run_demo
 from qarep_det.cli.main import main as qarep_det_main
 from qarep_det.data.synthetic import CLASS_NAMES, make_dataset
@@ -125,9 +125,7 @@ def test_fusion_latency_times_each_form(ms_per_module_call: FakeClock) -> None:
     assert timing.fused_ops["batch_norm"] == 0  # every BN folded; adds remain only in the head's decode
 
 
-def test_fusion_grid_with_a_limit_model_as_on_cuda(
-    ms_per_module_call: FakeClock, capsys: pytest.CaptureFixture
-) -> None:
+def test_fusion_grid_with_a_limit_model_as_on_cuda(ms_per_module_call: FakeClock) -> None:
     """The CUDA path's grid (precisions x batches) and limit model, run on the CPU at toy size. The limit is yolov8n,
     not the plain-conv yolov6n the tool uses: that one runs as many modules as the fused model, so a swap of the two
     would go unseen."""
@@ -141,10 +139,11 @@ def test_fusion_grid_with_a_limit_model_as_on_cuda(
     for t in timings:  # a module call costs the same at any batch on the fake clock: throughput scales with batch
         assert [t.unfused_ms, t.fused_ms, t.limit_ms] == pytest.approx(expected)
         assert t.fused_images_per_s == pytest.approx(t.batch * 1e3 / expected[1])
-    _print_grid_fusion(timings, "test CPU", 1, "yolov8n.yaml")
-    rows = capsys.readouterr().out.splitlines()
+    rows = format_fusion_grid(timings, hardware="test CPU", runs=1, limit="yolov8n.yaml")
     assert "test CPU" in rows[0] and "fused/limit" in rows[1]
     assert [row.split()[:2] for row in rows[2:]] == [["fp32", "1"], ["fp16", "2"]]
+    speedups = [float(row.split()[4].rstrip("x")) for row in rows[2:]]  # the speed-up column, as printed
+    assert speedups == pytest.approx([expected[0] / expected[1]] * 2, abs=0.01)
 
 
 def _params_m(cfg: str) -> float:
@@ -244,8 +243,18 @@ def int8_bench(known_answer, tmp_path_factory: pytest.TempPathFactory) -> Int8Be
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(benchmark, "time", types.SimpleNamespace(perf_counter=clock))
         patch.setattr(benchmark, "_runner", timed_runner)
-        return int8_benchmark(known_answer.data, weights, imgsz=known_answer.imgsz, calib_images=8, batches=(2,),
-                              runs=1, threads=1, anchors=ANCHORS, out_dir=out, progress=False)  # fmt: skip
+        return int8_benchmark(
+            known_answer.data,
+            weights=weights,
+            imgsz=known_answer.imgsz,
+            calib_images=8,
+            batches=(2,),
+            runs=1,
+            threads=1,
+            anchors=ANCHORS,
+            out_dir=out,
+            progress=False,
+        )
 
 
 def fake_ms(model: TimedModel) -> float:

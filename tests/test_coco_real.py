@@ -136,7 +136,7 @@ def test_ground_truth_as_detections_scores_100(data: Path, tmp_path: Path) -> No
     assert gt.annotations == data.parent / "annotations" / "instances_val2017.json"  # found beside val2017.txt
     out = tmp_path / "detections.json"
     runner = _perfect_detector(gt.image_files, IMGSZ)
-    metrics = evaluate_runner(runner, gt, out, EvalProtocol(imgsz=IMGSZ), batch=1, progress=False)
+    metrics = evaluate_runner(runner, gt, out, protocol=EvalProtocol(imgsz=IMGSZ), batch=1, progress=False)
     official = _official()
     non_crowd = [a for a in official["annotations"] if not a["iscrowd"]]
     detections = json.loads(out.read_text())
@@ -151,7 +151,7 @@ def test_our_scores_equal_ultralytics_coco_evaluation(data: Path, tmp_path: Path
     """ptq_eval's FP32 scoring of a checkpoint matches Ultralytics' own COCO evaluation of it (faster-coco-eval)."""
     gt = load_ground_truth(data)
     runner = torch_runner(load_fused(CHECKPOINT).fused)
-    ours = evaluate_runner(runner, gt, tmp_path / "ours.json", EvalProtocol(imgsz=IMGSZ), progress=False)
+    ours = evaluate_runner(runner, gt, tmp_path / "ours.json", protocol=EvalProtocol(imgsz=IMGSZ), progress=False)
     args = {"model": str(CHECKPOINT), "data": str(data), "imgsz": IMGSZ, "batch": 1, "save_json": True,
             "plots": False, "device": "cpu", "project": str(tmp_path), "name": "val", "verbose": False}  # fmt: skip
     validator = DetectionValidator(args=args)

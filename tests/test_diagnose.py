@@ -151,9 +151,9 @@ def test_ranking_alone_is_the_analysis_ranking_on_the_first_images(fused, calib,
     assert partial.images == 4
     assert [r.act_amax for r in partial.layers] == [r.act_amax for r in baseline.layers]  # calibrated on all 8
     qmodel = quantize_torch(fused, calib, recipe)
-    noise = isolated_noise(fused, qmodel, first_images(calib, 4), recipe, progress=False)
+    noise = isolated_noise(fused, qmodel, first_images(calib, 4), recipe=recipe, progress=False)
     assert rank_by_noise(noise) == partial.ranking
-    assert rank_by_noise(isolated_noise(fused, qmodel, calib, recipe, progress=False)) == baseline.ranking
+    assert rank_by_noise(isolated_noise(fused, qmodel, calib, recipe=recipe, progress=False)) == baseline.ranking
     batches = [torch.zeros(4, 3, 8, 8), torch.ones(4, 3, 8, 8)]
     assert [b.shape[0] for b in first_images(batches, 6)] == [4, 2] and first_images(batches, None) is batches
 

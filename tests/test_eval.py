@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from helpers import ptq_row
 
 import qarep_det  # noqa: F401  (offline settings before ultralytics)
 from qarep_det.data.images import list_images
 from qarep_det.evaluation.coco import coco80_names, evaluate_coco, ground_truth_from_labels, load_ground_truth
 from qarep_det.evaluation.predict import evaluate_runner, predict_to_json
 from qarep_det.evaluation.protocol import EvalProtocol
-from qarep_det.evaluation.table import COLUMNS, format_console, format_markdown, normalize_rows, write_results
+from qarep_det.evaluation.table import (
+    COLUMNS,
+    format_console,
+    format_markdown,
+    normalize_rows,
+    read_results,
+    write_results,
+)
 from qarep_det.quant.runner import torch_runner
 
 NAMES = ["square", "circle"]
@@ -275,41 +284,42 @@ def test_torch_runner_and_evaluate_runner(dataset: list[Path], tmp_path: Path) -
     y = runner(torch.rand(2, 3, 8, 8))
     assert not model.training and y.shape == (2, 6, 64) and not y.requires_grad
     gt = ground_truth_from_labels(dataset, NAMES)
-    result = evaluate_runner(_fake_runner(dataset), gt, tmp_path / "d.json", EvalProtocol(imgsz=IMGSZ), progress=False)
+    result = evaluate_runner(
+        _fake_runner(dataset), gt, tmp_path / "d.json", protocol=EvalProtocol(imgsz=IMGSZ), progress=False
+    )
     assert result["map50"] == pytest.approx(100.0) and result["protocol"].startswith(f"{IMGSZ} px")
 
 
 def test_tables_and_results_round_trip(tmp_path: Path) -> None:
-    rows = [
-        {
-            "model": "yolo_qarep_s",
-            "params": 9_031_234,
-            "backend": "torch-sim",
-            "calib_method": "max",
-            "calib_images": 512,
-            "fp32_map50_95": 64.1234,
-            "int8_map50_95": 61.5678,
-            "fp32_map50": 86.1,
-            "int8_map50": 85.94,
-            "fp32_ms": 12.345,
-            "int8_ms": float("nan"),
-            "weight_sqnr_db": 22.34567,
-        },
-        {"model": "yolo_repvgg_s", "backend": "openvino", "fp32_map50_95": 62.8, "int8_map50_95": 61.8, "drop": 1.0},
-    ]
+    qarep = ptq_row(
+        model="yolo_qarep_s",
+        params=9_031_234,
+        calib_images=512,
+        fp32_map50_95=64.1234,
+        int8_map50_95=61.5678,
+        drop=64.1234 - 61.5678,
+        fp32_map50=86.1,
+        int8_map50=85.94,
+        fp32_ms=12.345,
+        int8_ms=float("nan"),
+        fp32_mb=22.34567,
+    )
+    repvgg = ptq_row(model="yolo_repvgg_s", backend="openvino", fp32_map50_95=62.8, int8_map50_95=61.8, drop=1.0)
+    rows = [qarep, repvgg]
     protocol = EvalProtocol()
     console, markdown = format_console(rows, protocol), format_markdown(rows, protocol)
     for text in console, markdown:
         for _, header in COLUMNS:
             assert header in text
-        for value in ("yolo_qarep_s", "9.03M", "torch-sim", "max", "512", "64.12", "61.57", "2.56", "12.35"):
+        for value in ("yolo_qarep_s", "9.03M", "torch", "max", "512", "64.12", "61.57", "2.56", "12.35"):
             assert value in text
         assert protocol.describe() in text
-    assert "weight_sqnr_db" in markdown and "22.35" in markdown  # extra keys: in the files only
-    assert "weight_sqnr_db" not in console and "22.35" not in console
+    assert "fp32_mb" in markdown and "22.35" in markdown  # other fields: in the files only
+    assert "fp32_mb" not in console and "22.35" not in console
+    assert "int8_mb" not in markdown and "tune_drop" not in markdown  # no row has a value: no column
     assert len({len(line) for line in console.splitlines()[:2]}) == 1  # header and rule line up
     json_path, md_path = write_results(rows, tmp_path / "run", protocol)
     records = json.loads(json_path.read_text())
-    assert records == normalize_rows([{**r, "protocol": protocol.describe()} for r in rows])
+    assert records == normalize_rows([replace(r, protocol=protocol.describe()) for r in rows])
     assert records[0]["drop"] == 2.56 and records[0]["int8_ms"] is None and records[1]["drop"] == 1.0
-    assert md_path.read_text() == format_markdown(records)
+    assert md_path.read_text() == format_markdown(read_results(json_path))

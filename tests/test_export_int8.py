@@ -18,6 +18,7 @@ from qarep_det.cli.main import main as qarep_det_main
 from qarep_det.data.images import load_letterboxed
 from qarep_det.errors import InputError
 from qarep_det.evaluation.coco import GroundTruth, evaluate_coco, load_ground_truth
+from qarep_det.evaluation.results import PTQRow
 from qarep_det.pipelines.export_int8 import Int8Export, export_int8
 from qarep_det.pipelines.ptq import PTQSettings, run_ptq_eval
 from qarep_det.quant.recipe import QuantRecipe
@@ -35,7 +36,7 @@ FLOAT_LAYERS = ("model.0.conv", "model.24.cv3.0.2")  # kept float by name: the s
 @dataclass(frozen=True)
 class Exported:
     settings: PTQSettings
-    rows: dict[str, dict[str, Any]]  # ptq_eval's row per backend
+    rows: dict[str, PTQRow]  # ptq_eval's row per backend
     artefacts: dict[str, Int8Export]  # the export per format
     ground_truth: GroundTruth
 
@@ -49,10 +50,12 @@ def exported(known_answer, tmp_path_factory: pytest.TempPathFactory) -> Exported
     weights = root / "clean.pt"
     weights.write_bytes(known_answer.clean.read_bytes())
     recipe = QuantRecipe(calib_images=8, float_layers=FLOAT_LAYERS)
-    settings = PTQSettings(known_answer.data, recipe, ("openvino", "onnxruntime"), imgsz=known_answer.imgsz, batch=1)
+    settings = PTQSettings(
+        known_answer.data, recipe=recipe, backends=("openvino", "onnxruntime"), imgsz=known_answer.imgsz, batch=1
+    )
     rows, _, _ = run_ptq_eval([weights], settings, root / "ptq", progress=False)
     artefacts = {fmt: export_int8(weights, fmt, settings, progress=False) for fmt in ("openvino", "onnx")}
-    return Exported(settings, {r["backend"]: r for r in rows}, artefacts, load_ground_truth(known_answer.data))
+    return Exported(settings, {r.backend: r for r in rows}, artefacts, load_ground_truth(known_answer.data))
 
 
 def val_images(exported: Exported) -> torch.Tensor:
@@ -72,11 +75,11 @@ def test_openvino_export_is_ultralytics_layout_of_ptq_evals_model(exported: Expo
     assert metadata["names"] == {i: str(i) for i in range(6)} and metadata["stride"] == 32
     assert metadata["args"]["quantize"] == 8 and metadata["args"]["dynamic"] is False
     # ptq_eval's model exactly: the same weights and quantizer ranges (only the batch is fixed to 1)
-    assert list(result.float_layers) == row["float_layers"] == list(FLOAT_LAYERS)
-    assert (result.path / "clean.bin").read_bytes() == Path(row["int8_file"]).with_suffix(".bin").read_bytes()
+    assert result.float_layers == row.float_layers == FLOAT_LAYERS
+    assert (result.path / "clean.bin").read_bytes() == Path(row.int8_file).with_suffix(".bin").read_bytes()
     compiled = compile_cpu(result.path / "clean.xml")
     assert list(compiled.input(0).shape) == [1, 3, 96, 96] and list(compiled.output(0).shape) == [1, 10, 189]
-    ours, ptq_evals = openvino_runner(compiled), openvino_runner(row["int8_file"])
+    ours, ptq_evals = openvino_runner(compiled), openvino_runner(row.int8_file)
     for image in val_images(exported):
         expected = ptq_evals(image[None])
         assert torch.allclose(ours(image[None]), expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
@@ -94,10 +97,10 @@ def test_qdq_onnx_export_carries_ultralytics_metadata_and_static_shapes(exported
                                                                               model.graph.output[0])]  # fmt: skip
     assert declared == [[1, 3, 96, 96], [1, 10, 189]]
     # ptq_eval's file but for the declared shapes and the metadata: the same nodes, weights and scales
-    ptq_evals = onnx.load(row["int8_file"])
+    ptq_evals = onnx.load(row.int8_file)
     assert model.graph.node == ptq_evals.graph.node and model.graph.initializer == ptq_evals.graph.initializer
     assert sum(node.op_type == "QuantizeLinear" for node in model.graph.node) > 0
-    assert list(result.float_layers) == row["float_layers"] == list(FLOAT_LAYERS)
+    assert result.float_layers == row.float_layers == FLOAT_LAYERS
 
 
 @pytest.fixture
@@ -135,8 +138,8 @@ def test_ultralytics_val_scores_what_ptq_eval_scores(exported: Exported, tmp_pat
     remapped.write_text(json.dumps(detections))
     scored = evaluate_coco(exported.ground_truth, remapped)["map50_95"]
     in_house = 100.0 * float(metrics.box.map)
-    assert row["int8_map50_95"] > 30  # measured 61: a model that detects, so agreement means something
-    assert abs(scored - row["int8_map50_95"]) < SAME_MODEL, (scored, row["int8_map50_95"])
+    assert row.int8_map50_95 > 30  # measured 61: a model that detects, so agreement means something
+    assert abs(scored - row.int8_map50_95) < SAME_MODEL, (scored, row.int8_map50_95)
     assert in_house > 30, in_house  # Ultralytics' own pipeline (its loader, its metric) sees the same detector
 
 

@@ -32,12 +32,27 @@ OTHERS = ("model.0.conv", "model.2.0.conv", "model.24.cv3.1.1.conv")  # the stem
 def planted_job(known_answer, tmp_path_factory: pytest.TempPathFactory):
     """The planted model calibrated once, its tuning set, and a Job for the torch backend."""
     fused = reparameterize_model(load_detector(known_answer.planted))
-    calib = calibration_set(known_answer.data, known_answer.imgsz, CALIB, batch_size=4, progress=False)
+    calib = calibration_set(known_answer.data, known_answer.imgsz, n=CALIB, batch_size=4, progress=False)
     recipe = QuantRecipe(calib_images=CALIB)
     scratch = tmp_path_factory.mktemp("loo")
-    job = Job(fused, calib, recipe, known_answer.imgsz, "cpu", scratch / "planted", save=False, overwrite=True,
-              calibrated=quantize_torch(fused, calib, recipe))  # fmt: skip
-    tuning = tuning_set(known_answer.data, TUNE, 0, calib.paths, load_ground_truth(known_answer.data).image_files)
+    job = Job(
+        fused=fused,
+        calib=calib,
+        recipe=recipe,
+        imgsz=known_answer.imgsz,
+        device="cpu",
+        stem=scratch / "planted",
+        save=False,
+        overwrite=True,
+        calibrated=quantize_torch(fused, calib, recipe),
+    )
+    tuning = tuning_set(
+        known_answer.data,
+        TUNE,
+        seed=0,
+        calibration=calib.paths,
+        scored=load_ground_truth(known_answer.data).image_files,
+    )
     return job, tuning, scratch
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import ptq_row
 
 from qarep_det.cli import ptq_eval as ptq_cli
 from qarep_det.cli.main import main as cli_main
@@ -41,7 +42,9 @@ def curve_search(drops: list[float], max_drop: float, refine: int = 0) -> tuple[
         asked.append(len(float_set))
         return 50.0 - drops[len(float_set)], 1.0
 
-    return search_float_convs(ranking, 50.0, evaluate, max_drop, report=lambda _: None, refine=refine), asked
+    return search_float_convs(
+        ranking, fp32_tune_map=50.0, evaluate=evaluate, max_drop=max_drop, report=lambda _: None, refine=refine
+    ), asked
 
 
 def names(convs: int) -> list[str]:
@@ -71,7 +74,9 @@ def additive_search(
         drop = max(0.0, 3.0 - sum(gains[name] for name in float_set))
         return 50.0 - drop - noises.setdefault(frozenset(float_set), rng.gauss(0, noise)), 1.0
 
-    result = search_float_convs(ranking, 50.0, evaluate, max_drop, report=lines.append, refine=refine)
+    result = search_float_convs(
+        ranking, fp32_tune_map=50.0, evaluate=evaluate, max_drop=max_drop, report=lines.append, refine=refine
+    )
     return result, asked, lines
 
 
@@ -126,8 +131,8 @@ def test_without_refinement_the_search_probes_the_plain_bisection() -> None:
         drops, target = noisy_curve(rng)
         result, asked = curve_search(drops, target)
         assert asked == bisection_probes(drops, target) == [s.k for s in result.steps]
-        assert not any(s.reverted for s in result.steps) and result.row()["refine"] == 0
-        assert all("reverted" not in s for s in result.row()["tune_steps"])
+        assert not any(s.reverted for s in result.steps) and result.refine == 0
+        assert all(s.row().reverted is None for s in result.steps)
     result, asked = curve_search([0.2, 5.0, 5.0], 0.3, refine=2)
     assert asked == [0] and result.chosen.k == 0 and result.evals == 2
 
@@ -146,10 +151,10 @@ def test_refinement_finds_the_one_conv_deep_in_its_first_r() -> None:
     assert sum(" reverted alone: tuning mAP50-95" in line for line in lines) == 8
     assert any(line.startswith("  conv6 reverted alone: tuning mAP50-95  49.90  drop  +0.10 <=") for line in lines)
     assert lines[-1].startswith("  re-ranked by tuning mAP, each reverted alone: conv6, ")
-    row = result.row()
-    assert row["refine"] == 8 and row["tune_drop"] == pytest.approx(0.1) and row["tune_evals"] == 10
-    assert [s.get("reverted") for s in row["tune_steps"]] == [None, *ranking[:8]]
-    assert all(s["k"] == 1 for s in row["tune_steps"][1:])
+    steps = [s.row() for s in result.steps]
+    assert result.refine == 8 and result.chosen.tune_drop == pytest.approx(0.1) and result.evals == 10
+    assert [s.reverted for s in steps] == [None, *ranking[:8]]
+    assert all(s.k == 1 for s in steps[1:])
 
 
 def test_refinement_bisects_on_the_re_ranked_order() -> None:
@@ -194,17 +199,22 @@ def test_the_trade_off_plot_draws_a_refined_search_beside_a_plain_one(tmp_path: 
     rows = []
     for backend, refine in (("torch", 0), ("openvino", 4)):
         result, _, _ = additive_search(ranking, gains, 0.3, refine)
-        rows.append({**result.row(), "model": "m", "backend": backend, "float_layers": list(result.float_layers),
-                     "fp32_ms": 1.0, "tune_images": 16})  # fmt: skip
-    assert any("reverted" in s for s in rows[1]["tune_steps"])
+        search = result.row(tune_images=16, tune_split="train", search_s=1.0)
+        rows.append(ptq_row(backend=backend, float_layers=result.float_layers, fp32_ms=1.0, search=search))
+    assert any(s.reverted is not None for s in rows[1].search.tune_steps)
     assert plot_max_drop(rows, tmp_path / "max_drop.png").stat().st_size > 10_000
 
 
 def test_an_unreachable_target_keeps_the_lowest_drop_and_reports_the_shortfall() -> None:
     drops = [3.0, 2.0, 0.8, 1.5, 1.1, 0.9, 1.0]
     lines: list[str] = []
-    result = search_float_convs(names(7), 50.0, lambda float_set: (50.0 - drops[len(float_set)], 1.0), 0.5,
-                                report=lines.append)  # fmt: skip
+    result = search_float_convs(
+        names(7),
+        fp32_tune_map=50.0,
+        evaluate=lambda float_set: (50.0 - drops[len(float_set)], 1.0),
+        max_drop=0.5,
+        report=lines.append,
+    )
     assert not result.met and result.evals == evaluation_budget(7) == 5
     evaluated = {s.k: s.tune_drop for s in result.steps}
     best = min(evaluated, key=evaluated.get)
@@ -236,25 +246,25 @@ def test_tuning_images_are_neither_calibration_nor_scored_images(known_answer, t
     listing.write_text("\n".join(str(p) for p in [*val, *stray]) + "\n")
     overlapping = tmp_path / "data.yaml"
     overlapping.write_text(yaml.safe_dump({**spec, "path": str(root), "val": str(listing)}))
-    calib = calibration_set(overlapping, known_answer.imgsz, CALIB, seed=0, progress=False)
+    calib = calibration_set(overlapping, known_answer.imgsz, n=CALIB, seed=0, progress=False)
     scored = load_ground_truth(overlapping).image_files
-    tuning = tuning_set(overlapping, 8, 0, calib.paths, scored)
+    tuning = tuning_set(overlapping, 8, seed=0, calibration=calib.paths, scored=scored)
     files = set(tuning.ground_truth.image_files)
     assert len(files) == tuning.images == 8
     assert not files & set(calib.paths) and not files & set(scored)
     assert list(tuning.ground_truth.image_files) == shuffled[CALIB + 4 : CALIB + 12]  # calibration's shuffle, on
     with pytest.warns(UserWarning, match="only 12 train images are neither calibration nor val images; tuning on"):
-        assert tuning_set(overlapping, 100, 0, calib.paths, scored).images == 12
+        assert tuning_set(overlapping, 100, seed=0, calibration=calib.paths, scored=scored).images == 12
     with pytest.raises(ValueError, match="no train image is left for tuning: all 24"):
-        tuning_set(overlapping, 8, 0, train, scored)
+        tuning_set(overlapping, 8, seed=0, calibration=train, scored=scored)
     with pytest.raises(ValueError, match="cannot be the scored 'val' split"):
-        tuning_set(overlapping, 8, 0, calib.paths, scored, split="val")
+        tuning_set(overlapping, 8, seed=0, calibration=calib.paths, scored=scored, split="val")
     with pytest.raises(ValueError, match="no 'test' split"):
-        tuning_set(overlapping, 8, 0, calib.paths, scored, split="test")
+        tuning_set(overlapping, 8, seed=0, calibration=calib.paths, scored=scored, split="test")
     # a named split: its images less the scored ones (here: a split made of the four stray val images and others)
     named = tmp_path / "named.yaml"
     named.write_text(yaml.safe_dump({**spec, "path": str(root), "val": str(listing), "tune": spec["train"]}))
-    tuning = tuning_set(named, 100, 3, [], scored, split="tune")
+    tuning = tuning_set(named, 100, seed=3, calibration=[], scored=scored, split="tune")
     assert tuning.images == 20 and not set(tuning.ground_truth.image_files) & set(scored)
 
 
@@ -265,7 +275,7 @@ def test_switching_quantizers_off_is_calibrating_with_those_convs_float(known_an
     from qarep_det.quant.backends.simulated import quantize_torch, with_float_layers
 
     fused = reparameterize_model(load_detector(known_answer.planted))
-    calib = calibration_set(known_answer.data, known_answer.imgsz, CALIB, batch_size=4, progress=False)
+    calib = calibration_set(known_answer.data, known_answer.imgsz, n=CALIB, batch_size=4, progress=False)
     recipe = QuantRecipe(calib_images=CALIB)
     kept = replace(recipe, float_layers=(known_answer.consumer, "model.24.cv3.1.1.conv"))
     images = next(iter(calib))
@@ -281,8 +291,16 @@ def test_switching_quantizers_off_is_calibrating_with_those_convs_float(known_an
 def searched(known_answer, tmp_path_factory: pytest.TempPathFactory, one_torch_thread):
     """One run on the planted model with all three backends (one FP32 tuning evaluation, one ranking)."""
     out = tmp_path_factory.mktemp("max_drop")
-    settings = PTQSettings(known_answer.data, QuantRecipe(calib_images=CALIB), BACKENDS, imgsz=known_answer.imgsz,
-                           batch=4, max_drop=5.0, tune_images=TUNE, rank_images=4)  # fmt: skip
+    settings = PTQSettings(
+        known_answer.data,
+        recipe=QuantRecipe(calib_images=CALIB),
+        backends=BACKENDS,
+        imgsz=known_answer.imgsz,
+        batch=4,
+        max_drop=5.0,
+        tune_images=TUNE,
+        rank_images=4,
+    )
     rows, json_path, _ = run_ptq_eval([known_answer.planted], settings, out, progress=False)
     return rows, json.loads(json_path.read_text()), out
 

@@ -149,7 +149,10 @@ def test_the_wheel_works_outside_the_checkout(installed_wheel: Path, tiny_data: 
     assert result.returncode == 0 and "ptq-eval" in result.stdout, result.stderr[-2000:]
     bench = ["qarep-det", "benchmark", "fusion", "--cfg", "yolo_qarep_n.yaml", "--imgsz", "64", "--runs", "1"]
     result = run_from_wheel(installed_wheel, tmp_path, *bench)  # a shipped name, from a folder without model_yamls/
-    assert result.returncode == 0 and "speedup" in result.stdout, result.stderr[-2000:]
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = {line.split()[0]: float(line.split()[1].rstrip("x")) for line in result.stdout.splitlines()[1:4]}
+    assert printed.keys() == {"unfused", "fused", "speedup"} and printed["fused"] > 0, result.stdout
+    assert printed["speedup"] == pytest.approx(printed["unfused"] / printed["fused"], rel=0.05), result.stdout
 
     train = ["--cfg", "yolo_qarep_n.yaml", "--data", str(tiny_data), "--epochs", "1", "--imgsz", "64", "--batch",
              "4", "--workers", "0", "--device", "cpu", "--project", "runs", "--hyp"]  # fmt: skip

@@ -68,11 +68,11 @@ def test_int8_collapses_on_the_planted_outlier_and_nowhere_else(known_answer, tm
     if not installed(backend):
         pytest.skip(f"{backend} backend packages not installed")
     recipe = QuantRecipe(calib_images=40)  # more than the 24 train images: all are used, with a warning
-    settings = PTQSettings(known_answer.data, recipe, (backend,), imgsz=known_answer.imgsz, batch=4)
+    settings = PTQSettings(known_answer.data, recipe=recipe, backends=(backend,), imgsz=known_answer.imgsz, batch=4)
     models = [known_answer.clean, known_answer.planted] if backend == "torch" else [known_answer.planted]
     with pytest.warns(UserWarning, match="only 24 are available"):
         rows, json_path, md_path = run_ptq_eval(models, settings, tmp_path, progress=False)
-    assert [(r["model"], r["backend"]) for r in rows] == [(m.stem, backend) for m in models]
+    assert [(r.model, r.backend) for r in rows] == [(m.stem, backend) for m in models]
     stored = {row["model"]: row for row in json.loads(json_path.read_text())}
     for row in stored.values():
         assert REQUIRED_KEYS <= row.keys() and row["calib_images"] == 24 and Path(row["int8_file"]).exists()
@@ -122,7 +122,9 @@ def test_no_readable_calibration_image_is_an_error(data: Path, weights: list[Pat
     spec["train"] = str(broken / "images")
     bad = tmp_path / "bad_train.yaml"
     bad.write_text(yaml.safe_dump(spec))
-    settings = PTQSettings(bad, QuantRecipe(calib_images=1), ("torch",), imgsz=64, batch=4, save_int8=False)
+    settings = PTQSettings(
+        bad, recipe=QuantRecipe(calib_images=1), backends=("torch",), imgsz=64, batch=4, save_int8=False
+    )
     with pytest.raises(ValueError, match="could be read"), pytest.warns(UserWarning, match="skipping"):
         run_ptq_eval(weights[:1], settings, tmp_path / "out", progress=False)
 
@@ -135,7 +137,7 @@ def test_settings_reject_bad_values(data: Path) -> None:
     with pytest.raises(ValueError, match="is not a device"):
         PTQSettings(data, device="gpu")
     with pytest.raises(ValueError, match="'entropy' is not available with the onnxruntime-int8 backend"):
-        PTQSettings(data, QuantRecipe(calib_method="entropy"), backends=("onnxruntime-int8",))
+        PTQSettings(data, recipe=QuantRecipe(calib_method="entropy"), backends=("onnxruntime-int8",))
 
 
 def test_settings_take_a_gpu_for_torch_beside_cpu_backends(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -160,14 +162,16 @@ def test_onnxruntime_int8_row_runs_integer_convs_and_scores_near_the_simulation(
     from qarep_det.ultralytics.checkpoint import load_fused
 
     recipe = QuantRecipe(calib_images=8)
-    settings = PTQSettings(known_answer.data, recipe, ("torch", "onnxruntime-int8"), imgsz=known_answer.imgsz, batch=4)
+    settings = PTQSettings(
+        known_answer.data, recipe=recipe, backends=("torch", "onnxruntime-int8"), imgsz=known_answer.imgsz, batch=4
+    )
     torch_row, ort_row = run_ptq_eval([known_answer.clean], settings, tmp_path, progress=False)[0]
-    assert REQUIRED_KEYS <= ort_row.keys() and ort_row["backend"] == "onnxruntime-int8"
-    assert ort_row["integer_convs"] == len(quantized_conv_names(load_fused(known_answer.clean).fused, recipe))
-    assert Path(ort_row["int8_file"]).is_file() and ort_row["int8_mb"] < 0.4 * ort_row["fp32_mb"]
-    assert abs(ort_row["fp32_backend_map50_95"] - torch_row["fp32_map50_95"]) <= 0.3
-    assert ort_row["int8_map50_95"] > 0.9 * torch_row["fp32_map50_95"]
-    assert abs(ort_row["int8_map50_95"] - torch_row["int8_map50_95"]) <= 5
+    assert ort_row.backend == "onnxruntime-int8"
+    assert ort_row.integer_convs == len(quantized_conv_names(load_fused(known_answer.clean).fused, recipe))
+    assert Path(ort_row.int8_file).is_file() and ort_row.int8_mb < 0.4 * ort_row.fp32_mb
+    assert abs(ort_row.fp32_backend_map50_95 - torch_row.fp32_map50_95) <= 0.3
+    assert ort_row.int8_map50_95 > 0.9 * torch_row.fp32_map50_95
+    assert abs(ort_row.int8_map50_95 - torch_row.int8_map50_95) <= 5
 
 
 def test_onnxruntime_scores_the_torch_backends_qdq_onnx_after_one_calibration(
@@ -189,21 +193,23 @@ def test_onnxruntime_scores_the_torch_backends_qdq_onnx_after_one_calibration(
         return quantized[-1]
 
     monkeypatch.setattr(simulated, "quantize_torch", counted)
-    settings = PTQSettings(data, QuantRecipe(calib_images=8), ("torch", "onnxruntime"), imgsz=64, batch=4)
+    settings = PTQSettings(
+        data, recipe=QuantRecipe(calib_images=8), backends=("torch", "onnxruntime"), imgsz=64, batch=4
+    )
     torch_row, ort_row = run_ptq_eval(weights[:1], settings, tmp_path, progress=False)[0]
-    assert len(quantized) == 1 and (torch_row["backend"], ort_row["backend"]) == ("torch", "onnxruntime")
-    assert REQUIRED_KEYS <= ort_row.keys() and Path(ort_row["int8_file"]).is_file()
-    assert ort_row["int8_file"] == torch_row["int8_file"]  # the very file TensorRT would get
-    assert abs(ort_row["int8_map50_95"] - torch_row["int8_map50_95"]) <= 0.3
-    assert abs(ort_row["fp32_backend_map50_95"] - torch_row["fp32_map50_95"]) <= 0.3
+    assert len(quantized) == 1 and (torch_row.backend, ort_row.backend) == ("torch", "onnxruntime")
+    assert Path(ort_row.int8_file).is_file()
+    assert ort_row.int8_file == torch_row.int8_file  # the very file TensorRT would get
+    assert abs(ort_row.int8_map50_95 - torch_row.int8_map50_95) <= 0.3
+    assert abs(ort_row.fp32_backend_map50_95 - torch_row.fp32_map50_95) <= 0.3
     # random-init models score ~0 mAP, so compare what the runners compute on a few letterboxed images too: the
     # QDQ file must be closer to the simulation than the simulation is to FP32 (measured: 85 vs 76 dB), else it
     # could be running the float model; the FP32 file must match torch to float rounding (measured: 140 dB)
-    images = next(iter(calibration_set(data, 64, 4, seed=1, batch_size=4, progress=False)))
+    images = next(iter(calibration_set(data, 64, n=4, seed=1, batch_size=4, progress=False)))
     fused = reparameterize_model(load_detector(weights[0]))
     quantization_noise_db = sqnr_db(torch_runner(fused)(images), torch_runner(quantized[0])(images))
-    assert check_qdq_onnx(ort_row["int8_file"], quantized[0], images).output_sqnr_db > quantization_noise_db + 3
-    fp32_onnx = tmp_path / f"{ort_row['model']}_fp32.onnx"
+    assert check_qdq_onnx(ort_row.int8_file, quantized[0], images).output_sqnr_db > quantization_noise_db + 3
+    fp32_onnx = tmp_path / f"{ort_row.model}_fp32.onnx"
     assert sqnr_db(torch_runner(fused)(images), onnx_runner(fp32_onnx)(images)) > 100
 
 
@@ -219,15 +225,15 @@ def test_keep_float_keeps_the_most_sensitive_convs_float_in_the_int8_file(
     from qarep_det.sensitivity.rankings import rank_sensitivity
 
     recipe = QuantRecipe(calib_images=4)
-    settings = PTQSettings(data, recipe, ("torch",), imgsz=64, batch=4, keep_float=2)
+    settings = PTQSettings(data, recipe=recipe, backends=("torch",), imgsz=64, batch=4, keep_float=2)
     (row,), json_path, _ = run_ptq_eval(weights[:1], settings, tmp_path, progress=False)
-    calib = calibration_set(data, 64, 4, seed=0, batch_size=4, progress=False)  # the draw ptq_eval made
+    calib = calibration_set(data, 64, n=4, seed=0, batch_size=4, progress=False)  # the draw ptq_eval made
     fused = reparameterize_model(load_detector(weights[0]))
     sensitivity = rank_sensitivity(fused, calib, recipe, progress=False, rank_by=settings.rank_by)
     ranking = sensitivity.by_cost(conv_macs(fused, 64, sensitivity.ranking)).ranking  # --float-cost latency
-    assert row["rank_by"] == settings.rank_by and row["float_cost"] == settings.float_cost == "latency"
-    assert row["float_layers"] == ranking[:2] == json.loads(json_path.read_text())[0]["float_layers"]
-    convs = qdq_convs(row["int8_file"])
+    assert row.rank.rank_by == settings.rank_by and row.rank.float_cost == settings.float_cost == "latency"
+    assert list(row.float_layers) == ranking[:2] == json.loads(json_path.read_text())[0]["float_layers"]
+    convs = qdq_convs(row.int8_file)
     assert all(convs[name] == (None, None) for name in ranking[:2])  # no Q/DQ around a kept conv
     assert all(q is not None for q in convs[ranking[2]])
     assert "float convs" in format_console([row]).splitlines()[0]
@@ -256,10 +262,10 @@ def test_named_float_convs_stay_float_and_repair_the_planted_model(known_answer,
     from helpers import qdq_convs
 
     recipe = QuantRecipe(calib_images=8, float_layers=(known_answer.consumer,))
-    settings = PTQSettings(known_answer.data, recipe, ("torch",), imgsz=known_answer.imgsz, batch=4)
+    settings = PTQSettings(known_answer.data, recipe=recipe, backends=("torch",), imgsz=known_answer.imgsz, batch=4)
     rows, _, _ = run_ptq_eval([known_answer.planted], settings, tmp_path, progress=False)
     (row,) = rows
-    assert row["float_layers"] == [known_answer.consumer]
-    convs = qdq_convs(row["int8_file"])
+    assert row.float_layers == (known_answer.consumer,)
+    convs = qdq_convs(row.int8_file)
     assert convs[known_answer.consumer] == (None, None) and all(q is not None for q in convs["model.2.0.conv"])
-    assert row["int8_map50_95"] > 0.7 * row["fp32_map50_95"]  # the planted collapse repaired
+    assert row.int8_map50_95 > 0.7 * row.fp32_map50_95  # the planted collapse repaired

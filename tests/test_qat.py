@@ -104,7 +104,7 @@ def tiny_options(weights: Path, data: Path, project: Path, **changes: Any) -> QA
 def calibrated_ranges(fp32_weights: Path, dataset: Path) -> dict[str, torch.Tensor]:
     """The ranges ptq_eval's recipe gives this checkpoint: what a QAT run must start from and keep."""
     fused = reparameterize_model(load_checkpoint(fp32_weights)[0])
-    return quantizer_ranges(make_student(fused, calibration_set(dataset, 64, 8, 0, progress=False), RECIPE))
+    return quantizer_ranges(make_student(fused, calibration_set(dataset, 64, n=8, seed=0, progress=False), RECIPE))
 
 
 def test_one_cpu_epoch_keeps_the_calibrated_ranges_and_float32_weights(
@@ -224,7 +224,7 @@ def test_qat_checkpoint_as_weights_continues_with_its_own_ranges(qat_run: Path, 
 
 def test_distillation_adds_a_feature_loss_that_vanishes_for_the_teacher(fp32_weights: Path, dataset: Path) -> None:
     fused = reparameterize_model(load_checkpoint(fp32_weights)[0])
-    student = make_student(fused, calibration_set(dataset, 64, 8, 0, progress=False), RECIPE, distill=True)
+    student = make_student(fused, calibration_set(dataset, 64, n=8, seed=0, progress=False), RECIPE, distill=True)
     student.args = get_cfg()  # the loss gains, as the trainer sets them
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     batch = {"img": images, "batch_idx": torch.zeros(1), "cls": torch.zeros(1, 1), "bboxes": torch.tensor([[0.5] * 4])}
@@ -241,7 +241,7 @@ def test_distillation_adds_a_feature_loss_that_vanishes_for_the_teacher(fp32_wei
 
 def test_ranges_are_pinned_and_half_keeps_float32(fp32_weights: Path, dataset: Path) -> None:
     fused = reparameterize_model(load_checkpoint(fp32_weights)[0])
-    student = make_student(fused, calibration_set(dataset, 64, 8, 0, progress=False), RECIPE)
+    student = make_student(fused, calibration_set(dataset, 64, n=8, seed=0, progress=False), RECIPE)
     ranges = quantizer_ranges(student)
     drifted = make_student(fused, [torch.rand(2, 3, 64, 64) * 2], RECIPE)
     assert not all(torch.equal(quantizer_ranges(drifted)[k], v) for k, v in ranges.items())
@@ -323,17 +323,17 @@ def test_ptq_eval_scores_the_student_with_its_learned_scales_in_every_artefact(
     learned_run: Path, dataset: Path, tmp_path: Path
 ) -> None:
     backends = ("torch", "onnxruntime", "openvino")
-    settings = PTQSettings(dataset, QuantRecipe(calib_images=1), backends, imgsz=64, batch=4)
+    settings = PTQSettings(dataset, recipe=QuantRecipe(calib_images=1), backends=backends, imgsz=64, batch=4)
     weights = learned_run / "weights" / "last.pt"  # its ranges were trained (test_learned_ranges_train_...)
     rows, _, _ = run_ptq_eval([weights], settings, tmp_path, progress=False)
-    assert [(r["backend"], r["method"], r["ranges"], r["calib_images"]) for r in rows] == [
+    assert [(r.backend, r.method, r.ranges, r.calib_images) for r in rows] == [
         (b, "qat", "learned", 8) for b in backends
     ]
     student = load_detector(weights)
     quantized = {n: m for n, m in student.named_modules() if getattr(m, "input_quantizer", None) is not None}
     quantized = {n: m for n, m in quantized.items() if m.input_quantizer.is_enabled}
 
-    convs = qdq_convs(rows[0]["int8_file"])  # the QDQ ONNX for TensorRT: one Q/DQ pair per quantizer, its scale
+    convs = qdq_convs(rows[0].int8_file)  # the QDQ ONNX for TensorRT: one Q/DQ pair per quantizer, its scale
     assert {n for n, (i, w) in convs.items() if i and w} == set(quantized)
     for name, conv in quantized.items():
         (inputs, weights) = convs[name]
@@ -344,7 +344,7 @@ def test_ptq_eval_scores_the_student_with_its_learned_scales_in_every_artefact(
             torch.tensor(weights.scale), conv.weight_quantizer.amax.flatten() / 127, rtol=1e-7, atol=0
         )
 
-    ir = ov.Core().read_model(rows[2]["int8_file"])  # the OpenVINO IR: FakeQuantize at the learned input ranges
+    ir = ov.Core().read_model(rows[2].int8_file)  # the OpenVINO IR: FakeQuantize at the learned input ranges
     highs = {f"{op.input_value(2).get_node().get_data().max():.6g}" for op in ir.get_ordered_ops()
              if op.get_type_name() == "FakeQuantize"}  # fmt: skip
     assert highs == {f"{float(c.input_quantizer.amax):.6g}" for c in quantized.values()}
@@ -352,7 +352,7 @@ def test_ptq_eval_scores_the_student_with_its_learned_scales_in_every_artefact(
 
 def test_ptq_eval_and_diagnose_refuse_what_does_not_apply_to_a_qat_checkpoint(qat_run: Path, dataset: Path) -> None:
     weights = [qat_run / "weights" / "best.pt"]
-    settings = PTQSettings(dataset, QuantRecipe(calib_images=1), keep_float=1, imgsz=64)
+    settings = PTQSettings(dataset, recipe=QuantRecipe(calib_images=1), keep_float=1, imgsz=64)
     fix = replace(settings, keep_float=0, backends=("openvino",), overflow_fix=True)  # its weights are learned
     own_ranges = replace(settings, keep_float=0, backends=("onnxruntime-int8",))  # it calibrates an FP32 model
     for refused in (settings, replace(settings, keep_float=0, max_drop=0.3), fix, own_ranges):

@@ -211,12 +211,16 @@ def test_quantize_head_false_keeps_detect_float(model, calib):
 
 
 @pytest.mark.parametrize("method", ["percentile", "mse", "entropy"])
-def test_histogram_calibration_methods_run(model, qmodel, calib, images, method):
+def test_histogram_calibration_methods_clip_the_max_ranges(model, qmodel, calib, images, method):
+    """Each histogram method narrows the max calibrator's input ranges, never widens them, and narrows most of them
+    (measured: percentile 38 of 63 convs below 0.999 of max, mse 62, entropy 60): a histogram pass that never ran
+    would leave every range at max."""
     q = quantize_torch(model, calib, QuantRecipe(calib_method=method))
-    by_max = _input_amax(qmodel)
-    for name, m in q.named_modules():
-        if isinstance(m, nn.Conv2d) and m.input_quantizer.is_enabled:
-            assert 0 < float(m.input_quantizer.amax) <= by_max[name] * (1 + 1e-6)  # histogram ranges clip, never widen
+    by_max, ranges = _input_amax(qmodel), _input_amax(q)
+    assert ranges.keys() == by_max.keys()
+    ratios = [ranges[name] / by_max[name] for name in by_max]
+    assert all(0 < r <= 1 + 1e-6 for r in ratios)
+    assert sum(r < 0.999 for r in ratios) > len(ratios) // 2
     assert sqnr_db(torch_runner(model)(images), torch_runner(q)(images)) > 10
 
 
@@ -455,7 +459,8 @@ def test_openvino_head_float_percentile_and_unsupported_method(model, calib):
     for name, ops in qov.conv_ops_by_module(ov_model).items():
         quantized = ops[0].input_value(0).get_node().get_type_name() == "FakeQuantize"
         assert quantized != name.startswith(f"{head_name}."), name
-    assert qov._range_estimator(QuantRecipe(calib_method="mse")) == RangeEstimatorParametersSet.HISTOGRAM
+    _, advanced = qov.nncf_arguments(model, qov.convert_openvino(model, IMGSZ), QuantRecipe(calib_method="mse"))
+    assert advanced.activations_range_estimator_params == RangeEstimatorParametersSet.HISTOGRAM
     with pytest.raises(ValueError, match="entropy"):
         qov.quantize_openvino(model, calib, IMGSZ, QuantRecipe(calib_method="entropy"))
 
@@ -593,7 +598,7 @@ def test_missing_backend_names_the_install(monkeypatch, module, blocked, extra):
         if module.endswith("simulated")
         else backend.require_onnx
         if module.endswith("onnx_qdq")
-        else backend._require
+        else backend.require_openvino
     )
     with pytest.raises(ImportError, match=extra.replace("[", r"\[").replace("]", r"\]")):
         require()

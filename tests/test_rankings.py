@@ -30,7 +30,9 @@ def planted(known_answer):
     """The planted detector fused, its calibration set and recipe."""
     fused = load_fused(known_answer.planted).fused
     recipe = QuantRecipe(calib_images=CALIB)
-    calib = calibration_set(known_answer.data, known_answer.imgsz, CALIB, recipe.seed, batch_size=4, progress=False)
+    calib = calibration_set(
+        known_answer.data, known_answer.imgsz, n=CALIB, seed=recipe.seed, batch_size=4, progress=False
+    )
     return fused, calib, recipe
 
 
@@ -45,11 +47,12 @@ def test_every_ranking_puts_the_planted_conv_first(known_answer, planted, rank_b
 
 
 def test_each_backend_is_ranked_on_its_own_weight_grid_after_one_calibration(
-    known_answer, planted, monkeypatch: pytest.MonkeyPatch
+    known_answer, planted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """OpenVINO with NNCF's overflow fix rounds weights to the half range: its ranking sees that grid (what the
-    ranking runs on is recorded), the other backends share the reference ranking, and all share one calibration."""
-    from qarep_det.pipelines import ptq
+    ranking runs on is recorded in its row), the other backends share the reference ranking, and all share one
+    calibration; each backend's job keeps the planted conv float (K = 1)."""
+    from qarep_det.pipelines.ptq import PTQSettings, backend_jobs
     from qarep_det.sensitivity import rankings
 
     fused, calib, recipe = planted
@@ -62,18 +65,31 @@ def test_each_backend_is_ranked_on_its_own_weight_grid_after_one_calibration(
         return rank(rank_by, fused, calibrated, *args, **kwargs)
 
     monkeypatch.setattr(rankings, "rank", recording)
-    settings = ptq.PTQSettings(known_answer.data, recipe, ("torch", "openvino", "onnxruntime"), known_answer.imgsz,
-                               keep_float=1, rank_images=RANKED, overflow_fix=True)  # fmt: skip
+    settings = PTQSettings(
+        known_answer.data,
+        recipe=recipe,
+        backends=("torch", "openvino", "onnxruntime"),
+        imgsz=known_answer.imgsz,
+        keep_float=1,
+        rank_images=RANKED,
+        overflow_fix=True,
+    )
     checkpoint = load_fused(known_answer.planted)
-    ranked = ptq._rank(checkpoint, settings, calib, progress=False)
+
+    def jobs(settings: PTQSettings) -> dict:
+        chosen = backend_jobs(checkpoint, settings, calib, stem=tmp_path / "m", scratch=tmp_path, progress=False)
+        return {backend: (job, choice.rank) for backend, job, choice in chosen}
+
+    ranked = jobs(settings)
     assert grids == [{8}, {7}]  # ModelOpt's num_bits: the reference, then the half range (a narrow 7-bit grid)
-    assert ranked["torch"] is ranked["onnxruntime"] and not ranked["torch"].half_range
-    assert ranked["openvino"].half_range and ranked["openvino"].calibrated is ranked["torch"].calibrated
-    assert ranked["openvino"].calibrate_s == 0  # not calibrated again
-    assert ranked["torch"].ranking[0] == ranked["openvino"].ranking[0] == known_answer.consumer
+    (torch_job, torch_rank), ov_rank = ranked["torch"], ranked["openvino"][1]
+    assert ranked["onnxruntime"][1] == torch_rank and not torch_rank.rank_half_range and ov_rank.rank_half_range
+    assert ov_rank.calibrate_s == 0 < torch_rank.calibrate_s  # not calibrated again
+    assert all(job.calibrated is torch_job.calibrated is not None for job, _ in ranked.values())
+    assert all(job.recipe.float_layers == (known_answer.consumer,) for job, _ in ranked.values())
     grids.clear()
-    ranked = ptq._rank(checkpoint, replace(settings, overflow_fix=False), calib, progress=False)
-    assert grids == [{8}] and ranked["openvino"] is ranked["torch"]
+    ranked = jobs(replace(settings, overflow_fix=False))
+    assert grids == [{8}] and not ranked["openvino"][1].rank_half_range
 
 
 def test_revert_one_noise_equals_a_full_forward_with_that_conv_float(planted) -> None:
@@ -81,7 +97,7 @@ def test_revert_one_noise_equals_a_full_forward_with_that_conv_float(planted) ->
     fused, calib, recipe = planted
     qmodel = quantize_torch(fused, calib, recipe)
     batch = next(iter(calib))
-    noise = revert_noise(fused, qmodel, [batch], recipe, progress=False)
+    noise = revert_noise(fused, qmodel, [batch], recipe=recipe, progress=False)
     with torch.no_grad():
         reference = first_output(fused.eval()(batch))
         for name in list(noise)[::9]:  # every ninth conv: stem, stages, head

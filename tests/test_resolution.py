@@ -72,18 +72,27 @@ def test_per_image_ap_is_pycocotools_on_each_image_alone(truth: GroundTruth, tmp
 # --- the standard error ------------------------------------------------------------------------------------------
 
 
-def test_identical_models_drop_nothing_with_no_error(truth: GroundTruth, tmp_path: Path) -> None:
-    """FP32 against itself: drop 0, standard error 0, an interval that holds 0, and any D resolved (even 0)."""
-    detections = write(tmp_path / "fp32.json", [(1, 1, [12, 11, 40, 30], 0.9), (2, 1, [8, 9, 50, 46], 0.7)])
-    fp32 = per_image_map50_95(truth, detections)
-    drop = evaluate_coco(truth, detections)["map50_95"] - evaluate_coco(truth, detections)["map50_95"]
-    noise = Resolution.paired(fp32, list(fp32))
-    assert drop == 0 and noise == Resolution(0.0, 3)
-    assert drop - 2 * noise.standard_error <= 0 <= drop + 2 * noise.standard_error
-    assert noise.resolves(0.0) and noise.images_needed(0.0) == 0
-    result = search_float_convs(["a", "b", "c", "d"], 40.0, lambda _: (40.0, 1.0), 0.0, lambda: noise,
-                                report=lambda _: None)  # fmt: skip
-    assert result.chosen.k == 0 and result.met and result.row()["tune_drop_se"] == 0.0
+def test_the_error_pairs_each_images_scores_and_is_zero_for_the_same_model(truth: GroundTruth, tmp_path: Path) -> None:
+    """A model that misses the second class of image 1 and image 2's box, against the perfect one: per image 100
+    against 50, 100 against 0, 0 against 0, so the differences (50, 100, 0) give a standard error of 50 / sqrt(3);
+    the same detections written twice give exactly 0, and then any D is resolved (even 0)."""
+    perfect = per_image_map50_95(truth, write(tmp_path / "fp32.json", PERFECT))
+    missing = per_image_map50_95(truth, write(tmp_path / "int8.json", [PERFECT[0]]))
+    noise = Resolution.paired(perfect, missing)
+    assert noise.images == 3 and noise.standard_error == pytest.approx(50 / math.sqrt(3))
+    assert not noise.resolves(2 * 50 / math.sqrt(3) - 0.01) and noise.images_needed(15.0) == 45  # 3 * (57.7 / 15)^2
+    again = per_image_map50_95(truth, write(tmp_path / "fp32_again.json", PERFECT))
+    same = Resolution.paired(perfect, again)
+    assert same == Resolution(0.0, 3) and same.resolves(0.0) and same.images_needed(0.0) == 0
+    result = search_float_convs(
+        ["a", "b", "c", "d"],
+        fp32_tune_map=40.0,
+        evaluate=lambda _: (40.0, 1.0),
+        max_drop=0.0,
+        resolution=lambda: same,
+        report=lambda _: None,
+    )
+    assert result.chosen.k == 0 and result.met and result.tune_drop_se == 0.0 and result.tune_images_needed is None
 
 
 def test_the_paired_standard_error_by_hand() -> None:
@@ -121,8 +130,14 @@ def search(max_drop: float, noise: Resolution, calls: list[str] | None = None) -
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = search_float_convs([f"conv{i}" for i in range(60)], 40.0, evaluate, max_drop, resolution,
-                                    report=lines.append)  # fmt: skip
+        result = search_float_convs(
+            [f"conv{i}" for i in range(60)],
+            fp32_tune_map=40.0,
+            evaluate=evaluate,
+            max_drop=max_drop,
+            resolution=resolution,
+            report=lines.append,
+        )
     return result, lines, [w for w in caught if issubclass(w.category, UserWarning)]
 
 
@@ -137,8 +152,7 @@ def test_a_target_below_two_standard_errors_is_warned_about_once() -> None:
     )
     assert calls[:2] == ["K=0", "resolution"] and calls.count("resolution") == 1  # once, from K = 0
     assert all("± 0.15" in line for line in lines)  # every step with the same error
-    row = result.row()
-    assert row["tune_drop_se"] == 0.15 and row["tune_images_needed"] == 274
+    assert result.tune_drop_se == 0.15 and result.tune_images_needed == 274
     _, _, caught = search(0.0, noise)
     assert [str(w.message).split("; ")[1] for w in caught] == ["no number of images resolves 0"]
 
@@ -146,6 +160,6 @@ def test_a_target_below_two_standard_errors_is_warned_about_once() -> None:
 def test_a_resolved_target_is_not_warned_about() -> None:
     for max_drop in (0.3, 1.0):  # 2 se = 0.3 exactly resolves
         result, lines, caught = search(max_drop, Resolution(0.15, 256))
-        assert not caught and result.row()["tune_images_needed"] is None and result.met
+        assert not caught and result.tune_images_needed is None and result.met
     result, _, caught = search(0.0, Resolution(0.0, 256))
-    assert not caught and result.row()["tune_images_needed"] is None
+    assert not caught and result.tune_images_needed is None

@@ -51,19 +51,21 @@ def _print_cpu_fusion(t: FusionTiming, threads: int, runs: int) -> None:
         print(f"  {group:<12} unfused {unfused_ms:8.1f}   fused {t.fused_ops[group]:8.1f}")
 
 
-def _print_grid_fusion(timings: list[FusionTiming], hardware: str, runs: int, limit: str) -> None:
+def format_fusion_grid(timings: list[FusionTiming], *, hardware: str, runs: int, limit: str) -> list[str]:
+    """The lines ``benchmark fusion`` prints for a grid of timings (CUDA's precisions and batches, beside the
+    ``limit`` model): a header, the column names, one row per timing."""
     t0 = timings[0]
-    print(
+    return [
         f"fusion latency, {t0.cfg}, {t0.imgsz}x{t0.imgsz}, {hardware}, synchronized medians of {runs} interleaved "
-        f"runs; fp16 = autocast (AMP); limit = {limit} fused by Ultralytics (the same topology from plain convs)"
-    )
-    print("  dtype  batch  unfused ms  fused ms  speed-up  fused img/s  limit ms  limit img/s  fused/limit")
-    for t in timings:
-        print(
+        f"runs; fp16 = autocast (AMP); limit = {limit} fused by Ultralytics (the same topology from plain convs)",
+        "  dtype  batch  unfused ms  fused ms  speed-up  fused img/s  limit ms  limit img/s  fused/limit",
+        *(
             f"  {t.precision:<5}  {t.batch:5d}  {t.unfused_ms:10.2f}  {t.fused_ms:8.2f}  {t.speedup:7.2f}x  "
             f"{t.fused_images_per_s:11.0f}  {t.limit_ms:8.2f}  {t.batch * 1e3 / t.limit_ms:11.0f}  "
             f"{t.fused_ms / t.limit_ms:10.2f}x"
-        )
+            for t in timings
+        ),
+    ]
 
 
 def fusion(args: argparse.Namespace) -> None:
@@ -74,7 +76,8 @@ def fusion(args: argparse.Namespace) -> None:
         _print_cpu_fusion(t, args.threads, args.runs)
     else:
         timings = fusion_latency(args.cfg, args.imgsz, args.runs, device=device, grid=CUDA_GRID, limit_cfg=args.limit)
-        _print_grid_fusion(timings, _hardware(device, args.threads), args.runs, args.limit)
+        hardware = _hardware(device, args.threads)
+        print("\n".join(format_fusion_grid(timings, hardware=hardware, runs=args.runs, limit=args.limit)))
 
 
 def train(args: argparse.Namespace) -> None:
@@ -100,8 +103,18 @@ def _ratio(fp32_ms: float, ms: float) -> str:
 
 
 def int8(args: argparse.Namespace) -> None:
-    r = int8_benchmark(args.data, args.weights, args.cfg, args.imgsz, args.calib_images, args.batches, args.runs,
-                       args.threads, args.anchors, args.out)  # fmt: skip
+    r = int8_benchmark(
+        args.data,
+        weights=args.weights,
+        cfg=args.cfg,
+        imgsz=args.imgsz,
+        calib_images=args.calib_images,
+        batches=args.batches,
+        runs=args.runs,
+        threads=args.threads,
+        anchors=args.anchors,
+        out_dir=args.out,
+    )
     isa = ", ".join(r.cpu.int8_isa) or "none of AVX2, AVX-512, VNNI, AMX"
     vnni = "" if r.cpu.vnni else " (no VNNI/AMX: INT8 convs sum u8 x s8 products in int16, often no faster than FP32)"
     print(f"CPU: {r.cpu.name}; ISA: {isa}{vnni}")

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         raise InputError("--int8 needs --data: its train split calibrates")
     backend, _ = int8_writer(args.format, args.backend)
     settings = int8_settings(args, Path(args.data), (backend,), args.imgsz, args.calib_images)
-    result = export_int8(args.weights, args.format, settings, backend, args.overwrite)
+    result = export_int8(args.weights, args.format, settings, backend=backend, overwrite=args.overwrite)
     print(f"fused vs unfused on real images: {result.fusion}")
     kept = ", ".join(result.float_layers) or "none"
     print(f"exported {result.path} (ptq-eval's {result.backend} INT8 model; convs kept float: {kept})")

@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         raise InputError(f"--unfused needs a training-form checkpoint; '{args.weights}' is fused")
     if not args.unfused:
         model = reparameterize_model(model)
-    calib = calibration_set(args.data, args.imgsz, args.images, args.seed, batch_size=args.images, progress=False)
+    calib = calibration_set(
+        args.data, args.imgsz, n=args.images, seed=args.seed, batch_size=args.images, progress=False
+    )
     images = torch.cat(list(calib))
     planted, info = plant_outlier(model, args.producer, args.consumer, images, args.fraction, args.exponent)
     path = save_detector(planted, args.out, images, overwrite=args.overwrite, planted_outlier=asdict(info))

@@ -137,8 +137,12 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
         "it started from); without it that checkpoint's FP32 columns stay empty (qarep-det qat checkpoints carry one)",
     )
     parser.add_argument("--imgsz", type=int, help=f"square letterbox size (default 640, demo {DEMO.imgsz})")
-    add_int8_args(parser, None, f"calibration images from the train split (default 512, demo {DEMO.calib_images})",
-                  "evaluation and calibration batch size")  # fmt: skip
+    add_int8_args(
+        parser,
+        None,
+        f"calibration images from the train split (default 512, demo {DEMO.calib_images})",
+        "evaluation and calibration batch size",
+    )
     parser.add_argument(
         "--backend",
         nargs="+",

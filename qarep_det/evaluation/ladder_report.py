@@ -19,11 +19,30 @@ from matplotlib.ticker import LogFormatter
 from qarep_det.evaluation.table import markdown_table
 
 IDENTITY = "identity"  # the BN branch whose scale is the paper's C1 story
-ACCURACY_HEADER = ("step", "model", "L2", "backend", "seeds", "FP32 mAP50-95", "INT8 mAP50-95", "drop", "image SE",
-                   "wall s")  # fmt: skip
-DIAGNOSIS_HEADER = ("step", "identity BN max", "largest BN (branch)", "identity BNs with a dead channel",
-                    "dead identity channels", "fused max/median", "worst channel max/median", "INT8 zero share max",
-                    "block output max/std", "block output variance max")  # fmt: skip
+ACCURACY_HEADER = (
+    "step",
+    "model",
+    "L2",
+    "backend",
+    "seeds",
+    "FP32 mAP50-95",
+    "INT8 mAP50-95",
+    "drop",
+    "image SE",
+    "wall s",
+)
+DIAGNOSIS_HEADER = (
+    "step",
+    "identity BN max",
+    "largest BN (branch)",
+    "identity BNs with a dead channel",
+    "dead identity channels",
+    "fused max/median",
+    "worst channel max/median",
+    "INT8 zero share max",
+    "block output max/std",
+    "block output variance max",
+)
 
 
 def _mean_se(value: dict[str, Any] | None, digits: int = 2) -> str:
@@ -52,11 +71,20 @@ def accuracy_rows(study: dict[str, Any]) -> list[list[str]]:
     rows = []
     for step in study["steps"]:
         for backend, figures in step["backends"].items():
-            rows.append([
-                step["step"], step["model"], step["rep_l2"], backend, str(len(step["seeds"])),
-                _mean_se(figures["fp32_map50_95"]), _mean_se(figures["int8_map50_95"]), _mean_se(figures["drop"]),
-                _number(figures["image_drop_se"], ".2f"), f"{step['wall_s']:.0f}",
-            ])  # fmt: skip
+            rows.append(
+                [
+                    step["step"],
+                    step["model"],
+                    step["rep_l2"],
+                    backend,
+                    str(len(step["seeds"])),
+                    _mean_se(figures["fp32_map50_95"]),
+                    _mean_se(figures["int8_map50_95"]),
+                    _mean_se(figures["drop"]),
+                    _number(figures["image_drop_se"], ".2f"),
+                    f"{step['wall_s']:.0f}",
+                ]
+            )
     return rows
 
 
@@ -65,12 +93,20 @@ def diagnosis_rows(study: dict[str, Any]) -> list[list[str]]:
     rows = []
     for step in study["steps"]:
         c1, c2 = step["c1"], step["c2"]
-        rows.append([
-            step["step"], _mean_se(step["bn_scale_max"].get(IDENTITY), 3), _largest_bn(c1),
-            _number(c1["bns_with_dead_channels"].get(IDENTITY), ".3g"), _number(c1["dead_channels"].get(IDENTITY)),
-            _number(c1["kernel_max_to_median"]), _number(c1["kernel_channel_max_to_median"]),
-            _number(c1["zero_share_max"], ".3f"), _number(c2["max_to_std_max"]), _number(c2["variance_max"]),
-        ])  # fmt: skip
+        rows.append(
+            [
+                step["step"],
+                _mean_se(step["bn_scale_max"].get(IDENTITY), 3),
+                _largest_bn(c1),
+                _number(c1["bns_with_dead_channels"].get(IDENTITY), ".3g"),
+                _number(c1["dead_channels"].get(IDENTITY)),
+                _number(c1["kernel_max_to_median"]),
+                _number(c1["kernel_channel_max_to_median"]),
+                _number(c1["zero_share_max"], ".3f"),
+                _number(c2["max_to_std_max"]),
+                _number(c2["variance_max"]),
+            ]
+        )
     return rows
 
 
@@ -181,8 +217,14 @@ def plot_ladder(study: dict[str, Any], path: Path) -> Path:
         offset = (k - (len(backends) - 1) / 2) * 0.15
         figures = [s["backends"].get(backend, {}).get("drop", {}) for s in steps]
         xs = [xi + offset for xi in x]
-        _errorbar(drop_ax, xs, [f.get("mean") for f in figures], [f.get("se") for f in figures], color=f"C{k}",
-                  label=f"{backend}: mean ± SE over seeds")  # fmt: skip
+        _errorbar(
+            drop_ax,
+            xs,
+            [f.get("mean") for f in figures],
+            [f.get("se") for f in figures],
+            color=f"C{k}",
+            label=f"{backend}: mean ± SE over seeds",
+        )
         for xi, step in zip(xs, names, strict=True):
             values = _seed_values(study, step, lambda run, b=backend: run["backends"].get(b, {}).get("drop"))
             drop_ax.plot([xi + 0.05] * len(values), values, ".", color=f"C{k}", alpha=0.45, markersize=5)
@@ -194,19 +236,27 @@ def plot_ladder(study: dict[str, Any], path: Path) -> Path:
     identity = [s["bn_scale_max"].get(IDENTITY, {}) for s in steps]
     means = [f.get("mean") for f in identity]
     for xi, f in zip(x, identity, strict=True):
-        bn_ax.plot([xi + 0.08] * len(f.get("values", [])), f.get("values", []), ".", color="C3", alpha=0.45,
-                   markersize=5)  # fmt: skip
+        bn_ax.plot(
+            [xi + 0.08] * len(f.get("values", [])), f.get("values", []), ".", color="C3", alpha=0.45, markersize=5
+        )
     _errorbar(bn_ax, x, means, [f.get("se") for f in identity], color="C3", label="identity BN: mean ± SE over seeds")
     largest = [max((v for v in s["c1"]["bn_scale_max"].values() if v is not None), default=None) for s in steps]
-    bn_ax.plot([xi for xi, v in zip(x, largest, strict=True) if v is not None], [v for v in largest if v is not None],
-               "s", markerfacecolor="none", color="grey", label="largest BN of any branch (mean)")  # fmt: skip
+    bn_ax.plot(
+        [xi for xi, v in zip(x, largest, strict=True) if v is not None],
+        [v for v in largest if v is not None],
+        "s",
+        markerfacecolor="none",
+        color="grey",
+        label="largest BN of any branch (mean)",
+    )
     bn_ax.set_yscale("log")
     for axis_formatter in (bn_ax.yaxis.set_major_formatter, bn_ax.yaxis.set_minor_formatter):
         axis_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))  # 6.5, not 6.5 x 10^0
     for xi, mean in zip(x, means, strict=True):
         if mean is None:
-            bn_ax.annotate("no identity BN", (xi, 0.02), xycoords=("data", "axes fraction"), ha="center", fontsize=8,
-                           color="grey")  # fmt: skip
+            bn_ax.annotate(
+                "no identity BN", (xi, 0.02), xycoords=("data", "axes fraction"), ha="center", fontsize=8, color="grey"
+            )
     bn_ax.set_ylabel("largest |gamma| / sqrt(var + eps) (log scale)")
     bn_ax.set_title("C1: largest identity-BN scale per step", fontsize=10)
     bn_ax.legend(fontsize=8)
@@ -215,7 +265,8 @@ def plot_ladder(study: dict[str, Any], path: Path) -> Path:
         ax.set_xlim(-0.5, len(steps) - 0.5)
         ax.grid(axis="y", alpha=0.3)
     s = study["settings"]
-    fig.suptitle(f"QARepVGG ladder: {len(study['seeds'])} seed(s), {s['epochs']} epochs at {s['imgsz']} px, "
-                 f"groups {s['groups']}")  # fmt: skip
+    fig.suptitle(
+        f"QARepVGG ladder: {len(study['seeds'])} seed(s), {s['epochs']} epochs at {s['imgsz']} px, groups {s['groups']}"
+    )
     fig.savefig(path, dpi=110)
     return path

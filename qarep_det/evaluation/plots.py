@@ -19,6 +19,8 @@ from typing import Any
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from qarep_det.evaluation.results import PTQRow, Search, TuneStep
+
 LABEL_SIZE = 7  # layer names on the x axis: ~60 convs fit at 0.22 inch each
 INCH_PER_LAYER = 0.22
 
@@ -243,61 +245,67 @@ def save_plots(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
     return [p for p in paths if p is not None]
 
 
-def plot_max_drop(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+def plot_max_drop(rows: Sequence[PTQRow], path: Path) -> Path:
     """``ptq_eval --max-drop``'s trade-off, one panel per model: the tuning mAP50-95 of every K each backend's search
     evaluated (the K chosen ringed, the target FP32 - D dashed), and on a second axis the OpenVINO INT8 ms per image
     of the same candidates, measured on the tuning batches (what keeping convs float costs on the real INT8 CPU
-    backend). The convs ``--refine`` reverted alone are marked at K = 1 (the best of them is the bisection's K = 1)."""
-    models = list(dict.fromkeys(row["model"] for row in rows))
+    backend). The convs ``--refine`` reverted alone are marked at K = 1 (the best of them is the bisection's K = 1).
+    Every row searched (its ``search`` is set)."""
+    models = list(dict.fromkeys(row.model for row in rows))
     fig = Figure(figsize=(8.0, 1.2 + 3.8 * len(models)), layout="constrained")
     axes = fig.subplots(len(models), 1, squeeze=False)[:, 0]
     for ax, model in zip(axes, models, strict=True):
-        model_rows = [r for r in rows if r["model"] == model]
+        model_rows = [r for r in rows if r.model == model]
         for k, row in enumerate(model_rows):
-            steps = _bisected(row)
-            ks = [s["k"] for s in steps]
+            steps = _bisected(row.search)
             ax.plot(
-                ks,
-                [s["tune_map50_95"] for s in steps],
+                [s.k for s in steps],
+                [s.tune_map50_95 for s in steps],
                 "-o",
                 color=f"C{k}",
                 markersize=4,
-                label=f"{row['backend']}: tuning mAP50-95, K = {len(row['float_layers'])} chosen",
+                label=f"{row.backend}: tuning mAP50-95, K = {len(row.float_layers)} chosen",
             )
-            if singles := [s for s in row["tune_steps"] if "reverted" in s]:
+            if singles := [s for s in row.search.tune_steps if s.reverted is not None]:
                 ax.plot(
                     [1] * len(singles),
-                    [s["tune_map50_95"] for s in singles],
+                    [s.tune_map50_95 for s in singles],
                     "x",
                     color=f"C{k}",
-                    label=f"{row['backend']}: each of the first {len(singles)} reverted alone",
+                    label=f"{row.backend}: each of the first {len(singles)} reverted alone",
                 )
-            chosen = len(row["float_layers"])
-            ax.plot(chosen, row["int8_tune_map50_95"], "o", markersize=12, markerfacecolor="none", color=f"C{k}")
-        first = model_rows[0]
+            ax.plot(
+                len(row.float_layers),
+                row.search.int8_tune_map50_95,
+                "o",
+                markersize=12,
+                markerfacecolor="none",
+                color=f"C{k}",
+            )
+        first = model_rows[0].search
         ax.axhline(
-            first["fp32_tune_map50_95"] - first["max_drop"],
+            first.fp32_tune_map50_95 - first.max_drop,
             color="gray",
             linestyle="--",
-            label=f"target: FP32 {first['fp32_tune_map50_95']:.2f} - {first['max_drop']:g}",
+            label=f"target: FP32 {first.fp32_tune_map50_95:.2f} - {first.max_drop:g}",
         )
         ax.set_xlabel("K: convs kept float, first K of the sensitivity ranking (its first R re-ranked by --refine R)")
         ax.set_ylabel("tuning mAP50-95 (%)")
         ax.grid(alpha=0.3)
-        title = f"{model}: {first['tune_images']} tuning images"
-        if openvino := next((r for r in model_rows if r["backend"] == "openvino"), None):
-            steps = _bisected(openvino)
+        title = f"{model}: {first.tune_images} tuning images"
+        if openvino := next((r for r in model_rows if r.backend == "openvino"), None):
+            steps = _bisected(openvino.search)
             latency = ax.twinx()
             latency.plot(
-                [s["k"] for s in steps],
-                [s["int8_ms"] for s in steps],
+                [s.k for s in steps],
+                [s.int8_ms for s in steps],
                 ":s",
                 color="black",
                 markersize=3,
                 label="OpenVINO INT8 ms per image (right axis)",
             )
             latency.axhline(
-                openvino["fp32_ms"],
+                openvino.fp32_ms,
                 color="black",
                 linestyle="-.",
                 linewidth=0.8,
@@ -316,9 +324,9 @@ def plot_max_drop(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def _bisected(row: dict[str, Any]) -> list[dict[str, Any]]:
-    """A ``--max-drop`` row's bisection steps by K, without the convs ``--refine`` reverted alone."""
-    return sorted((s for s in row["tune_steps"] if "reverted" not in s), key=lambda s: s["k"])
+def _bisected(search: Search) -> list[TuneStep]:
+    """A ``--max-drop`` search's bisection steps by K, without the convs ``--refine`` reverted alone."""
+    return sorted((s for s in search.tune_steps if s.reverted is None), key=lambda s: s.k)
 
 
 def plot_leave_one_out(

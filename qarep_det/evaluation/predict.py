@@ -189,6 +189,7 @@ def evaluate_runner(
     runner: Runner,
     ground_truth: GroundTruth,
     out_json: str | os.PathLike,
+    *,
     protocol: EvalProtocol | None = None,
     batch: int = 8,
     progress: bool = True,

@@ -1,7 +1,9 @@
 """FP32 vs INT8 result tables: console text, Markdown, and results.json / results.md in a run folder.
 
-Pure formatting (no torch), so tools and docs can rebuild tables from a results.json alone. All outputs go through
-one rounding step, so the console, the Markdown and the json always show the same numbers.
+Pure formatting (no torch), so tools and docs can rebuild tables from a results.json alone
+(:meth:`~qarep_det.evaluation.results.PTQRow.from_json`). A row's cells are its JSON fields (one name for a column
+everywhere); all outputs go through one rounding step, so the console, the Markdown and the json always show the
+same numbers.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from qarep_det.evaluation.protocol import EvalProtocol
+from qarep_det.evaluation.results import PTQRow
 
-# (row key, column header); rows may carry extra keys, shown after these in order of first appearance
+# (row field, column header); results.md shows the other fields after these, those with a value in some row
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("model", "model"),
     ("params", "params"),
@@ -33,7 +37,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("fp32_ms", "FP32 ms"),
     ("int8_ms", "INT8 ms"),
 )
-# --max-drop rows add these to the console table (results.md shows every key anyway)
+# --max-drop rows add these to the console table (results.md shows every field with a value anyway)
 MAX_DROP_COLUMNS: tuple[tuple[str, str], ...] = (
     ("max_drop", "max drop"),
     ("tune_drop", "tune drop"),
@@ -65,22 +69,15 @@ def _rounded(key: str, value: Any) -> Any:
     return round(value, 2) if key in TWO_DECIMALS else float(f"{value:.4g}")
 
 
-def normalize_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rounded copies of ``rows``; ``drop`` (FP32 - INT8 mAP50-95) is filled in where missing and computable."""
-    out = []
-    for row in rows:
-        row = dict(row)
-        fp32, int8 = row.get("fp32_map50_95"), row.get("int8_map50_95")
-        if row.get("drop") is None and fp32 is not None and int8 is not None:
-            row["drop"] = fp32 - int8
-        out.append({k: _rounded(k, v) for k, v in row.items()})
-    return out
+def normalize_rows(rows: Sequence[PTQRow]) -> list[dict[str, Any]]:
+    """The JSON records of ``rows``, rounded."""
+    return [{k: _rounded(k, v) for k, v in row.to_json().items()} for row in rows]
 
 
-def _columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
-    """The standard columns, then extra keys (header = key)."""
+def _columns(records: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The standard columns, then every other field with a value in some row (header = field name)."""
     known = {k for k, _ in COLUMNS} | {PROTOCOL_KEY}
-    extra = dict.fromkeys(k for row in rows for k in row if k not in known)
+    extra = dict.fromkeys(k for row in records for k, v in row.items() if k not in known and v is not None)
     return [*COLUMNS, *((k, k) for k in extra)]
 
 
@@ -97,22 +94,27 @@ def _cell(key: str, value: Any) -> str:
     return str(value)
 
 
-def _footnotes(rows: Sequence[dict[str, Any]], protocol: EvalProtocol | str | None) -> list[str]:
+def _footnotes(rows: Sequence[PTQRow], protocol: EvalProtocol | str | None) -> list[str]:
     """Protocol lines, each once: the argument's, then any rows carry."""
     lines = [protocol.describe() if isinstance(protocol, EvalProtocol) else protocol]
-    lines += [row.get(PROTOCOL_KEY) for row in rows]
+    lines += [row.protocol for row in rows]
     return [f"protocol: {line}" for line in dict.fromkeys(x for x in lines if x)]
 
 
-def format_console(rows: Sequence[dict[str, Any]], protocol: EvalProtocol | str | None = None) -> str:
-    """Fixed-width text table of the standard columns (and --max-drop's, when a row has them), numbers
-    right-aligned; other extra keys (paths, sizes, timings) would make it too wide for a terminal, so they are left
+def _numeric(records: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> list[bool]:
+    """Per column, whether every value is a number or missing (right-aligned)."""
+    return [all(isinstance(row[k], (int, float)) or row[k] is None for row in records) for k, _ in columns]
+
+
+def format_console(rows: Sequence[PTQRow], protocol: EvalProtocol | str | None = None) -> str:
+    """Fixed-width text table of the standard columns (and --max-drop's, when a row searched), numbers
+    right-aligned; the other fields (paths, sizes, timings) would make it too wide for a terminal, so they are left
     to results.json and results.md."""
-    rows = normalize_rows(rows)
-    columns = [*COLUMNS, *(c for c in MAX_DROP_COLUMNS if any(c[0] in row for row in rows))]
-    cells = [[_cell(k, row.get(k)) for k, _ in columns] for row in rows]
+    records = normalize_rows(rows)
+    columns = [*COLUMNS, *(MAX_DROP_COLUMNS if any(row.search is not None for row in rows) else ())]
+    cells = [[_cell(k, row[k]) for k, _ in columns] for row in records]
     widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, (_, h) in enumerate(columns)]
-    numeric = [all(isinstance(row.get(k), (int, float)) or row.get(k) is None for row in rows) for k, _ in columns]
+    numeric = _numeric(records, columns)
 
     def line(values: Sequence[str]) -> str:
         return "  ".join(
@@ -135,29 +137,34 @@ def markdown_table(
     ]
 
 
-def format_markdown(rows: Sequence[dict[str, Any]], protocol: EvalProtocol | str | None = None) -> str:
+def format_markdown(rows: Sequence[PTQRow], protocol: EvalProtocol | str | None = None) -> str:
     """GitHub Markdown table, protocol as a note below it."""
-    rows = normalize_rows(rows)
-    columns = _columns(rows)
-    numeric = [all(isinstance(row.get(k), (int, float)) or row.get(k) is None for row in rows) for k, _ in columns]
-    cells = [[_cell(k, row.get(k)) for k, _ in columns] for row in rows]
-    out = markdown_table([h for _, h in columns], cells, numeric)
+    records = normalize_rows(rows)
+    columns = _columns(records)
+    cells = [[_cell(k, row[k]) for k, _ in columns] for row in records]
+    out = markdown_table([h for _, h in columns], cells, _numeric(records, columns))
     notes = _footnotes(rows, protocol)
     return "\n".join(out + ([""] + notes if notes else [])) + "\n"
 
 
 def write_results(
-    rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike, protocol: EvalProtocol | str | None = None
+    rows: Sequence[PTQRow], out_dir: str | os.PathLike, protocol: EvalProtocol | str | None = None
 ) -> tuple[Path, Path]:
-    """Write ``results.json`` (a list of rounded row objects) and ``results.md`` into ``out_dir``.
+    """Write ``results.json`` (a list of rounded row objects: docs/results-json.md) and ``results.md`` into
+    ``out_dir``.
 
     A ``protocol`` given here is stored in every json row that has none, so each row stays self-describing.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     described = protocol.describe() if isinstance(protocol, EvalProtocol) else protocol
-    records = [{**row, PROTOCOL_KEY: row.get(PROTOCOL_KEY) or described} if described else row for row in rows]
+    rows = [replace(row, protocol=row.protocol or described) for row in rows]
     json_path, md_path = out_dir / "results.json", out_dir / "results.md"
-    json_path.write_text(json.dumps(normalize_rows(records), indent=2) + "\n", encoding="utf-8")
-    md_path.write_text(format_markdown(records), encoding="utf-8")
+    json_path.write_text(json.dumps(normalize_rows(rows), indent=2) + "\n", encoding="utf-8")
+    md_path.write_text(format_markdown(rows), encoding="utf-8")
     return json_path, md_path
+
+
+def read_results(path: str | os.PathLike) -> list[PTQRow]:
+    """The rows of a ``results.json`` (as written: rounded)."""
+    return [PTQRow.from_json(record) for record in json.loads(Path(path).read_text(encoding="utf-8"))]

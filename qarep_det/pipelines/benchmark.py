@@ -390,13 +390,22 @@ def _ultralytics_openvino_int8(weights: Path, data: Path, imgsz: int, out: Path)
 
     copy = out / f"{weights.stem}_ultralytics.pt"
     shutil.copyfile(weights, copy)
-    folder = YOLO(str(copy)).export(format="openvino", int8=True, data=str(data), imgsz=imgsz, split="train",
-                                    device="cpu")  # fmt: skip
+    folder = YOLO(str(copy)).export(
+        format="openvino", int8=True, data=str(data), imgsz=imgsz, split="train", device="cpu"
+    )
     return next(Path(folder).glob("*.xml"))
 
 
-def _anchor(anchor: str, fp32: dict[str, Path], job_stem: Path, calib: CalibrationSet, weights: Path | None,
-            data: Path, imgsz: int) -> TimedModel:  # fmt: skip
+def _anchor(
+    anchor: str,
+    *,
+    fp32: dict[str, Path],
+    job_stem: Path,
+    calib: CalibrationSet,
+    weights: Path | None,
+    data: Path,
+    imgsz: int,
+) -> TimedModel:
     """The anchor's file, made from the same FP32 model (or checkpoint) and calibration images as ours."""
     from qarep_det.quant.backends import openvino as qov
     from qarep_det.quant.backends.onnx_int8 import quantize_static_default
@@ -415,6 +424,7 @@ def _anchor(anchor: str, fp32: dict[str, Path], job_stem: Path, calib: Calibrati
 
 def int8_benchmark(
     data: str | os.PathLike,
+    *,
     weights: str | os.PathLike | None = None,
     cfg: str = "yolo_qarep_s.yaml",
     imgsz: int = 640,
@@ -451,8 +461,14 @@ def int8_benchmark(
     if reason := tensorrt_missing():
         skipped["INT8 QDQ ONNX for TensorRT"] = reason
     backends = ("openvino", "onnxruntime-int8") + (() if skipped else ("onnxruntime",))
-    settings = PTQSettings(Path(data), QuantRecipe(calib_images=calib_images), backends, imgsz, save_int8=True,
-                           overwrite=True)  # fmt: skip
+    settings = PTQSettings(
+        Path(data),
+        recipe=QuantRecipe(calib_images=calib_images),
+        backends=backends,
+        imgsz=imgsz,
+        save_int8=True,
+        overwrite=True,
+    )
     if weights is not None:
         checkpoint = load_checked(checkpoint_paths([weights])[0], settings)
         ground_truth = load_ground_truth(settings.data)
@@ -464,23 +480,39 @@ def int8_benchmark(
         out = Path(out_dir) if out_dir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qarep_")))
         out.mkdir(parents=True, exist_ok=True)
         stem = out / checkpoint.name
-        if weights is not None:
-            rows = evaluate_checkpoint(checkpoint, settings, out, ground_truth, calib, progress)
-        else:
-            rows = [{"backend": backend, **BACKENDS[backend].quantize(job).row}
-                    for backend, job, _ in backend_jobs(checkpoint, settings, calib, stem, out, progress)]  # fmt: skip
+        if weights is not None:  # ptq-eval's rows: the files and their scores
+            rows = evaluate_checkpoint(
+                checkpoint, settings, out_dir=out, ground_truth=ground_truth, calib=calib, progress=progress
+            )
+            files = [(r.backend, r.fp32_file, r.int8_file, r.fp32_backend_map50_95, r.int8_map50_95) for r in rows]
+        else:  # random weights: the files only
+            jobs = backend_jobs(checkpoint, settings, calib, stem=stem, scratch=out, progress=progress)
+            quantized = [(backend, BACKENDS[backend].quantize(job)) for backend, job, _ in jobs]
+            files = [(backend, q.fp32_file, q.int8_file, None, None) for backend, q in quantized]
         models, fp32 = [], {}
-        for row in rows:
-            runtime, fp32[row["backend"]] = _RUNTIMES[row["backend"]], Path(row["fp32_file"])
-            models.append(TimedModel("FP32", runtime, fp32[row["backend"]], False, row.get("fp32_backend_map50_95")))
-            models.append(TimedModel(f"INT8 ours ({row['backend']})", runtime, Path(row["int8_file"]), True,
-                                     row.get("int8_map50_95")))  # fmt: skip
+        for backend, fp32_file, int8_file, fp32_map, int8_map in files:
+            runtime, fp32[backend] = _RUNTIMES[backend], Path(fp32_file)
+            models.append(TimedModel("FP32", runtime, fp32[backend], False, fp32_map))
+            models.append(TimedModel(f"INT8 ours ({backend})", runtime, Path(int8_file), True, int8_map))
         for anchor in anchors:
-            model = _anchor(anchor, fp32, stem, calib, weights and Path(weights), settings.data, imgsz)
+            model = _anchor(
+                anchor,
+                fp32=fp32,
+                job_stem=stem,
+                calib=calib,
+                weights=weights and Path(weights),
+                data=settings.data,
+                imgsz=imgsz,
+            )
             if weights is not None:
-                runner = _runner(model, imgsz, threads)
-                scored = evaluate_runner(runner, ground_truth, out / f"{model.path.stem}.json", settings.protocol,
-                                         settings.batch, progress)  # fmt: skip
+                scored = evaluate_runner(
+                    _runner(model, imgsz, threads),
+                    ground_truth,
+                    out / f"{model.path.stem}.json",
+                    protocol=settings.protocol,
+                    batch=settings.batch,
+                    progress=progress,
+                )
                 model = replace(model, map50_95=scored["map50_95"])
             models.append(model)
         models = [replace(m, integer_convs=_integer_convs(m)) for m in models]
@@ -490,8 +522,17 @@ def int8_benchmark(
             x = torch.rand(batch, 3, imgsz, imgsz)
             for model, ms in zip(models, interleaved_ms([lambda r=r, x=x: r(x) for r in runners], runs), strict=True):
                 model.ms[batch] = ms
-    return Int8Benchmark(checkpoint.name, imgsz, threads, runs, len(calib.paths), cpu_info(), models, skipped,
-                         None if weights is None else len(ground_truth.image_files))  # fmt: skip
+    return Int8Benchmark(
+        model=checkpoint.name,
+        imgsz=imgsz,
+        threads=threads,
+        runs=runs,
+        calib_images=len(calib.paths),
+        cpu=cpu_info(),
+        models=models,
+        skipped=skipped,
+        val_images=None if weights is None else len(ground_truth.image_files),
+    )
 
 
 @dataclass(frozen=True)
@@ -520,6 +561,8 @@ def fp32_consistency(weights: str, data: str, imgsz: int, batch: int = 8) -> Con
         )
         for i, candidate in enumerate((reparameterize_model(model), model)):
             out = Path(tmp) / f"{i}.json"
-            metrics = evaluate_runner(torch_runner(candidate), ground_truth, out, EvalProtocol(imgsz=imgsz), batch)
+            metrics = evaluate_runner(
+                torch_runner(candidate), ground_truth, out, protocol=EvalProtocol(imgsz=imgsz), batch=batch
+            )
             results.append(metrics["map50_95"])
     return Consistency(100.0 * float(val.box.map), *results)

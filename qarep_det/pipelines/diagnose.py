@@ -74,13 +74,15 @@ def to_record(row: Any) -> dict[str, object]:
 
 
 def diagnose_checkpoint(
-    weights: Path, model: nn.Module, settings: DiagnoseSettings, calib: CalibrationSet, progress: bool = True
+    weights: Path, model: nn.Module, settings: DiagnoseSettings, calib: CalibrationSet, *, progress: bool = True
 ) -> dict[str, Any]:
     """The report entry of one checkpoint (``model``: as loaded from ``weights``)."""
     scales = bn_scales(model)  # the training form: fusion removes every BN
     kernels = fused_kernels(model)  # C1 of the kernels deployed: the same on the training form as once fused
     fused = reparameterize_model(model)
-    result = analyze(fused, calib, settings.recipe, settings.device, progress, settings.rank_images)
+    result = analyze(
+        fused, calib, settings.recipe, device=settings.device, progress=progress, rank_images=settings.rank_images
+    )
     outputs = block_outputs(fused, first_images(calib, settings.rank_images))  # C2 on the analysed images
     return {
         "model": model_name(weights),
@@ -298,17 +300,27 @@ def run_diagnose(
     weights: Sequence[str | os.PathLike],
     settings: DiagnoseSettings,
     out_dir: str | os.PathLike,
+    *,
     overwrite: bool = False,
     progress: bool = True,
 ) -> tuple[dict[str, Any], list[Path]]:
     """Diagnose every checkpoint on one calibration set; returns the report and the files written."""
     paths = checkpoint_paths(weights)
     recipe = settings.recipe
-    calib = calibration_set(settings.data, settings.imgsz, recipe.calib_images, recipe.seed, settings.batch, progress)
+    calib = calibration_set(
+        settings.data,
+        settings.imgsz,
+        n=recipe.calib_images,
+        seed=recipe.seed,
+        batch_size=settings.batch,
+        progress=progress,
+    )
     models = [load_detector(p) for p in paths]  # every checkpoint readable before minutes of analysis
     for path, model in zip(paths, models, strict=True):
         if qat_student(model) is not None:
             raise InputError(f"'{path}' is a QAT checkpoint; diagnose the FP32 checkpoint its training started from")
-    entries = [diagnose_checkpoint(p, m, settings, calib, progress) for p, m in zip(paths, models, strict=True)]
+    entries = [
+        diagnose_checkpoint(p, m, settings, calib, progress=progress) for p, m in zip(paths, models, strict=True)
+    ]
     report = {"models": entries}
     return report, write_report(report, out_dir, overwrite)

@@ -13,12 +13,11 @@ import os
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from qarep_det.data.dataset import resolve_dataset
 from qarep_det.data.images import list_images
 from qarep_det.errors import InputError
-from qarep_det.pipelines.ptq import PTQSettings, backend_jobs, calibration_and_tuning, load_checked
+from qarep_det.pipelines.ptq import Choice, PTQSettings, backend_jobs, calibration_and_tuning, load_checked
 from qarep_det.reparam import OutputDifference
 from qarep_det.ultralytics.checkpoint import checkpoint_paths, load_detector
 from qarep_det.ultralytics.export import check_fusion, check_images
@@ -33,13 +32,14 @@ class Int8Export:
     backend: str  # the ptq_eval backend whose INT8 model this is
     fusion: OutputDifference  # fused against trained, on the val images
     float_layers: tuple[str, ...]  # the convs kept float (by name, by keep_float, or by max_drop's search)
-    choice: dict[str, Any]  # the rank and search keys ptq_eval's row would carry (empty without ranking)
+    choice: Choice  # the ranking and search ptq_eval's row would carry (None without them)
 
 
 def export_int8(
     weights: str | os.PathLike,
     fmt: str,
     settings: PTQSettings,
+    *,
     backend: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -60,15 +60,24 @@ def export_int8(
         raise FileExistsError(f"'{target}' exists; pass overwrite=True (--overwrite) to replace it")
     checkpoint = load_checked(path, settings)
     if checkpoint.student is not None:
-        raise InputError(f"'{path}' is a QAT checkpoint: its INT8 model was fixed by its training; export it with "
-                         f"Ultralytics' exporter (qarep-det yolo export model={path} format=onnx)")  # fmt: skip
+        raise InputError(
+            f"'{path}' is a QAT checkpoint: its INT8 model was fixed by its training; export it with "
+            f"Ultralytics' exporter (qarep-det yolo export model={path} format=onnx)"
+        )
     scored = list_images(resolve_dataset(settings.data)["val"]) if settings.max_drop is not None else []
     calib, tuning = calibration_and_tuning(settings, scored, progress)
     fusion = check_fusion(load_detector(path), checkpoint.fused, check_images(settings.data), settings.imgsz)
     contract = export_contract(checkpoint.fused, writer.format, settings.imgsz, settings.data)
     with tempfile.TemporaryDirectory(prefix="qarep_export_") as scratch, staged(target, overwrite) as out:
-        jobs = backend_jobs(checkpoint, settings, calib, Path(scratch) / checkpoint.name, Path(scratch), progress,
-                            tuning)  # fmt: skip
+        jobs = backend_jobs(
+            checkpoint,
+            settings,
+            calib,
+            stem=Path(scratch) / checkpoint.name,
+            scratch=Path(scratch),
+            progress=progress,
+            tuning=tuning,
+        )
         _, job, choice = next(jobs)
         writer.write(job, contract, out)
-    return Int8Export(target, backend, fusion, job.recipe.float_layers, choice)
+    return Int8Export(path=target, backend=backend, fusion=fusion, float_layers=job.recipe.float_layers, choice=choice)

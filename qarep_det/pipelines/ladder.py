@@ -98,8 +98,19 @@ TRAIN_MARKER = "ladder_train.json"  # written in a run folder when its training 
 ROW_FILE = "ladder_row.json"  # the (step, seed)'s finished row: its evaluation is done
 C1_TRACE = "ladder_c1_by_epoch.json"  # C1 of the training model after each epoch: how the outliers grow
 STUDY_FILE = "study.json"  # the settings that make a folder one study
-PINNED = ("data", "groups", "epochs", "imgsz", "batch", "hyp", "calib_images", "calib_method", "backends",
-          "eval_batch", "activation_images")  # fmt: skip
+PINNED = (
+    "data",
+    "groups",
+    "epochs",
+    "imgsz",
+    "batch",
+    "hyp",
+    "calib_images",
+    "calib_method",
+    "backends",
+    "eval_batch",
+    "activation_images",
+)
 """Settings a resumed study must share with the folder's (steps and seeds may grow; device and workers may change)."""
 
 
@@ -143,25 +154,45 @@ class LadderSettings:
             raise InputError("a seed is listed twice", field="seeds")
         check_count("activation_images", self.activation_images)
         if self.activation_images > self.calib_images:
-            raise InputError(f"at most calib_images ({self.calib_images}): they are the first of the calibration "
-                             f"draw, got {self.activation_images}", field="activation_images")  # fmt: skip
+            raise InputError(
+                f"at most calib_images ({self.calib_images}): they are the first of the calibration "
+                f"draw, got {self.activation_images}",
+                field="activation_images",
+            )
         check_imgsz(self.imgsz)
 
     @property
     def ptq(self) -> PTQSettings:
         """The ptq-eval settings of every (step, seed): one recipe, its calibration draw the same for all."""
         recipe = QuantRecipe(calib_method=self.calib_method, calib_images=self.calib_images)
-        return PTQSettings(data=Path(self.data), recipe=recipe, backends=self.backends, imgsz=self.imgsz,
-                           batch=self.eval_batch, device=str(torch_device(self.device, first=True)), save_int8=False,
-                           overwrite=True)  # fmt: skip
+        return PTQSettings(
+            Path(self.data),
+            recipe=recipe,
+            backends=self.backends,
+            imgsz=self.imgsz,
+            batch=self.eval_batch,
+            device=str(torch_device(self.device, first=True)),
+            save_int8=False,
+            overwrite=True,
+        )
 
     def options(self, step: str, seed: int, project: Path) -> TrainOptions:
         """The training run of ``step`` with ``seed``, in ``project/<step>_seed<seed>``."""
         return TrainOptions(
-            cfg=model_yaml(STEPS[step].cfg(self.groups)), data=Path(self.data), epochs=self.epochs, imgsz=self.imgsz,
-            batch=self.batch, device=self.device, workers=self.workers, project=project, name=run_name(step, seed),
-            exist_ok=True, seed=seed, hyp={**STUDY_HYP, **load_hyp(self.hyp)}, rep_l2=STEPS[step].rep_l2,
-        )  # fmt: skip
+            cfg=model_yaml(STEPS[step].cfg(self.groups)),
+            data=Path(self.data),
+            epochs=self.epochs,
+            imgsz=self.imgsz,
+            batch=self.batch,
+            device=self.device,
+            workers=self.workers,
+            project=project,
+            name=run_name(step, seed),
+            exist_ok=True,
+            seed=seed,
+            hyp={**STUDY_HYP, **load_hyp(self.hyp)},
+            rep_l2=STEPS[step].rep_l2,
+        )
 
     def pinned(self) -> dict[str, Any]:
         """The settings a folder's study is bound to, as JSON values (paths resolved)."""
@@ -249,7 +280,7 @@ def summarize(step: str, groups: int, rows: Sequence[dict[str, Any]]) -> dict[st
                 **{
                     key: spread([row["backends"][backend][key] for row in rows])
                     for key in ("fp32_map50_95", "int8_map50_95", "drop")
-                },  # fmt: skip
+                },
                 "image_drop_se": _mean_known(row["backends"][backend]["image_drop_se"] for row in rows),
             }
             for backend in backends
@@ -390,8 +421,12 @@ def train_run(settings: LadderSettings, step: str, seed: int, project: Path) -> 
     print(f"ladder: {'resuming' if resumed else 'training'} {step} seed {seed} -> {run}", flush=True)
     start = time.perf_counter()
     trainer = train(options, callbacks={"on_fit_epoch_end": [c1_trace(run / C1_TRACE)]})
-    done = {"train_s": time.perf_counter() - start, "resumed": resumed, "epochs": settings.epochs,
-            "weights": str(Path(trainer.last).resolve())}  # fmt: skip
+    done = {
+        "train_s": time.perf_counter() - start,
+        "resumed": resumed,
+        "epochs": settings.epochs,
+        "weights": str(Path(trainer.last).resolve()),
+    }
     _write_json(marker, done)
     return done
 
@@ -411,20 +446,30 @@ def evaluate_run(
     start = time.perf_counter()
     ptq, weights = settings.ptq, run / "weights" / "last.pt"
     rows, _, _ = run_ptq_eval([weights], ptq, run / "eval", progress=progress)
-    name = rows[0]["model"]  # the run folder's name, which the prediction files carry
+    name = rows[0].model  # the run folder's name, which the prediction files carry
     fp32_images = per_image_map50_95(ground_truth, run / "eval" / f"{name}_fp32.json")
     backends = {}
     for row in rows:
-        int8_images = per_image_map50_95(ground_truth, run / "eval" / f"{name}_int8_{row['backend']}.json")
-        backends[row["backend"]] = {
-            **{k: row[k] for k in ("fp32_map50_95", "int8_map50_95", "drop", "fp32_map50", "int8_map50")},
+        int8_images = per_image_map50_95(ground_truth, run / "eval" / f"{name}_int8_{row.backend}.json")
+        backends[row.backend] = {
+            "fp32_map50_95": row.fp32_map50_95,
+            "int8_map50_95": row.int8_map50_95,
+            "drop": row.drop,
+            "fp32_map50": row.fp32_map50,
+            "int8_map50": row.int8_map50,
             "image_drop_se": _image_drop_se(fp32_images, int8_images),
             "images": len(fp32_images),
         }
     model = load_detector(weights)
     fused = reparameterize_model(model).to(ptq.device)
-    batches = calibration_set(settings.data, settings.imgsz, settings.activation_images, ptq.recipe.seed,
-                              settings.eval_batch, progress=False)  # fmt: skip
+    batches = calibration_set(
+        settings.data,
+        settings.imgsz,
+        n=settings.activation_images,
+        seed=ptq.recipe.seed,
+        batch_size=settings.eval_batch,
+        progress=False,
+    )
     figures = {"backends": backends, "c1": c1_figures(model), "c2": c2_figures(fused, batches)}
     return figures, time.perf_counter() - start
 
@@ -457,8 +502,11 @@ def check_study(settings: LadderSettings, out: Path) -> None:
         theirs, ours = _read_json(study), _json_round_trip(settings.pinned())
         if differ := [k for k in PINNED if theirs.get(k) != ours.get(k)]:
             key = differ[0]
-            raise InputError(f"'{out}' holds a study with {key} {theirs.get(key)!r}, not {ours.get(key)!r}: give "
-                             "another --out, or the same settings to resume it", field="out")  # fmt: skip
+            raise InputError(
+                f"'{out}' holds a study with {key} {theirs.get(key)!r}, not {ours.get(key)!r}: give "
+                "another --out, or the same settings to resume it",
+                field="out",
+            )
 
 
 def _json_round_trip(value: Any) -> Any:
@@ -490,9 +538,16 @@ def run_ladder(
                 row = _read_json(row_file)
             else:
                 figures, eval_s = evaluate_run(settings, run, ground_truth, progress)
-                row = {"step": step, "seed": seed, "model": STEPS[step].cfg(settings.groups),
-                       "rep_l2": STEPS[step].rep_l2, "run": str(run.relative_to(out)), **trained, "eval_s": eval_s,
-                       **figures}  # fmt: skip
+                row = {
+                    "step": step,
+                    "seed": seed,
+                    "model": STEPS[step].cfg(settings.groups),
+                    "rep_l2": STEPS[step].rep_l2,
+                    "run": str(run.relative_to(out)),
+                    **trained,
+                    "eval_s": eval_s,
+                    **figures,
+                }
                 _write_json(row_file, row)
             if (trace := run / C1_TRACE).is_file():  # read apart from the row: a study run before it was traced
                 row = {**row, "c1_by_epoch": _read_json(trace)}

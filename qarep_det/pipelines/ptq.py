@@ -20,7 +20,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import KW_ONLY, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,8 +32,9 @@ from qarep_det.evaluation.coco import GroundTruth, load_ground_truth, per_image_
 from qarep_det.evaluation.plots import plot_max_drop
 from qarep_det.evaluation.predict import evaluate_runner
 from qarep_det.evaluation.protocol import EvalProtocol
+from qarep_det.evaluation.results import PTQRow, Ranking, Search
 from qarep_det.evaluation.table import write_results
-from qarep_det.quant.backends.base import BACKENDS, Job
+from qarep_det.quant.backends.base import BACKENDS, Job, Quantized
 from qarep_det.quant.calibration import CalibrationSet, calibration_set
 from qarep_det.quant.qat import ULTRALYTICS_QAT
 from qarep_det.quant.recipe import QuantRecipe
@@ -59,9 +60,11 @@ TUNE_IMAGES = 256
 
 @dataclass(frozen=True)
 class PTQSettings:
-    """Everything a PTQ evaluation depends on besides the checkpoints; stored with the results."""
+    """Everything a PTQ evaluation depends on besides the checkpoints; stored with the results. The data YAML is
+    the one positional field."""
 
     data: Path
+    _: KW_ONLY
     recipe: QuantRecipe = field(default_factory=QuantRecipe)
     backends: tuple[str, ...] = ("torch",)
     imgsz: int = 640
@@ -131,69 +134,93 @@ def _rank(
     grids = {backend: BACKENDS[backend].half_range(settings.overflow_fix) for backend in settings.backends}
     by_grid: dict[bool, Sensitivity] = {}
     for half_range in dict.fromkeys(grids.values()):
-        calibrated = next(iter(by_grid.values())).calibrated if by_grid else None
         by_grid[half_range] = rank_sensitivity(
             checkpoint.fused,
             calib,
             settings.recipe,
-            settings.device,
-            progress,
-            settings.ranked_images,
-            settings.rank_by,
-            half_range,
-            calibrated,
+            device=settings.device,
+            progress=progress,
+            rank_images=settings.ranked_images,
+            rank_by=settings.rank_by,
+            half_range=half_range,
+            calibrated=next(iter(by_grid.values())).calibrated if by_grid else None,
         )
     return {backend: by_grid[half_range] for backend, half_range in grids.items()}
 
 
+@dataclass(frozen=True)
+class FP32Tuning:
+    """The FP32 model on the tuning set, once per checkpoint: its mAP50-95, each image's AP50-95 (the search's
+    standard error pairs them with K = 0's), and the seconds it took (counted in every backend's search)."""
+
+    map50_95: float
+    per_image: list[float]
+    seconds: float
+
+
 def _search(
     job: Job,
+    *,
     backend: str,
     sensitivity: Sensitivity,
     tuning: TuningSet,
-    fp32_tune: dict[str, Any],
+    fp32_tune: FP32Tuning,
     settings: PTQSettings,
     scratch: Path,
     progress: bool,
     macs: dict[str, int],
-) -> tuple[Job, dict[str, Any]]:
+) -> tuple[Job, Search]:
     """The search step: the fewest convs of the ranking kept float for ``max_drop`` on ``backend`` (its first
     ``refine`` re-ranked), scored on the tuning set, each step with the MACs it keeps float; the row's job (its
-    artefacts named per backend) and the search's row keys."""
-    name = job.stem.name
+    artefacts named per backend) and the row's search fields."""
+    name, start = job.stem.name, time.perf_counter()
 
     def kept(names: tuple[str, ...]) -> QuantRecipe:
         return replace(job.recipe, float_layers=job.recipe.float_layers + names)
 
-    search, extra = search_backend(
+    search = search_backend(
         lambda names: BACKENDS[backend].candidate(job.with_recipe(kept(names)), scratch),
-        sensitivity.ranking,
-        tuning,
-        fp32_tune["map50_95"],
-        fp32_tune["per_image"],
-        settings.max_drop,
-        scratch,
-        f"{name} on {backend}",
-        settings.protocol,
-        settings.batch,
-        progress,
-        settings.refine,
-        macs,
+        ranking=sensitivity.ranking,
+        tuning=tuning,
+        fp32_tune_map=fp32_tune.map50_95,
+        fp32_per_image=fp32_tune.per_image,
+        max_drop=settings.max_drop,
+        scratch=scratch,
+        label=f"{name} on {backend}",
+        protocol=settings.protocol,
+        batch=settings.batch,
+        progress=progress,
+        refine=settings.refine,
+        costs=macs,
     )
-    return job.with_recipe(kept(search.float_layers), job.stem.with_name(f"{name}_{backend}")), extra
+    seconds = time.perf_counter() - start + fp32_tune.seconds
+    row = search.row(tune_images=tuning.images, tune_split=tuning.split, search_s=seconds)
+    return job.with_recipe(kept(search.float_layers), job.stem.with_name(f"{name}_{backend}")), row
+
+
+@dataclass(frozen=True)
+class Choice:
+    """How a backend's float convs were chosen: the ranking (``keep_float`` or ``max_drop``) and ``max_drop``'s
+    search, each None where not run; the fields a row carries of it."""
+
+    rank: Ranking | None = None
+    search: Search | None = None
 
 
 def _row(
     checkpoint: FusedCheckpoint,
+    *,
     backend: str,
     job: Job,
+    choice: Choice,
+    quantized: Quantized,
     fp32: dict[str, Any],
     int8: dict[str, Any],
-    fp32_ms: float | None,
+    backend_fp32: dict[str, Any] | None,
     quantize_s: float,
-    extra: dict[str, Any],
-) -> dict[str, Any]:
-    """The row step: one results.json row from the FP32 and INT8 evaluations of ``job``'s model on ``backend``."""
+) -> PTQRow:
+    """The row step: one results.json row from the FP32 and INT8 evaluations of ``job``'s model on ``backend``
+    (``backend_fp32``: the backend's own FP32 model's, where it runs one)."""
     student, calib = checkpoint.student, job.calib
     if student is None:  # the images the calibration could read, known once it ran
         method, ranges = "ptq", "calibrated"
@@ -202,38 +229,51 @@ def _row(
         method, ranges, calib_images = "qat", student.qat_ranges, job.recipe.calib_images  # the QAT run's
     else:
         method, ranges, calib_images = "qat (ultralytics)", ULTRALYTICS_QAT["ranges"], None  # 8 of its batches
-    return {
-        "model": checkpoint.name,
-        "params": sum(p.numel() for p in (student if checkpoint.fused is None else checkpoint.fused).parameters()),
-        "backend": backend,
-        "calib_method": job.recipe.calib_method,
-        "method": method,
-        "ranges": ranges,
-        "calib_images": calib_images,
-        "fp32_map50_95": fp32["map50_95"],
-        "int8_map50_95": int8["map50_95"],
-        "drop": None if fp32["map50_95"] is None else fp32["map50_95"] - int8["map50_95"],
-        "fp32_map50": fp32["map50"],
-        "int8_map50": int8["map50"],
-        "fp32_ms": fp32_ms,
-        "int8_ms": int8["runner_ms"],
-        "quantize_head": job.recipe.quantize_head,
-        "float_layers": list(job.recipe.float_layers),
-        "quantize_s": quantize_s,
-        "weights": str(checkpoint.path),
-        "protocol": int8["protocol"],
-        **extra,
-    }
+    return PTQRow(
+        model=checkpoint.name,
+        params=sum(p.numel() for p in (student if checkpoint.fused is None else checkpoint.fused).parameters()),
+        backend=backend,
+        calib_method=job.recipe.calib_method,
+        method=method,
+        ranges=ranges,
+        calib_images=calib_images,
+        fp32_map50_95=fp32["map50_95"],
+        int8_map50_95=int8["map50_95"],
+        drop=None if fp32["map50_95"] is None else fp32["map50_95"] - int8["map50_95"],
+        fp32_map50=fp32["map50"],
+        int8_map50=int8["map50"],
+        fp32_ms=fp32["runner_ms"] if backend_fp32 is None else backend_fp32["runner_ms"],
+        int8_ms=int8["runner_ms"],
+        quantize_head=job.recipe.quantize_head,
+        float_layers=job.recipe.float_layers,
+        quantize_s=quantize_s,
+        weights=str(checkpoint.path),
+        protocol=int8["protocol"],
+        rank=choice.rank,
+        search=choice.search,
+        int8_file=None if quantized.int8_file is None else str(quantized.int8_file),
+        fp32_file=None if quantized.fp32_file is None else str(quantized.fp32_file),
+        fp32_mb=quantized.fp32_mb,
+        int8_mb=quantized.int8_mb,
+        integer_convs=quantized.integer_convs,
+        fp32_backend_map50_95=None if backend_fp32 is None else backend_fp32["map50_95"],
+    )
 
 
 def backend_jobs(
-    checkpoint: FusedCheckpoint, settings: PTQSettings, calib: CalibrationSet, stem: Path, scratch: Path,
-    progress: bool = True, tuning: TuningSet | None = None,
-) -> Iterator[tuple[str, Job, dict[str, Any]]]:  # fmt: skip
-    """Per backend of ``settings``, the job its INT8 model is made from and the row keys of choosing it: the rank
-    step (once per checkpoint), then K kept float or the search step. ``ptq_eval`` quantizes and scores each job;
-    ``export --int8`` writes the artefact of the same job, so the file it writes is the model ptq_eval scores.
-    Artefacts are named from ``stem``; the search's files go to ``scratch``."""
+    checkpoint: FusedCheckpoint,
+    settings: PTQSettings,
+    calib: CalibrationSet,
+    *,
+    stem: Path,
+    scratch: Path,
+    progress: bool = True,
+    tuning: TuningSet | None = None,
+) -> Iterator[tuple[str, Job, Choice]]:
+    """Per backend of ``settings``, the job its INT8 model is made from and how it was chosen: the rank step (once
+    per checkpoint), then K kept float or the search step. ``ptq_eval`` quantizes and scores each job; ``export
+    --int8`` writes the artefact of the same job, so the file it writes is the model ptq_eval scores. Artefacts are
+    named from ``stem``; the search's files go to ``scratch``."""
     fused, student = checkpoint.fused, checkpoint.student
     sensitivities: dict[str, Sensitivity] = {}
     if checkpoint.ours:
@@ -244,45 +284,76 @@ def backend_jobs(
         recipe = settings.recipe
         if settings.ranks:
             sensitivities = _rank(checkpoint, settings, calib, progress)
-    calibrated = next(iter(sensitivities.values())).calibrated if sensitivities else None  # one for every grid
     macs = conv_macs(fused, settings.imgsz, next(iter(sensitivities.values())).ranking) if sensitivities else {}
-    job = Job(None if fused is None else fused.cpu(), calib, recipe, settings.imgsz, settings.device, stem,
-              settings.save_int8, settings.overwrite, student, calibrated,
-              overflow_fix=settings.overflow_fix)  # fmt: skip
+    job = Job(
+        fused=None if fused is None else fused.cpu(),
+        calib=calib,
+        recipe=recipe,
+        imgsz=settings.imgsz,
+        device=settings.device,
+        stem=stem,
+        save=settings.save_int8,
+        overwrite=settings.overwrite,
+        student=student,
+        calibrated=next(iter(sensitivities.values())).calibrated if sensitivities else None,  # one for every grid
+        overflow_fix=settings.overflow_fix,
+    )
     if tuning is not None:
         start = time.perf_counter()
-        score = partial(evaluate_runner, protocol=settings.protocol, batch=settings.batch, progress=progress)
-        fp32_tune = score(torch_runner(fused, settings.device), tuning.ground_truth, scratch / "fp32.json")
-        fp32_tune["per_image"] = per_image_map50_95(tuning.ground_truth, scratch / "fp32.json")
-        fp32_tune_s = time.perf_counter() - start
+        fp32_tune = FP32Tuning(
+            map50_95=evaluate_runner(
+                torch_runner(fused, settings.device),
+                tuning.ground_truth,
+                scratch / "fp32.json",
+                protocol=settings.protocol,
+                batch=settings.batch,
+                progress=progress,
+            )["map50_95"],
+            per_image=per_image_map50_95(tuning.ground_truth, scratch / "fp32.json"),
+            seconds=time.perf_counter() - start,
+        )
     for backend in settings.backends:
-        start = time.perf_counter()
-        chosen, extra, sensitivity = job, {}, sensitivities.get(backend)
+        chosen, choice, sensitivity = job, Choice(), sensitivities.get(backend)
         if sensitivity is not None:
             if settings.float_cost == "latency":
                 sensitivity = sensitivity.by_cost(macs)
             chosen = job.with_recipe(sensitivity.keep(recipe, settings.keep_float))  # K kept float (0 to search)
-            extra = {"calibrate_s": sensitivity.calibrate_s, "rank_images": settings.ranked_images,
-                     "rank_by": sensitivity.rank_by, "rank_s": sensitivity.rank_s,
-                     "rank_half_range": sensitivity.half_range}  # fmt: skip
         if tuning is not None:
-            chosen, searched = _search(chosen, backend, sensitivity, tuning, fp32_tune, settings, scratch, progress,
-                                       macs)  # fmt: skip
-            extra |= searched | {"search_s": time.perf_counter() - start + fp32_tune_s}  # with the FP32 evaluation
-        if sensitivity is not None:
-            extra |= float_cost_row(macs, chosen.recipe.float_layers, settings.float_cost)
-        yield backend, chosen, extra
+            chosen, searched = _search(
+                chosen,
+                backend=backend,
+                sensitivity=sensitivity,
+                tuning=tuning,
+                fp32_tune=fp32_tune,
+                settings=settings,
+                scratch=scratch,
+                progress=progress,
+                macs=macs,
+            )
+            choice = replace(choice, search=searched)
+        if sensitivity is not None:  # with what the convs kept float cost, known once the search chose them
+            ranked = Ranking(
+                calibrate_s=sensitivity.calibrate_s,
+                rank_images=settings.ranked_images,
+                rank_by=sensitivity.rank_by,
+                rank_s=sensitivity.rank_s,
+                rank_half_range=sensitivity.half_range,
+                **float_cost_row(macs, chosen.recipe.float_layers, settings.float_cost),
+            )
+            choice = replace(choice, rank=ranked)
+        yield backend, chosen, choice
 
 
 def evaluate_checkpoint(
     checkpoint: FusedCheckpoint,
     settings: PTQSettings,
+    *,
     out_dir: Path,
     ground_truth: GroundTruth,
     calib: CalibrationSet,
     progress: bool = True,
     tuning: TuningSet | None = None,
-) -> list[dict[str, Any]]:
+) -> list[PTQRow]:
     """Rows for one checkpoint: FP32 once, then INT8 for each backend (on the CPU but for the torch backend)."""
     name, fused = checkpoint.name, checkpoint.fused
     score = partial(evaluate_runner, protocol=settings.protocol, batch=settings.batch, progress=progress)
@@ -292,18 +363,30 @@ def evaluate_checkpoint(
     rows = []
     with tempfile.TemporaryDirectory(prefix="qarep_ptq_") as scratch:  # runtimes have loaded their files by its end
         stem = (out_dir if settings.save_int8 else Path(scratch)) / name
-        for backend, chosen, extra in backend_jobs(checkpoint, settings, calib, stem, Path(scratch), progress, tuning):
+        jobs = backend_jobs(
+            checkpoint, settings, calib, stem=stem, scratch=Path(scratch), progress=progress, tuning=tuning
+        )
+        for backend, chosen, choice in jobs:
             start = time.perf_counter()
             quantized = BACKENDS[backend].quantize(chosen)
             quantize_s = time.perf_counter() - start  # calibration (unless ranked), quantizing, files
-            extra |= quantized.row
             int8 = score(quantized.runner, ground_truth, out_dir / f"{name}_int8_{backend}.json")
-            fp32_ms = fp32["runner_ms"]
+            backend_fp32 = None
             if quantized.fp32_runner is not None:  # the backend's own FP32 model: like-for-like latency
                 backend_fp32 = score(quantized.fp32_runner, ground_truth, out_dir / f"{name}_fp32_{backend}.json")
-                fp32_ms = backend_fp32["runner_ms"]
-                extra["fp32_backend_map50_95"] = backend_fp32["map50_95"]
-            rows.append(_row(checkpoint, backend, chosen, fp32, int8, fp32_ms, quantize_s, extra))
+            rows.append(
+                _row(
+                    checkpoint,
+                    backend=backend,
+                    job=chosen,
+                    choice=choice,
+                    quantized=quantized,
+                    fp32=fp32,
+                    int8=int8,
+                    backend_fp32=backend_fp32,
+                    quantize_s=quantize_s,
+                )
+            )
     return rows
 
 
@@ -333,19 +416,32 @@ def calibration_and_tuning(
     """The calibration draw from the train split and, with ``max_drop``, the tuning set (never a calibration image
     nor one of the ``scored`` images); one clear error for no train images or no labelled image to rank by."""
     recipe = settings.recipe
-    calib = calibration_set(settings.data, settings.imgsz, recipe.calib_images, recipe.seed, settings.batch, progress)
+    calib = calibration_set(
+        settings.data,
+        settings.imgsz,
+        n=recipe.calib_images,
+        seed=recipe.seed,
+        batch_size=settings.batch,
+        progress=progress,
+    )
     if settings.ranks and settings.rank_by == "fisher":
         check_labelled(calib.paths[: settings.ranked_images])
     tuning = None
     if settings.max_drop is not None:
-        tuning = tuning_set(settings.data, settings.tune_images, recipe.seed, calib.paths, scored,
-                            settings.tune_split)  # fmt: skip
+        tuning = tuning_set(
+            settings.data,
+            settings.tune_images,
+            seed=recipe.seed,
+            calibration=calib.paths,
+            scored=scored,
+            split=settings.tune_split,
+        )
     return calib, tuning
 
 
 def run_ptq_eval(
     weights: Sequence[str | os.PathLike], settings: PTQSettings, out_dir: str | os.PathLike, progress: bool = True
-) -> tuple[list[dict[str, Any]], Path, Path]:
+) -> tuple[list[PTQRow], Path, Path]:
     """Evaluate every checkpoint at FP32 and INT8; writes ``results.json`` and ``results.md`` into ``out_dir``, and
     with ``max_drop`` the trade-off plot ``max_drop.png``.
 
@@ -364,7 +460,9 @@ def run_ptq_eval(
     rows = [
         row
         for checkpoint in checkpoints
-        for row in evaluate_checkpoint(checkpoint, settings, out, ground_truth, calib, progress, tuning)
+        for row in evaluate_checkpoint(
+            checkpoint, settings, out_dir=out, ground_truth=ground_truth, calib=calib, progress=progress, tuning=tuning
+        )
     ]
     json_path, md_path = write_results(rows, out, settings.protocol)
     if tuning is not None:

@@ -224,10 +224,18 @@ def _start_student(options: QATOptions, device: str) -> QATDetectionModel:
         return model
     fused, recipe = reparameterize_model(model), options.recipe
     check_partial(fused, recipe, options.keep_float)  # before minutes of calibration
-    calib = calibration_set(options.data, options.imgsz, recipe.calib_images, recipe.seed, batch_size=8)
+    calib = calibration_set(options.data, options.imgsz, n=recipe.calib_images, seed=recipe.seed, batch_size=8)
     main_device = torch_device(device, first=True)  # DDP: the main process calibrates on its own device
-    recipe = keep_most_sensitive(fused, calib, recipe, options.keep_float, main_device)
-    student = make_student(fused, calib, recipe, main_device, options.distill, options.ranges, options.lr_ranges)
+    recipe = keep_most_sensitive(fused, calib, recipe, keep_float=options.keep_float, device=main_device)
+    student = make_student(
+        fused,
+        calib,
+        recipe,
+        device=main_device,
+        distill=options.distill,
+        ranges=options.ranges,
+        lr_ranges=options.lr_ranges,
+    )
     student.qat_form = options.form
     if blocks:  # carried to QATTrainer.setup_model, which gives them back to the student after ModelOpt's restore
         student.__dict__[BLOCKS_KEY] = blocks

@@ -87,10 +87,8 @@ class EquivalentConv(nn.Module):
         equivalent kernel and bias as weight and bias."""
         kernel, bias = self.block.fused_kernel_bias()
         conv = self.quantized
-        y = F.conv2d(
-            self.input_quantizer(x), self.weight_quantizer(kernel), bias, conv.stride, conv.padding, conv.dilation,
-            conv.groups,
-        )  # fmt: skip
+        x, kernel = self.input_quantizer(x), self.weight_quantizer(kernel)
+        y = F.conv2d(x, kernel, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         return self.output_quantizer(y)
 
     @torch.no_grad()

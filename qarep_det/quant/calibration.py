@@ -92,6 +92,7 @@ class CalibrationSet:
 def calibration_set(
     data: str | Path,
     imgsz: int,
+    *,
     n: int = 512,
     seed: int = 0,
     batch_size: int = 8,

@@ -93,6 +93,7 @@ def make_student(
     fused: DetectionModel,
     batches: Iterable[Tensor],
     recipe: QuantRecipe,
+    *,
     device: str | torch.device = "cpu",
     distill: bool = False,
     ranges: str = "frozen",

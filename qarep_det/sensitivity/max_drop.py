@@ -38,7 +38,6 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from tqdm import tqdm
 
@@ -47,6 +46,7 @@ from qarep_det.errors import InputError
 from qarep_det.evaluation.coco import per_image_map50_95
 from qarep_det.evaluation.predict import evaluate_runner
 from qarep_det.evaluation.protocol import EvalProtocol
+from qarep_det.evaluation.results import Search, TuneStep
 from qarep_det.quant.runner import Runner
 from qarep_det.sensitivity.resolution import Resolution
 from qarep_det.sensitivity.tuning import TuningSet
@@ -70,17 +70,16 @@ class Step:
     def k(self) -> int:
         return len(self.names)
 
-    def row(self) -> dict[str, Any]:
+    def row(self) -> TuneStep:
         """The step's entry in a results.json row, rounded as the table is; a refinement step names its conv."""
-        entry: dict[str, Any] = {
-            "k": self.k,
-            "tune_map50_95": round(self.tune_map50_95, 2),
-            "tune_drop": round(self.tune_drop, 2),
-            "int8_ms": round(self.int8_ms, 2),
-        }
-        if self.gmacs is not None:
-            entry["float_gmacs"] = round(self.gmacs, 4)
-        return entry | {"reverted": self.names[0]} if self.reverted else entry
+        return TuneStep(
+            k=self.k,
+            tune_map50_95=round(self.tune_map50_95, 2),
+            tune_drop=round(self.tune_drop, 2),
+            int8_ms=round(self.int8_ms, 2),
+            float_gmacs=None if self.gmacs is None else round(self.gmacs, 4),
+            reverted=self.names[0] if self.reverted else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -112,22 +111,35 @@ class SearchResult:
         """How far the kept candidate's tuning drop is above D; 0 when met."""
         return 0.0 if self.met else self.chosen.tune_drop - self.max_drop
 
-    def row(self) -> dict[str, Any]:
-        """The keys a results.json row gets (besides ``float_layers``, which the caller knows); ``tune_images_needed``
-        is None when the tuning images resolve D (or when none would: D = 0)."""
+    @property
+    def tune_drop_se(self) -> float | None:
+        """The tuning drop's standard error; None when not estimated."""
+        return None if self.resolution is None else self.resolution.standard_error
+
+    @property
+    def tune_images_needed(self) -> int | None:
+        """Tuning images that would resolve D; None when these resolve it (or when none would: D = 0)."""
         noise, d = self.resolution, self.max_drop
-        return {
-            "max_drop": d,
-            "refine": self.refine,
-            "tune_drop": self.chosen.tune_drop,
-            "tune_drop_se": None if noise is None else noise.standard_error,
-            "tune_images_needed": None if noise is None or noise.resolves(d) else noise.images_needed(d),
-            "tune_evals": self.evals,
-            "shortfall": self.shortfall,
-            "fp32_tune_map50_95": self.fp32_tune_map50_95,
-            "int8_tune_map50_95": self.chosen.tune_map50_95,
-            "tune_steps": [step.row() for step in self.steps],
-        }
+        return None if noise is None or noise.resolves(d) else noise.images_needed(d)
+
+    def row(self, *, tune_images: int, tune_split: str, search_s: float) -> Search:
+        """The search's fields of a results.json row (``float_layers``, the row's own, is the caller's), searched
+        on ``tune_images`` images of ``tune_split`` in ``search_s`` seconds."""
+        return Search(
+            max_drop=self.max_drop,
+            refine=self.refine,
+            tune_drop=self.chosen.tune_drop,
+            tune_drop_se=self.tune_drop_se,
+            tune_images_needed=self.tune_images_needed,
+            tune_evals=self.evals,
+            shortfall=self.shortfall,
+            fp32_tune_map50_95=self.fp32_tune_map50_95,
+            int8_tune_map50_95=self.chosen.tune_map50_95,
+            tune_steps=tuple(step.row() for step in self.steps),
+            tune_images=tune_images,
+            tune_split=tune_split,
+            search_s=search_s,
+        )
 
 
 def evaluation_budget(convs: int, refine: int = 0) -> int:
@@ -140,6 +152,7 @@ def evaluation_budget(convs: int, refine: int = 0) -> int:
 
 def search_float_convs(
     ranking: Sequence[str],
+    *,
     fp32_tune_map: float,
     evaluate: Callable[[tuple[str, ...]], tuple[float, float]],
     max_drop: float,
@@ -233,6 +246,7 @@ def _warn_unresolved(resolution: Resolution, max_drop: float) -> None:
 
 def search_backend(
     candidate: Callable[[tuple[str, ...]], Runner],
+    *,
     ranking: Sequence[str],
     tuning: TuningSet,
     fp32_tune_map: float,
@@ -245,17 +259,18 @@ def search_backend(
     progress: bool = True,
     refine: int = 0,
     costs: Mapping[str, float] | None = None,
-) -> tuple[SearchResult, dict[str, Any]]:
+) -> SearchResult:
     """The search on one backend, ``candidate(names)`` being its INT8 runner with the convs ``names`` float, each
-    scored on the tuning set with the evaluation's ``protocol``: the result, and the keys of its results.json row
-    (``costs``: as :func:`search_float_convs` takes them).
+    scored on the tuning set with the evaluation's ``protocol`` (``costs``: as :func:`search_float_convs` takes them).
     ``fp32_per_image`` is the FP32 model's AP50-95 of each tuning image
     (:func:`qarep_det.evaluation.coco.per_image_map50_95`), paired with K = 0's for the drop's standard error."""
     detections: dict[tuple[str, ...], Path] = {}  # one file per float set evaluated, K = 0's first
 
     def evaluate(names: tuple[str, ...]) -> tuple[float, float]:
         path = detections.setdefault(names, scratch / f"tune_{len(detections)}.json")
-        result = evaluate_runner(candidate(names), tuning.ground_truth, path, protocol, batch, progress)
+        result = evaluate_runner(
+            candidate(names), tuning.ground_truth, path, protocol=protocol, batch=batch, progress=progress
+        )
         return result["map50_95"], result["runner_ms"]
 
     def resolution() -> Resolution:
@@ -265,5 +280,13 @@ def search_backend(
         f"{label}: fewest of {len(ranking)} convs float for a drop <= {max_drop:g} on {tuning.describe()}, FP32 "
         f"{fp32_tune_map:.2f}" + (f"; the first {refine} re-ranked by their tuning mAP" if refine else "")
     )
-    result = search_float_convs(ranking, fp32_tune_map, evaluate, max_drop, resolution, tqdm.write, refine, costs)
-    return result, {**result.row(), "tune_images": tuning.images, "tune_split": tuning.split}
+    return search_float_convs(
+        ranking,
+        fp32_tune_map=fp32_tune_map,
+        evaluate=evaluate,
+        max_drop=max_drop,
+        resolution=resolution,
+        report=tqdm.write,
+        refine=refine,
+        costs=costs,
+    )

@@ -78,6 +78,7 @@ def revert_noise(
     fused: nn.Module,
     qmodel: nn.Module,
     images: Sequence[torch.Tensor],
+    *,
     recipe: QuantRecipe,
     device: str | torch.device = "cpu",
     progress: bool = True,
@@ -161,6 +162,7 @@ def fisher_scores(
     fused: nn.Module,
     qmodel: nn.Module,
     paths: Sequence[Path],
+    *,
     imgsz: int,
     recipe: QuantRecipe,
     device: str | torch.device = "cpu",
@@ -251,18 +253,27 @@ def rank(
     the relative detector-output noise power with only this conv INT8; ``revert``, the relative noise power its revert
     removes from the fully INT8 model's output; ``fisher``, its loss increase."""
     if check_ranking(rank_by) == "isolated":
-        noise = isolated_noise(fused, calibrated, images, recipe, device, progress)
+        noise = isolated_noise(fused, calibrated, images, recipe=recipe, device=device, progress=progress)
         return {name: relative_detection_noise(*noise[name]) for name in rank_by_noise(noise)}
     if rank_by == "revert":  # the highest SQNR once restored is the largest gain; ties keep model order
         full = (NoisePower(), NoisePower())
-        noise = revert_noise(fused, calibrated, images, recipe, device, progress, full)
+        noise = revert_noise(fused, calibrated, images, recipe=recipe, device=device, progress=progress, full=full)
         before = relative_detection_noise(*full)
         ranking = sorted(noise, key=lambda name: -detection_noise(*noise[name]))
         return {name: before - relative_detection_noise(*noise[name]) for name in ranking}
     if not isinstance(images, CalibrationSet):
         raise TypeError("the gradient ranking reads labels: pass the calibration set itself")
     check_labelled(images.paths)
-    scores = fisher_scores(fused, calibrated, images.paths, images.imgsz, recipe, device, images.batch_size, progress)
+    scores = fisher_scores(
+        fused,
+        calibrated,
+        images.paths,
+        imgsz=images.imgsz,
+        recipe=recipe,
+        device=device,
+        batch_size=images.batch_size,
+        progress=progress,
+    )
     return {name: scores[name] for name in sorted(scores, key=lambda name: -scores[name])}
 
 
@@ -270,6 +281,7 @@ def rank_sensitivity(
     fused: nn.Module,
     calib: Sequence[torch.Tensor],
     recipe: QuantRecipe,
+    *,
     device: str | torch.device = "cpu",
     progress: bool = True,
     rank_images: int | None = None,
@@ -298,6 +310,7 @@ def keep_most_sensitive(
     fused: nn.Module,
     calib: Sequence[torch.Tensor],
     recipe: QuantRecipe,
+    *,
     keep_float: int,
     device: str | torch.device = "cpu",
     progress: bool = True,
@@ -306,4 +319,4 @@ def keep_most_sensitive(
     to its float layers; ``recipe`` itself for 0."""
     if not keep_float:
         return recipe
-    return rank_sensitivity(fused, calib, recipe, device, progress).keep(recipe, keep_float)
+    return rank_sensitivity(fused, calib, recipe, device=device, progress=progress).keep(recipe, keep_float)

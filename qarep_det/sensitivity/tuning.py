@@ -52,6 +52,7 @@ def _real(paths: Iterable[str | os.PathLike]) -> set[str]:
 def tuning_set(
     data: str | os.PathLike,
     n: int,
+    *,
     seed: int,
     calibration: Iterable[str | os.PathLike],
     scored: Iterable[str | os.PathLike],

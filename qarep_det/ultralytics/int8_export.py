@@ -58,8 +58,18 @@ class _ContractExporter(Exporter):
 def export_contract(model: nn.Module, fmt: str, imgsz: int, data: str | os.PathLike) -> ExportContract:
     """The metadata and shapes of Ultralytics' INT8 export of ``model`` as ``fmt`` (static batch 1, no NMS, as its
     default export), calibrated on ``data``; nothing is converted or written."""
-    overrides = {"mode": "export", "format": fmt, "imgsz": imgsz, "batch": 1, "quantize": 8, "data": str(data),
-                 "dynamic": False, "nms": False, "device": "cpu", "verbose": False}  # fmt: skip
+    overrides = {
+        "mode": "export",
+        "format": fmt,
+        "imgsz": imgsz,
+        "batch": 1,
+        "quantize": 8,
+        "data": str(data),
+        "dynamic": False,
+        "nms": False,
+        "device": "cpu",
+        "verbose": False,
+    }
     exporter = _ContractExporter(overrides=overrides)
     threads = torch.get_num_threads()
     try:

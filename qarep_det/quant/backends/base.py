@@ -29,7 +29,7 @@ def file_size_mb(*paths: Path) -> float:
     return sum(p.stat().st_size for p in paths) / 1e6
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Job:
     """What every backend quantizes, for one checkpoint and one set of float convs."""
 
@@ -111,11 +111,15 @@ class Job:
 @dataclass(frozen=True)
 class Quantized:
     """A row's INT8 model on one backend: its runner, the backend's own FP32 runner if it has one (like-for-like
-    latency), and the row keys the backend adds (files, sizes)."""
+    latency), and what the backend's row reports of it (files saved, their sizes, integer convs)."""
 
     runner: Runner
     fp32_runner: Runner | None = None
-    row: dict[str, Any] = field(default_factory=dict)
+    int8_file: Path | None = None  # the INT8 artefact, when the job saves it
+    fp32_file: Path | None = None  # the backend's own FP32 twin of it, when saved (benchmark int8 times the pair)
+    int8_mb: float | None = None
+    fp32_mb: float | None = None
+    integer_convs: int | None = None  # convs that run as integer kernels, where the backend counts them
 
 
 class Backend:
@@ -143,8 +147,8 @@ class TorchBackend(Backend):
     """Simulated INT8 (ModelOpt fake quant) on the chosen device; saved as QDQ ONNX for TensorRT."""
 
     def quantize(self, job: Job) -> Quantized:
-        row = {"int8_file": str(job.qdq_onnx)} if job.save else {}  # exported before the runner takes the device
-        return Quantized(torch_runner(job.simulated, job.device), row=row)
+        int8_file = job.qdq_onnx if job.save else None  # exported before the runner takes the device
+        return Quantized(torch_runner(job.simulated, job.device), int8_file=int8_file)
 
     def candidate(self, job: Job, scratch: Path) -> Runner:
         return torch_runner(job.simulated, job.device)
@@ -163,10 +167,10 @@ class OnnxRuntimeBackend(Backend):
         from qarep_det.quant.backends.onnx_qdq import onnx_runner
 
         fp32_runner = None if job.fused is None else onnx_runner(job.fp32_onnx)
-        row = {"int8_file": str(job.qdq_onnx)} if job.save else {}
-        if job.save and job.fused is not None:
-            row["fp32_file"] = str(job.fp32_onnx)
-        return Quantized(onnx_runner(job.qdq_onnx), fp32_runner, row)
+        saved_fp32 = job.fp32_onnx if job.save and job.fused is not None else None
+        return Quantized(
+            onnx_runner(job.qdq_onnx), fp32_runner, int8_file=job.qdq_onnx if job.save else None, fp32_file=saved_fp32
+        )
 
     def candidate(self, job: Job, scratch: Path) -> Runner:
         from qarep_det.quant.backends.onnx_qdq import export_qdq_onnx, onnx_runner
@@ -183,16 +187,17 @@ class OpenVINOBackend(Backend):
 
         int8 = job.openvino_int8
         fp32 = None if job.fused is None else job.fp32_ir
-        row: dict[str, Any] = {}
+        int8_xml = int8_mb = fp32_xml = fp32_mb = None
         if job.save:
             if fp32 is not None:
                 fp32_xml = save_openvino(fp32, job.path("fp32.xml"), overwrite=job.overwrite)
-                row["fp32_mb"] = file_size_mb(fp32_xml, fp32_xml.with_suffix(".bin"))
-                row["fp32_file"] = str(fp32_xml)
+                fp32_mb = file_size_mb(fp32_xml, fp32_xml.with_suffix(".bin"))
             int8_xml = save_openvino(int8, job.path("int8.xml"), overwrite=job.overwrite)
-            row["int8_mb"] = file_size_mb(int8_xml, int8_xml.with_suffix(".bin"))
-            row["int8_file"] = str(int8_xml)
-        return Quantized(openvino_runner(int8), None if fp32 is None else openvino_runner(fp32), row)
+            int8_mb = file_size_mb(int8_xml, int8_xml.with_suffix(".bin"))
+        fp32_runner = None if fp32 is None else openvino_runner(fp32)
+        return Quantized(
+            openvino_runner(int8), fp32_runner, int8_file=int8_xml, int8_mb=int8_mb, fp32_file=fp32_xml, fp32_mb=fp32_mb
+        )
 
     def candidate(self, job: Job, scratch: Path) -> Runner:
         from qarep_det.quant.backends.openvino import openvino_runner
@@ -239,11 +244,16 @@ class OnnxRuntimeInt8Backend(Backend):
         from qarep_det.quant.backends.onnx_qdq import onnx_runner
 
         int8 = self._quantize(job, job.path("int8_ort.onnx"), job.overwrite)
-        row = {"integer_convs": integer_convs(int8)}
+        quantized = Quantized(onnx_runner(int8), onnx_runner(job.fp32_onnx), integer_convs=integer_convs(int8))
         if job.save:
-            row |= {"int8_file": str(int8), "int8_mb": file_size_mb(int8), "fp32_mb": file_size_mb(job.fp32_onnx),
-                    "fp32_file": str(job.fp32_onnx)}  # fmt: skip
-        return Quantized(onnx_runner(int8), onnx_runner(job.fp32_onnx), row)
+            return replace(
+                quantized,
+                int8_file=int8,
+                int8_mb=file_size_mb(int8),
+                fp32_mb=file_size_mb(job.fp32_onnx),
+                fp32_file=job.fp32_onnx,
+            )
+        return quantized
 
     def candidate(self, job: Job, scratch: Path) -> Runner:
         from qarep_det.quant.backends.onnx_qdq import onnx_runner

@@ -62,7 +62,7 @@ _NOT_OPS = ("Parameter", "Result", "Constant")
 _TORCH_PREFIX = "__module.model."  # friendly names of converted ops start with the torch module path
 
 
-def _require():
+def require_openvino():
     """Import openvino and nncf, or fail with the pip extra to install."""
     try:
         import nncf
@@ -74,7 +74,7 @@ def _require():
 
 def convert_openvino(model: nn.Module, imgsz: int) -> ov.Model:
     """FP32 OpenVINO model of a fused detector: input ``(B, 3, imgsz, imgsz)`` (dynamic B), output ``(B, 4+nc, A)``."""
-    ov, _ = _require()
+    ov, _ = require_openvino()
     wrapped = DecodedOutput(copy.deepcopy(model).float().cpu().eval())
     example = torch.zeros(1, 3, imgsz, imgsz)
     with torch.no_grad():
@@ -96,7 +96,7 @@ def conv_ops_by_module(ov_model: ov.Model) -> dict[str, list]:
 
 def ignored_scope(model: nn.Module, ov_model: ov.Model, recipe: QuantRecipe):
     """NNCF ignored scope: every non-conv op type, plus the convs the recipe keeps float (by exact op name)."""
-    _, nncf = _require()
+    _, nncf = require_openvino()
     convs = conv_ops_by_module(ov_model)
     torch_convs = {name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     if set(convs) != torch_convs:
@@ -148,7 +148,7 @@ class SingleImages:
 
 def force_signed_activations(ov_model: ov.Model) -> int:
     """Rewrite unsigned activation FakeQuantize ranges [0, m] to TensorRT's signed grid (step m/127); returns count."""
-    ov, _ = _require()
+    ov, _ = require_openvino()
     changed = 0
     for op in ov_model.get_ordered_ops():
         if op.get_type_name() != "FakeQuantize" or op.get_attributes()["levels"] != 256:
@@ -185,7 +185,7 @@ def nncf_arguments(
     ``nncf.quantize_with_accuracy_control`` share (preset, subset size, ignored scope), and the advanced parameters
     (bias correction off, the overflow fix, the range estimator), which the two take under different names.
     ``overflow_fix=None`` decides by the CPU: 7-bit weights without VNNI, 8-bit with it."""
-    _, nncf = _require()
+    _, nncf = require_openvino()
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
     range_estimator = _range_estimator(recipe)  # fail on an unsupported method before anything else
@@ -225,7 +225,7 @@ def quantize_openvino(
     seconds); it is copied, never modified.
     """
     recipe = recipe or QuantRecipe()
-    _, nncf = _require()
+    _, nncf = require_openvino()
     _range_estimator(recipe)  # fail on an unsupported method before converting anything
     if overflow_fix is False and not cpu_has_vnni():
         warnings.warn(
@@ -248,7 +248,7 @@ def nncf_default(fp32: ov.Model, batches: Iterable[torch.Tensor], images: int) -
     its preset (performance: symmetric activations), its ranges, its bias correction, its overflow fix (first layer
     only) and every op type it quantizes, on the calibration ``batches``; ``subset_size`` is their ``images`` so
     that it sees the same images as the recipe (its default, 300, would take fewer or repeat none)."""
-    _, nncf = _require()
+    _, nncf = require_openvino()
     with nncf_quiet():
         return nncf.quantize(fp32.clone(), nncf.Dataset(SingleImages(batches)), subset_size=images)
 
@@ -260,7 +260,7 @@ def convert_qdq_onnx(path: str | Path) -> ov.Model:
     Nothing is re-calibrated, so NNCF's overflow fix cannot apply: the weights keep all 8 bits, also on CPUs
     without VNNI (see the module docstring); ptq_eval's openvino row against its torch row shows what that costs.
     """
-    ov, _ = _require()
+    ov, _ = require_openvino()
     if not cpu_has_vnni():
         warnings.warn(
             "this CPU has no int8 dot-product instructions (VNNI/AMX): OpenVINO sums the QAT model's 8-bit weights in "
@@ -273,13 +273,13 @@ def convert_qdq_onnx(path: str | Path) -> ov.Model:
 
 def read_openvino(path: str | Path) -> ov.Model:
     """An IR (.xml) as a model object, to reshape or quantize before compiling."""
-    ov, _ = _require()
+    ov, _ = require_openvino()
     return ov.Core().read_model(str(path))
 
 
 def save_openvino(ov_model: ov.Model, path: str | Path, overwrite: bool = False) -> Path:
     """Write ``path`` (.xml) and its .bin in full precision; refuses to replace either unless ``overwrite``."""
-    ov, _ = _require()
+    ov, _ = require_openvino()
     xml = Path(path)
     if xml.suffix != ".xml":
         raise InputError(f"OpenVINO IR path must end with .xml, got '{xml}'")
@@ -293,7 +293,7 @@ def save_openvino(ov_model: ov.Model, path: str | Path, overwrite: bool = False)
 
 def compile_cpu(model: ov.Model | str | Path, num_threads: int | None = None) -> ov.CompiledModel:
     """Compile an OpenVINO model (object or .xml path) for the CPU with FP32 as the float precision."""
-    ov, _ = _require()
+    ov, _ = require_openvino()
     config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "f32"}  # no silent bf16/fp16 on CPUs that have it
     if num_threads:
         config["INFERENCE_NUM_THREADS"] = num_threads
@@ -317,7 +317,7 @@ def conv_kernels(compiled: ov.CompiledModel) -> Counter[str]:
 def openvino_runner(model: ov.Model | ov.CompiledModel | str | Path, num_threads: int | None = None) -> Runner:
     """A runner over an OpenVINO model (object or .xml path, compiled by :func:`compile_cpu`), or over a model the
     caller already compiled (e.g. to read its kernels with :func:`conv_kernels`; ``num_threads`` is then unused)."""
-    ov, _ = _require()
+    ov, _ = require_openvino()
     compiled = model if isinstance(model, ov.CompiledModel) else compile_cpu(model, num_threads)
     request = compiled.create_infer_request()
 
