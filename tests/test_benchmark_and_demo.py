@@ -301,7 +301,7 @@ def test_int8_benchmark_times_each_int8_file_beside_its_fp32_twin(int8_bench: In
 def test_int8_benchmark_prints_the_isa_every_pair_and_what_it_skipped(
     int8_bench: Int8Benchmark, known_answer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(cli_benchmark, "int8_benchmark", lambda *args: int8_bench)
+    monkeypatch.setattr(cli_benchmark, "int8_benchmark", lambda *args, **kwargs: int8_bench)
     assert cli_benchmark.main(["int8", "--data", str(known_answer.data), "--imgsz", "96"]) == 0
     lines = capsys.readouterr().out.splitlines()
     isa = ", ".join(cpu_info().int8_isa)

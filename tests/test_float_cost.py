@@ -66,15 +66,16 @@ def test_the_search_answers_the_cheaper_of_two_float_sets_that_both_meet_the_tar
         return 50.0 - max(0.0, 3.0 - sum(harm[name] for name in float_set)), 1.0
 
     def search(ranking: list[str]):
-        return search_float_convs(ranking, 50.0, evaluate, 0.3, report=lambda _: None, costs=macs)
+        return search_float_convs(
+            ranking, fp32_tune_map=50.0, evaluate=evaluate, max_drop=0.3, report=lambda _: None, costs=macs
+        )
 
     by_count, by_latency = search(sensitivity.ranking), search(sensitivity.by_cost(macs).ranking)
     assert by_count.met and by_latency.met
     assert by_count.float_layers == ("conv0",) and by_count.chosen.gmacs == pytest.approx(100e-9)
     assert set(by_latency.float_layers) == {"conv1", "conv2"} and by_latency.chosen.gmacs == pytest.approx(2e-9)
-    assert [s["float_gmacs"] for s in by_latency.row()["tune_steps"]] == [0.0] + [
-        round(s.gmacs, 4) for s in by_latency.steps[1:]
-    ]
+    search_row = by_latency.row(tune_images=10, tune_split="val", search_s=1.0)
+    assert [s.float_gmacs for s in search_row.tune_steps] == [0.0] + [round(s.gmacs, 4) for s in by_latency.steps[1:]]
     recipe = QuantRecipe()
     assert sensitivity.by_cost(macs).keep(recipe, 2).float_layers == ("conv1", "conv2")  # --keep-float K too
     assert sensitivity.keep(recipe, 2).float_layers == ("conv0", "conv1")

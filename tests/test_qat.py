@@ -460,7 +460,7 @@ def test_the_training_form_computes_the_fused_students_arithmetic_and_trains_the
     """Before any step it is the fused student (outputs, and its own conversion back); gradients reach every block's
     branch kernels, BN affine parameters and learned ranges; BN statistics stay frozen in train mode."""
     model = load_checkpoint(fp32_weights)[0]
-    images = next(iter(calibration_set(dataset, 64, 8, 0, progress=False)))
+    images = next(iter(calibration_set(dataset, 64, n=8, seed=0, progress=False)))
     student = make_student(reparameterize_model(model), [images], RECIPE).eval()
     training = copy.deepcopy(student)
     blocks = copy.deepcopy(unfused_blocks(model))
@@ -515,7 +515,7 @@ def test_a_training_form_run_writes_fused_qat_checkpoints_that_ptq_eval_scores(
         assert not has_training_form(student) and ckpt["modelopt"]["ranges"].keys() == start.keys()
     # the trained blocks' kernels reached last.pt (model.1 is a QARepBlock, now one conv)
     assert not torch.equal(student.model[1].conv.weight, fused.model[1].conv.weight)
-    settings = PTQSettings(dataset, QuantRecipe(calib_images=1), ("torch",), imgsz=64, batch=4)
+    settings = PTQSettings(dataset, recipe=QuantRecipe(calib_images=1), backends=("torch",), imgsz=64, batch=4)
     rows, _, _ = run_ptq_eval([training_form_run / "weights" / "best.pt"], settings, tmp_path, progress=False)
     assert [(r["backend"], r["method"]) for r in rows] == [("torch", "qat")]
 

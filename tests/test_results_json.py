@@ -27,10 +27,19 @@ def searched_row() -> PTQRow:
     """A --max-drop row on OpenVINO: every group present, a refinement step among the steps."""
     steps = (
         TuneStep(k=0, tune_map50_95=20.5, tune_drop=30.25, int8_ms=4.5),
-        TuneStep(k=1, tune_map50_95=48.0, tune_drop=2.75, int8_ms=4.75, reverted="model.3.conv"),
+        TuneStep(k=1, tune_map50_95=48.0, tune_drop=2.75, int8_ms=4.75, float_gmacs=0.5, reverted="model.3.conv"),
         TuneStep(k=1, tune_map50_95=49.5, tune_drop=1.25, int8_ms=4.75),
     )
-    rank = Ranking(calibrate_s=3.5, rank_images=32, rank_by="isolated", rank_s=7.25, rank_half_range=True)
+    rank = Ranking(
+        calibrate_s=3.5,
+        rank_images=32,
+        rank_by="isolated",
+        rank_s=7.25,
+        rank_half_range=True,
+        float_cost="latency",
+        float_gmacs=0.125,
+        float_mac_share=0.25,
+    )
     search = Search(
         max_drop=2.0,
         refine=1,
@@ -80,8 +89,15 @@ def test_a_row_survives_its_json_form() -> None:
     record = plain.to_json()
     assert record["rank_by"] is None and record["tune_steps"] is None and record["int8_file"] is None
     steps = searched.to_json()["tune_steps"]
-    assert steps[1] == {"k": 1, "tune_map50_95": 48.0, "tune_drop": 2.75, "int8_ms": 4.75, "reverted": "model.3.conv"}
-    assert steps[0]["reverted"] is None
+    assert steps[1] == {
+        "k": 1,
+        "tune_map50_95": 48.0,
+        "tune_drop": 2.75,
+        "int8_ms": 4.75,
+        "float_gmacs": 0.5,
+        "reverted": "model.3.conv",
+    }
+    assert steps[0]["reverted"] is None and steps[0]["float_gmacs"] is None
 
 
 def test_results_json_reads_back_as_written(tmp_path: Path) -> None:
