@@ -517,7 +517,7 @@ def test_a_training_form_run_writes_fused_qat_checkpoints_that_ptq_eval_scores(
     assert not torch.equal(student.model[1].conv.weight, fused.model[1].conv.weight)
     settings = PTQSettings(dataset, recipe=QuantRecipe(calib_images=1), backends=("torch",), imgsz=64, batch=4)
     rows, _, _ = run_ptq_eval([training_form_run / "weights" / "best.pt"], settings, tmp_path, progress=False)
-    assert [(r["backend"], r["method"]) for r in rows] == [("torch", "qat")]
+    assert [(r.backend, r.method) for r in rows] == [("torch", "qat")]
 
 
 @pytest.mark.parametrize("case", ["no rep blocks", "qat weights", "resume"])
