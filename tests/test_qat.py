@@ -6,6 +6,7 @@ import copy
 import csv
 import subprocess
 import sys
+import types
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from qarep_det.pipelines.diagnose import DiagnoseSettings, run_diagnose
 from qarep_det.pipelines.ptq import PTQSettings, run_ptq_eval
 from qarep_det.qat.trainer import QATOptions, QATTrainer, make_qat_trainer
 from qarep_det.qat.training_form import (
+    ema_fused,
     fused_student,
     has_training_form,
     to_training_form,
@@ -490,6 +492,34 @@ def test_the_training_form_computes_the_fused_students_arithmetic_and_trains_the
         back = fused_student(training)
         torch.testing.assert_close(back(images)[0], training(images)[0], rtol=1e-5, atol=1e-5)
         assert not torch.allclose(back(images)[0], expected, rtol=1e-3, atol=1e-3)
+
+
+def test_a_training_form_checkpoint_is_finite_after_a_nan_in_its_ema(fp32_weights: Path, dataset: Path) -> None:
+    """Ultralytics' save repairs a non-finite EMA tensor from the live model by key, which the fused copy no longer
+    shares: ema_fused repairs it before fusing (a branch BN from the live model), and zeroes in the fused copy what is
+    non-finite in both, so the checkpoint is the live model's fused student and finite; the EMA object is kept."""
+    model = load_checkpoint(fp32_weights)[0]
+    images = next(iter(calibration_set(dataset, 64, n=8, seed=0, progress=False)))
+    live = make_student(reparameterize_model(model), [images], RECIPE).eval()
+    to_training_form(live, copy.deepcopy(unfused_blocks(model)))
+    ema = types.SimpleNamespace(ema=copy.deepcopy(live))
+    state, fused_keys = ema.ema.state_dict(), fused_student(live).state_dict().keys()
+    branch = next(k for k, v in state.items() if k not in fused_keys and k.endswith("bn.weight"))
+    shared = next(k for k in fused_keys if k in state and state[k].dim() == 4)  # a conv outside our blocks (the head)
+    with torch.no_grad():
+        state[branch].fill_(float("nan"))
+        state[shared].view(-1)[0] = float("inf")
+        live.state_dict()[shared].view(-1)[0] = float("nan")  # non-finite in both: zeroed in the checkpoint only
+    original = ema.ema
+    with ema_fused(ema, live):
+        saved = ema.ema.state_dict()
+        assert all(v.isfinite().all() for v in saved.values() if v.is_floating_point())
+        assert saved[shared].view(-1)[0] == 0
+        with torch.no_grad():
+            expected = fused_student(live)
+            expected.state_dict()[shared].view(-1)[0] = 0
+            torch.testing.assert_close(ema.ema(images)[0], expected(images)[0])
+    assert ema.ema is original and torch.equal(original.state_dict()[branch], live.state_dict()[branch])
 
 
 @pytest.fixture(scope="module")

@@ -173,7 +173,7 @@ class QATTrainer(QARepTrainer):
 
     def save_model(self) -> bool:
         """Ultralytics' checkpoints, of the fused student also when the blocks train in their training form."""
-        with ema_fused(self.ema):
+        with ema_fused(self.ema, unwrap_model(self.model)):
             return super().save_model()
 
     def optimizer_step(self) -> None:

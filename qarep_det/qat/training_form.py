@@ -124,13 +124,28 @@ def fused_student(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def ema_fused(ema: Any) -> Iterator[None]:
-    """Within the block, ``ema.ema`` (Ultralytics' ModelEMA) is its fused student, e.g. for writing a checkpoint."""
+def ema_fused(ema: Any, live: nn.Module | None = None) -> Iterator[None]:
+    """Within the block, ``ema.ema`` (Ultralytics' ModelEMA) is its fused student, e.g. for writing a checkpoint.
+
+    Ultralytics' ``save_model`` repairs a non-finite EMA tensor by copying the live model's tensor of the same key,
+    which the fused copy no longer shares with the training-form live model. So the repair is made here, before the
+    conversion, from ``live`` (the training-form model being trained); a tensor non-finite in both is zeroed in the
+    fused copy, as Ultralytics' own fallback zeroes it in the checkpoint."""
     model = ema.ema
     if not has_training_form(model):
         yield
         return
-    ema.ema = fused_student(model)
+    if live is not None:
+        live_state = live.state_dict()
+        for key, value in model.state_dict().items():
+            if value.is_floating_point() and not value.isfinite().all() and live_state[key].isfinite().all():
+                value.copy_(live_state[key])
+    fused = fused_student(model)
+    with torch.no_grad():
+        for value in fused.state_dict().values():
+            if value.is_floating_point():
+                torch.nan_to_num_(value, nan=0.0, posinf=0.0, neginf=0.0)
+    ema.ema = fused
     try:
         yield
     finally:
