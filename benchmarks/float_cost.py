@@ -24,7 +24,7 @@ from benchmark_args import add_overflow_fix, benchmark_parser, overflow_fix
 from qarep_det.evaluation.table import markdown_table, read_results
 from qarep_det.pipelines.benchmark import interleaved_ms
 from qarep_det.quant.backends.openvino import convert_openvino, openvino_runner, quantize_openvino
-from qarep_det.quant.calibration import calibration_set
+from qarep_det.quant.calibration import recipe_calibration
 from qarep_det.quant.recipe import QuantRecipe
 from qarep_det.quant.scope import quantized_conv_names
 from qarep_det.sensitivity.float_cost import conv_macs
@@ -53,7 +53,7 @@ def main() -> None:
             if row.backend == "openvino":
                 cost = "count" if row.rank is None or row.rank.float_cost is None else row.rank.float_cost
                 sets[f"{path.parent.name}: {cost}"] = row.float_layers
-    calib = calibration_set(args.data, args.imgsz, n=args.calib_images, seed=recipe.seed)
+    calib = recipe_calibration(args.data, args.imgsz, recipe)
     fp32 = convert_openvino(fused, args.imgsz)
     irs = {"fp32": fp32} | {
         label: quantize_openvino(

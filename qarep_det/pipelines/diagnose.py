@@ -24,7 +24,7 @@ from qarep_det.checks import check_count, check_imgsz
 from qarep_det.errors import InputError
 from qarep_det.evaluation.plots import save_plots
 from qarep_det.evaluation.table import markdown_table
-from qarep_det.quant.calibration import CalibrationSet, calibration_set, first_images
+from qarep_det.quant.calibration import CalibrationSet, first_images, recipe_calibration
 from qarep_det.quant.qat import qat_student
 from qarep_det.quant.recipe import QuantRecipe
 from qarep_det.reparam import reparameterize_model
@@ -307,14 +307,7 @@ def run_diagnose(
     """Diagnose every checkpoint on one calibration set; returns the report and the files written."""
     paths = checkpoint_paths(weights)
     recipe = settings.recipe
-    calib = calibration_set(
-        settings.data,
-        settings.imgsz,
-        n=recipe.calib_images,
-        seed=recipe.seed,
-        batch_size=settings.batch,
-        progress=progress,
-    )
+    calib = recipe_calibration(settings.data, settings.imgsz, recipe, batch_size=settings.batch, progress=progress)
     models = [load_detector(p) for p in paths]  # every checkpoint readable before minutes of analysis
     for path, model in zip(paths, models, strict=True):
         if qat_student(model) is not None:

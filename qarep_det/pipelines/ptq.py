@@ -35,7 +35,7 @@ from qarep_det.evaluation.protocol import EvalProtocol
 from qarep_det.evaluation.results import PTQRow, Ranking, Search
 from qarep_det.evaluation.table import write_results
 from qarep_det.quant.backends.base import BACKENDS, Job, Quantized
-from qarep_det.quant.calibration import CalibrationSet, calibration_set
+from qarep_det.quant.calibration import CalibrationSet, recipe_calibration
 from qarep_det.quant.qat import ULTRALYTICS_QAT
 from qarep_det.quant.recipe import QuantRecipe
 from qarep_det.quant.runner import torch_runner
@@ -416,14 +416,7 @@ def calibration_and_tuning(
     """The calibration draw from the train split and, with ``max_drop``, the tuning set (never a calibration image
     nor one of the ``scored`` images); one clear error for no train images or no labelled image to rank by."""
     recipe = settings.recipe
-    calib = calibration_set(
-        settings.data,
-        settings.imgsz,
-        n=recipe.calib_images,
-        seed=recipe.seed,
-        batch_size=settings.batch,
-        progress=progress,
-    )
+    calib = recipe_calibration(settings.data, settings.imgsz, recipe, batch_size=settings.batch, progress=progress)
     if settings.ranks and settings.rank_by == "fisher":
         check_labelled(calib.paths[: settings.ranked_images])
     tuning = None

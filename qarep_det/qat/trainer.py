@@ -38,7 +38,7 @@ from qarep_det.qat.training_form import (
     training_form_blocks,
 )
 from qarep_det.quant.backends.simulated import import_modelopt, modelopt_quiet
-from qarep_det.quant.calibration import calibration_set
+from qarep_det.quant.calibration import recipe_calibration
 from qarep_det.quant.lsq import LogDomainSteps, freeze_ranges, learn_ranges, range_parameters
 from qarep_det.quant.qat import (
     RANGES,
@@ -224,7 +224,7 @@ def _start_student(options: QATOptions, device: str) -> QATDetectionModel:
         return model
     fused, recipe = reparameterize_model(model), options.recipe
     check_partial(fused, recipe, options.keep_float)  # before minutes of calibration
-    calib = calibration_set(options.data, options.imgsz, n=recipe.calib_images, seed=recipe.seed, batch_size=8)
+    calib = recipe_calibration(options.data, options.imgsz, recipe, batch_size=8)
     main_device = torch_device(device, first=True)  # DDP: the main process calibrates on its own device
     recipe = keep_most_sensitive(fused, calib, recipe, keep_float=options.keep_float, device=main_device)
     student = make_student(

@@ -23,6 +23,7 @@ from qarep_det.checks import check_count
 from qarep_det.data.dataset import resolve_dataset
 from qarep_det.data.images import list_images, load_letterboxed
 from qarep_det.errors import InputError
+from qarep_det.quant.recipe import QuantRecipe
 
 
 def train_images(data: str | Path) -> list[Path]:
@@ -103,6 +104,16 @@ def calibration_set(
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     paths = draw_calibration_images(train_images(data), n, seed)
     return CalibrationSet(tuple(paths), imgsz, batch_size=batch_size, progress=progress)
+
+
+def recipe_calibration(
+    data: str | Path, imgsz: int, recipe: QuantRecipe, *, batch_size: int = 8, progress: bool = True
+) -> CalibrationSet:
+    """The recipe's calibration draw, ``calib_images`` drawn with its ``seed``: the one set ptq-eval calibrates and
+    ranks on, diagnose analyses and QAT starts from, so their figures are of the same images."""
+    return calibration_set(
+        data, imgsz, n=recipe.calib_images, seed=recipe.seed, batch_size=batch_size, progress=progress
+    )
 
 
 def first_images(batches: Sequence[torch.Tensor], n: int | None) -> Sequence[torch.Tensor]:
