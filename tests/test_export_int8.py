@@ -103,6 +103,40 @@ def test_qdq_onnx_export_carries_ultralytics_metadata_and_static_shapes(exported
     assert result.float_layers == row.float_layers == FLOAT_LAYERS
 
 
+def _activation_ranges(xml: Path) -> list[tuple[float, float]]:
+    """(low, high) of each activation FakeQuantize of an IR, by high (low 0 on NNCF's unsigned grid)."""
+    import openvino
+
+    return sorted(((float(np.min(op.input_value(1).get_node().get_data())),
+                    float(np.max(op.input_value(2).get_node().get_data())))
+                   for op in openvino.Core().read_model(str(xml)).get_ordered_ops()
+                   if op.get_type_name() == "FakeQuantize" and op.get_attributes()["levels"] == 256
+                   and op.input_value(0).get_node().get_type_name() != "Constant"), key=lambda r: r[1])  # fmt: skip
+
+
+def test_asymmetric_openvino_activations_are_nncfs_mixed_grid(exported: Exported, tmp_path: Path) -> None:
+    """--openvino-activations asymmetric: NNCF's preset MIXED, [0, max] after each ReLU (a step of max/255) and
+    [min, max] elsewhere, where the default is TensorRT's signed grid (max/127) on every activation; either way no
+    quantizer is left below a Concat. The calibration is the same: the ranges after the ReLUs end where the signed
+    ones do."""
+    from qarep_det.quant.backends.hoist import quantizers_below_commuting_ops
+    from qarep_det.quant.backends.openvino import read_openvino
+
+    weights = tmp_path / "clean.pt"
+    weights.write_bytes(exported.artefacts["openvino"].path.with_name("clean.pt").read_bytes())
+    settings = replace(exported.settings, asymmetric_activations=True)
+    asymmetric = export_int8(weights, "openvino", settings, progress=False)
+    signed = _activation_ranges(exported.artefacts["openvino"].path / "clean.xml")
+    ranges = _activation_ranges(asymmetric.path / "clean.xml")
+    assert all(low == pytest.approx(-high * 128 / 127) for low, high in signed)
+    after_relu = [high for low, high in ranges if low == 0]
+    assert len(after_relu) > len(ranges) / 2  # the yolo_qarep_n's ReLU outputs: most of them
+    highs = np.array([high for _, high in signed])
+    assert all(np.isclose(highs, high, rtol=1e-6, atol=0).any() for high in after_relu)
+    assert all(low <= 0 < high and low != pytest.approx(-high * 128 / 127) for low, high in ranges)
+    assert quantizers_below_commuting_ops(read_openvino(asymmetric.path / "clean.xml")) == 0
+
+
 @pytest.fixture
 def f32_openvino(monkeypatch: pytest.MonkeyPatch) -> None:
     """OpenVINO in float32, as ptq_eval runs it: Ultralytics compiles with the CPU's default precision, which is
@@ -203,6 +237,8 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(
         (["--format", "openvino", "--int8", "--data", str(tmp_path / "none.yaml")], "does not exist"),
         (["--format", "openvino", "--int8", "--data", str(no_train)], "no images found in the train split"),
         (["--format", "openvino", "--int8", "--data", str(data), "--keep-float-layers", "model.99.conv"], "model.99"),
+        (["--format", "onnx", "--int8", "--data", str(data), "--openvino-activations", "asymmetric"], "NNCF's grid"),
+        (["--format", "openvino", "--int8", "--data", str(data), "--openvino-activations", "u8"], "invalid choice"),
     ]
     for args, message in cases:
         try:

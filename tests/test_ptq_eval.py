@@ -105,6 +105,7 @@ def test_cli_bad_inputs_fail_with_one_line(data: Path, weights: list[Path], tmp_
         (["--weights", str(weights[0])], "give both --weights and --data"),
         (["--weights", str(weights[0]), "--data", str(data), "--overflow-fix", "on"], "NNCF's, for the openvino"),
         (["--weights", str(weights[0]), "--data", str(data), "--overflow-fix", "maybe"], "invalid choice: 'maybe'"),
+        (["--weights", str(weights[0]), "--data", str(data), "--openvino-activations", "asymmetric"], "NNCF's grid"),
     ]
     for args, message in cases:
         result = run_cli(*args, *out)

@@ -357,7 +357,8 @@ def test_ptq_eval_and_diagnose_refuse_what_does_not_apply_to_a_qat_checkpoint(qa
     settings = PTQSettings(dataset, recipe=QuantRecipe(calib_images=1), keep_float=1, imgsz=64)
     fix = replace(settings, keep_float=0, backends=("openvino",), overflow_fix=True)  # its weights are learned
     own_ranges = replace(settings, keep_float=0, backends=("onnxruntime-int8",))  # it calibrates an FP32 model
-    for refused in (settings, replace(settings, keep_float=0, max_drop=0.3), fix, own_ranges):
+    asymmetric = replace(settings, keep_float=0, backends=("openvino",), asymmetric_activations=True)  # learned
+    for refused in (settings, replace(settings, keep_float=0, max_drop=0.3), fix, own_ranges, asymmetric):
         with pytest.raises(ValueError, match="is a QAT checkpoint"):
             run_ptq_eval(weights, refused, "unused", progress=False)
     with pytest.raises(ValueError, match="is a QAT checkpoint"):

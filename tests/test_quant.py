@@ -319,9 +319,9 @@ def test_float_layers_get_no_fake_quantize_in_openvino(model, calib, partial_rec
 
     ops = qov.conv_ops_by_module(qov.quantize_openvino(model, calib, IMGSZ, partial_recipe))
     for name in KEEP:
-        assert ops[name][0].input_value(0).get_node().get_type_name() != "FakeQuantize", name
+        assert not _quantizers_above(ops[name][0].input_value(0).get_node()), name
         assert ops[name][0].input_value(1).get_node().get_type_name() == "Constant", name  # float weights
-    assert ops[SHARES_INPUT][0].input_value(0).get_node().get_type_name() == "FakeQuantize"
+    assert _quantizers_above(ops[SHARES_INPUT][0].input_value(0).get_node())
 
 
 # --- OpenVINO backend (NNCF) ---------------------------------------------------------------------------------
@@ -337,17 +337,19 @@ def test_openvino_backend_is_int8_and_matches_the_simulated_ranges(model, qmodel
     n_quantized = sum(s.weight_quantized for s in conv_quant_states(qmodel))
     assert summary["fake_quantize"] > 0 and summary["int8_weights"] == n_quantized
     assert summary["weight_levels"] == (127 if qov.cpu_has_vnni() else 64)
-    # every activation FakeQuantize feeds convs only, with the simulated model's range (max calibration)
+    # every quantized conv's input is quantized with the simulated model's range (max calibration): by a
+    # FakeQuantize right above it, or, above a Concat / MaxPool / Upsample, by one on each of their inputs
     amax = _input_amax(qmodel)
     checked = set()
     for name, ops in qov.conv_ops_by_module(ov_model).items():
-        source = ops[0].input_value(0).get_node()
-        if source.get_type_name() != "FakeQuantize":
+        quantizers = _quantizers_above(ops[0].input_value(0).get_node())
+        if not quantizers:
             assert name.endswith("dfl.conv"), name
             continue
-        high = float(np.max(source.input_value(2).get_node().get_data()))
-        low = float(np.min(source.input_value(1).get_node().get_data()))
-        assert high == pytest.approx(amax[name], rel=1e-4) and low == pytest.approx(-high * 128 / 127, rel=1e-4)
+        for source in quantizers:
+            high = float(np.max(source.input_value(2).get_node().get_data()))
+            low = float(np.min(source.input_value(1).get_node().get_data()))
+            assert high == pytest.approx(amax[name], rel=1e-4) and low == pytest.approx(-high * 128 / 127, rel=1e-4)
         checked.add(name)
     assert len(checked) == n_quantized
     # outputs: the two INT8 models differ by a weight bit on CPUs without VNNI, and rounding-boundary flips cascade
@@ -364,6 +366,46 @@ def test_openvino_backend_is_int8_and_matches_the_simulated_ranges(model, qmodel
     qov.save_openvino(ov_model, xml, overwrite=True)
     assert torch.allclose(qov.openvino_runner(xml)(images), real, atol=1e-4)
     assert "FakeQuantize" in xml.read_text()
+
+
+def _quantizers_above(node) -> list:
+    """The FakeQuantize ops that quantize ``node``'s output: itself, or those above a Concat / MaxPool / Interpolate
+    on every input path ([] if a path has none)."""
+    if node.get_type_name() == "FakeQuantize":
+        return [node]
+    if node.get_type_name() not in ("Concat", "MaxPool", "Interpolate"):
+        return []
+    inputs = range(node.get_input_size()) if node.get_type_name() == "Concat" else range(1)
+    found = [_quantizers_above(node.input_value(i).get_node()) for i in inputs]
+    return [q for qs in found for q in qs] if all(found) else []
+
+
+def test_quantizers_moved_above_concat_pool_and_upsample_change_no_output(
+    model, calib, images, monkeypatch: pytest.MonkeyPatch
+):
+    """The IR as NNCF leaves it quantizes after each Concat (the C2f's, the neck's, the SPPF's); moved onto their
+    inputs, every output stays the same and OpenVINO runs the max-pool and upsamples before them on 8-bit data."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from qarep_det.quant.backends import openvino as qov
+    from qarep_det.quant.backends.hoist import hoist_quantizers, quantizers_below_commuting_ops
+
+    with monkeypatch.context() as patch:
+        patch.setattr(qov, "hoist_quantizers", lambda ov_model: 0)
+        unmoved = qov.quantize_openvino(model, calib, IMGSZ, QuantRecipe(calib_images=8))
+    below = quantizers_below_commuting_ops(unmoved)
+    assert below >= 5  # 4 C2f concats, the SPPF's, the neck's: quantized after the op
+    moved = unmoved.clone()
+    assert hoist_quantizers(moved) == below and quantizers_below_commuting_ops(moved) == 0
+    assert quantizers_below_commuting_ops(qov.quantize_openvino(model, calib, IMGSZ, QuantRecipe(calib_images=8))) == 0
+    before, after = qov.openvino_runner(unmoved)(images), qov.openvino_runner(moved)(images)
+    assert torch.equal(before, after)
+    precisions = [
+        op.get_rt_info()["runtimePrecision"].astype(str)
+        for op in qov.compile_cpu(moved).get_runtime_model().get_ordered_ops()
+        if op.get_rt_info()["layerType"].astype(str) in ("Pooling", "Interpolate")
+    ]
+    assert len(precisions) == 5 and set(precisions) <= {"u8", "i8"}  # the SPPF's 3 pools, 2 upsamples: 8-bit
 
 
 def _ir_weights(ov_model) -> dict[str, np.ndarray]:
@@ -429,6 +471,20 @@ def test_building_without_the_fix_on_a_cpu_that_needs_it_warns(model, calib, mon
     assert qov.overflow_fix_on(None) and not qov.overflow_fix_on(False)  # auto follows this (posed) CPU
 
 
+@pytest.mark.parametrize("cap", ["AVX2", "avx512_core", "AVX2_VNNI", "AVX512_CORE_AMX", ""])
+def test_an_isa_cap_below_vnni_turns_the_overflow_fix_on(cap: str, monkeypatch: pytest.MonkeyPatch):
+    """ONEDNN_MAX_CPU_ISA holds OpenVINO's kernels to an ISA: below VNNI they sum in int16 as an AVX2-only CPU does,
+    so auto builds that CPU's IR (7-bit weights)."""
+    from qarep_det.device import cpu_info
+    from qarep_det.quant.backends import openvino as qov
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    below = cap.upper() in ("AVX2", "AVX512_CORE")
+    assert qov.onednn_isa_cap() == (cap.upper() or None)
+    assert qov.cpu_has_vnni() == (cpu_info().vnni and not below)
+    assert qov.overflow_fix_on(None) == (not cpu_info().vnni or below) and not qov.overflow_fix_on(False)
+
+
 def test_openvino_reuses_a_given_fp32_ir_and_runs_integer_kernels(model, calib):
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")
@@ -457,7 +513,7 @@ def test_openvino_head_float_percentile_and_unsupported_method(model, calib):
     ov_model = qov.quantize_openvino(model, calib, IMGSZ, recipe)
     (head_name,) = detect_heads(model)
     for name, ops in qov.conv_ops_by_module(ov_model).items():
-        quantized = ops[0].input_value(0).get_node().get_type_name() == "FakeQuantize"
+        quantized = bool(_quantizers_above(ops[0].input_value(0).get_node()))
         assert quantized != name.startswith(f"{head_name}."), name
     _, advanced = qov.nncf_arguments(model, qov.convert_openvino(model, IMGSZ), QuantRecipe(calib_method="mse"))
     assert advanced.activations_range_estimator_params == RangeEstimatorParametersSet.HISTOGRAM

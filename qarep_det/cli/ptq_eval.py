@@ -97,6 +97,15 @@ def add_int8_args(parser: argparse.ArgumentParser, calib_images: int | None, cal
         "weights). The rankings of --keep-float / --max-drop see the same weight grid",
     )
     parser.add_argument(
+        "--openvino-activations",
+        choices=("signed", "asymmetric"),
+        default="signed",
+        help="openvino: the activations' grid. signed: TensorRT's (symmetric, step max/127), so the IR computes what "
+        "the simulated and QDQ models do; asymmetric: NNCF's preset MIXED ([min, max] with a zero point: after a "
+        "ReLU a step of max/255), the grid of Ultralytics' own INT8 export and as fast, for a model only OpenVINO "
+        "will run (docs/int8.md)",
+    )
+    parser.add_argument(
         "--device", default="cpu", help="device of the FP32 and simulated (torch) INT8 models: cpu or a CUDA index"
     )
     parser.add_argument("--batch", type=int, default=8, help=batch_help)
@@ -122,6 +131,7 @@ def int8_settings(
         rank_by=args.rank_by,
         float_cost=args.float_cost,
         overflow_fix=OVERFLOW_FIX[args.overflow_fix],
+        asymmetric_activations=args.openvino_activations == "asymmetric",
         **more,
     )
 

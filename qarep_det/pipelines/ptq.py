@@ -83,6 +83,7 @@ class PTQSettings:
     float_cost: str = DEFAULT_FLOAT_COST  # what a float conv costs: its MACs (latency) or 1 (count): float_cost.py
     fp32_weights: Path | None = None  # the FP32 model of a QAT checkpoint that does not carry one (Ultralytics')
     overflow_fix: bool | None = None  # OpenVINO: NNCF's overflow fix (7-bit weights); None: on if this CPU lacks VNNI
+    asymmetric_activations: bool = False  # OpenVINO: NNCF's preset MIXED grid, not TensorRT's signed one
 
     def __post_init__(self) -> None:
         if sum(map(bool, (self.keep_float, self.recipe.float_layers, self.max_drop is not None))) > 1:
@@ -105,6 +106,11 @@ class PTQSettings:
             raise InputError(
                 "the overflow fix is NNCF's, for the openvino backend (onnxruntime-int8: its 7-bit reduce_range "
                 "weights): add one of them to the backends"
+            )
+        if self.asymmetric_activations and "openvino" not in self.backends:
+            raise InputError(
+                "asymmetric activations are NNCF's grid, for the openvino backend (onnxruntime-int8's are "
+                "asymmetric already): add openvino to the backends"
             )
         for backend in self.backends:
             BACKENDS[backend].check_recipe(self.recipe)
@@ -297,6 +303,7 @@ def backend_jobs(
         student=student,
         calibrated=next(iter(sensitivities.values())).calibrated if sensitivities else None,  # one for every grid
         overflow_fix=settings.overflow_fix,
+        asymmetric_activations=settings.asymmetric_activations,
     )
     if tuning is not None:
         start = time.perf_counter()
@@ -402,6 +409,11 @@ def load_checked(path: Path, settings: PTQSettings) -> FusedCheckpoint:
         raise InputError(
             f"'{path}' is a QAT checkpoint: OpenVINO runs its learned 8-bit weights as they are, and "
             "NNCF's overflow fix needs a calibration; leave --overflow-fix at auto or off"
+        )
+    if checkpoint.student is not None and settings.asymmetric_activations and "openvino" in settings.backends:
+        raise InputError(
+            f"'{path}' is a QAT checkpoint: OpenVINO runs the ranges it learned on the signed grid; leave "
+            "--openvino-activations at signed"
         )
     if settings.ranks or settings.recipe.float_layers:
         if checkpoint.student is not None:

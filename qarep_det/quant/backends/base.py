@@ -45,6 +45,7 @@ class Job:
     calibrated: nn.Module | None = None  # the simulated model calibrated once with every conv quantized
     shared: dict[Any, Any] = field(default_factory=dict)  # what the jobs of one checkpoint share (FP32 IR, NNCF IRs)
     overflow_fix: bool | None = None  # OpenVINO: NNCF's overflow fix (7-bit weights); None: on if this CPU lacks VNNI
+    asymmetric_activations: bool = False  # OpenVINO: NNCF's preset MIXED grid, not TensorRT's signed one
 
     def with_recipe(self, recipe: QuantRecipe, stem: Path | None = None) -> Job:
         """This job for another set of float convs, sharing its calibration, FP32 IR and OpenVINO models."""
@@ -103,7 +104,13 @@ class Job:
         key = ("openvino", self.recipe.float_layers)
         if key not in self.shared:
             self.shared[key] = quantize_openvino(
-                self.fused, self.calib, self.imgsz, self.recipe, overflow_fix=self.overflow_fix, fp32=self.fp32_ir
+                self.fused,
+                self.calib,
+                self.imgsz,
+                self.recipe,
+                asymmetric_activations=self.asymmetric_activations,
+                overflow_fix=self.overflow_fix,
+                fp32=self.fp32_ir,
             )
         return self.shared[key]
 

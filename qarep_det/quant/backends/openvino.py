@@ -18,8 +18,15 @@ A scheme gap NNCF cannot close through its API: it makes an activation quantizer
 whenever calibration saw no negative value, e.g. after every ReLU, while TensorRT is always signed (s8, step
 max/127); ``QuantizationParameters(signedness_to_force=True)`` is rejected against its hardware config
 ("Quantization parameter constraints specified in NNCF config are incompatible with HW capabilities"). With
-``signed_activations=True`` (default) such quantizers are rewritten afterwards to the signed grid of the same range,
-so the IR computes what TensorRT would.
+By default such quantizers are rewritten afterwards to the signed grid of the same range,
+so the IR computes what TensorRT would. ``asymmetric_activations=True`` (ptq_eval's and export's
+``--openvino-activations asymmetric``) gives NNCF its preset MIXED instead and keeps its grid: each activation on
+[min, max] with a zero point (after a ReLU [0, max], a step of max/255), the grid of Ultralytics' own INT8 export,
+which the CPU's u8 x s8 dot products take without a shift (docs/int8.md: as fast and as accurate as that export).
+
+Where a conv's input is a Concat, MaxPool or nearest Upsample, the quantizer is then moved onto that op's inputs
+(:mod:`qarep_det.quant.backends.hoist`, exact), so the CPU concatenates, pools and upsamples 8-bit data as in
+Ultralytics' own INT8 export.
 
 A hardware gap: CPUs without VNNI (AVX2, AVX-512F) multiply u8 x s8 pairs into saturating int16 sums, which full
 8-bit weights overflow; NNCF's overflow fix (a 7-bit weight grid, step 2 max/127, codes in [-63, 64]) keeps the sums
@@ -36,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -49,6 +57,7 @@ from torch import nn
 from qarep_det.device import cpu_info
 from qarep_det.errors import InputError
 from qarep_det.logs import quiet
+from qarep_det.quant.backends.hoist import hoist_quantizers
 from qarep_det.quant.recipe import QuantRecipe
 from qarep_det.quant.runner import DecodedOutput, Runner
 from qarep_det.quant.scope import float_conv_names
@@ -165,9 +174,20 @@ def force_signed_activations(ov_model: ov.Model) -> int:
     return changed
 
 
+ONEDNN_NO_VNNI = ("SSE41", "AVX", "AVX2", "AVX512_CORE")  # oneDNN ISA caps below every int8 dot product
+
+
+def onednn_isa_cap() -> str | None:
+    """``ONEDNN_MAX_CPU_ISA``, upper-cased (None if unset): OpenVINO's CPU plugin builds its oneDNN kernels for at
+    most this ISA, e.g. ``AVX2`` runs an AVX2-only CPU's integer convs (``jit_avx2_I8``, int16 sums) on a newer
+    one (checked in docs/int8.md against the kernels OpenVINO reports)."""
+    return os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() or None
+
+
 def cpu_has_vnni() -> bool:
-    """Whether this CPU has an int8 dot-product instruction (AVX-VNNI, AVX512-VNNI or AMX); False if unknown."""
-    return cpu_info().vnni
+    """Whether OpenVINO's convs have an int8 dot-product instruction here (AVX-VNNI, AVX512-VNNI or AMX): the CPU
+    has one and :func:`onednn_isa_cap` does not hold oneDNN below it; False if unknown."""
+    return cpu_info().vnni and onednn_isa_cap() not in ONEDNN_NO_VNNI
 
 
 OVERFLOW_FIX: dict[str, bool | None] = {"auto": None, "on": True, "off": False}  # the CLI's --overflow-fix
@@ -179,12 +199,18 @@ def overflow_fix_on(overflow_fix: bool | None = None) -> bool:
 
 
 def nncf_arguments(
-    model: nn.Module, ov_model: ov.Model, recipe: QuantRecipe, overflow_fix: bool | None = None
+    model: nn.Module,
+    ov_model: ov.Model,
+    recipe: QuantRecipe,
+    overflow_fix: bool | None = None,
+    *,
+    asymmetric_activations: bool = False,
 ) -> tuple[dict, object]:
     """The recipe as NNCF arguments (see module docstring): the keywords ``nncf.quantize`` and
     ``nncf.quantize_with_accuracy_control`` share (preset, subset size, ignored scope), and the advanced parameters
     (bias correction off, the overflow fix, the range estimator), which the two take under different names.
-    ``overflow_fix=None`` decides by the CPU: 7-bit weights without VNNI, 8-bit with it."""
+    ``overflow_fix=None`` decides by the CPU: 7-bit weights without VNNI, 8-bit with it; ``asymmetric_activations``:
+    preset MIXED (asymmetric activations) instead of PERFORMANCE."""
     _, nncf = require_openvino()
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
@@ -195,7 +221,7 @@ def nncf_arguments(
         activations_range_estimator_params=range_estimator,
     )
     shared = {
-        "preset": nncf.QuantizationPreset.PERFORMANCE,
+        "preset": nncf.QuantizationPreset.MIXED if asymmetric_activations else nncf.QuantizationPreset.PERFORMANCE,
         "subset_size": recipe.calib_images,
         "ignored_scope": ignored_scope(model, ov_model, recipe),
     }
@@ -214,7 +240,7 @@ def quantize_openvino(
     batches: Iterable[torch.Tensor],
     imgsz: int,
     recipe: QuantRecipe | None = None,
-    signed_activations: bool = True,
+    asymmetric_activations: bool = False,
     overflow_fix: bool | None = None,
     fp32: ov.Model | None = None,
 ) -> ov.Model:
@@ -235,11 +261,14 @@ def quantize_openvino(
             stacklevel=2,
         )
     ov_model = fp32.clone() if fp32 is not None else convert_openvino(model, imgsz)
-    shared, advanced = nncf_arguments(model, ov_model, recipe, overflow_fix)
+    shared, advanced = nncf_arguments(
+        model, ov_model, recipe, overflow_fix, asymmetric_activations=asymmetric_activations
+    )
     with nncf_quiet():
         quantized = nncf.quantize(ov_model, nncf.Dataset(SingleImages(batches)), advanced_parameters=advanced, **shared)
-    if signed_activations:
+    if not asymmetric_activations:
         force_signed_activations(quantized)
+    hoist_quantizers(quantized)
     return quantized
 
 
@@ -268,7 +297,9 @@ def convert_qdq_onnx(path: str | Path) -> ov.Model:
             "score the OpenVINO artefact on a CPU with VNNI",
             stacklevel=2,
         )
-    return ov.convert_model(str(path))
+    converted = ov.convert_model(str(path))
+    hoist_quantizers(converted)
+    return converted
 
 
 def read_openvino(path: str | Path) -> ov.Model:
