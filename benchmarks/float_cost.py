@@ -6,11 +6,11 @@
 The estimate (``qarep_det.sensitivity.float_cost``): a set S of convs kept float adds its multiply-accumulates'
 share of the quantized convs' MACs times what all of them gain at INT8, ``int8 + share(S) * (fp32 - int8)``, with
 the FP32 and fully INT8 IRs' ms measured here. Float sets timed beside those two: the 5 convs of most MACs, the 5
-of fewest (the two ends of the estimate), and the ``float_layers`` of each openvino row of ``--rows`` (e.g. the
-sets ``ptq-eval --max-drop`` chose by count and by latency). Each is one NNCF quantization of the same fused model
-on the first ``--calib-images`` of the calibration draw (ranges do not change the kernels; a few images suffice for
-timing), all IRs timed at batch 1, ``compile_cpu`` (f32), interleaved medians of ``--runs``. Writes
-``results.json`` and ``results.md``.
+of fewest (the two ends of the estimate), the ``float_layers`` of each openvino row of ``--rows`` (e.g. the sets
+``ptq-eval --max-drop`` chose by count and by latency) and each set of ``--sets`` (e.g. NNCF's selection). Each is
+one NNCF quantization of the same fused model on the first ``--calib-images`` of the calibration draw (ranges do not
+change the kernels; a few images suffice for timing), all IRs timed at batch 1, ``compile_cpu`` (f32), interleaved
+medians of ``--runs``. Writes ``results.json`` and ``results.md``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,13 @@ def main() -> None:
     parser = benchmark_parser(__doc__, imgsz=320, calib_images=16, out="runs/benchmarks/float_cost")
     add_overflow_fix(parser)
     parser.add_argument("--rows", nargs="*", type=Path, default=[], help="results.json files whose sets to time")
+    parser.add_argument(
+        "--sets",
+        nargs="*",
+        default=[],
+        metavar="LABEL=CONV,CONV",
+        help="more float sets to time, each named by its convs (e.g. another tool's selection)",
+    )
     parser.add_argument("--runs", type=int, default=50)
     args = parser.parse_args()
 
@@ -53,6 +60,12 @@ def main() -> None:
             if row.backend == "openvino":
                 cost = "count" if row.rank is None or row.rank.float_cost is None else row.rank.float_cost
                 sets[f"{path.parent.name}: {cost}"] = row.float_layers
+    for spec in args.sets:
+        label, _, convs = spec.partition("=")
+        kept = tuple(c for c in convs.split(",") if c)
+        if not label or set(kept) - set(names):
+            parser.error(f"--sets wants LABEL=CONV,CONV with quantized convs of the model, got {spec!r}")
+        sets[label] = kept
     calib = recipe_calibration(args.data, args.imgsz, recipe)
     fp32 = convert_openvino(fused, args.imgsz)
     irs = {"fp32": fp32} | {

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import types
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from qarep_det.cli.demo import DemoSettings, run_demo
 from qarep_det.cli.main import main as qarep_det_main
 from qarep_det.data.synthetic import CLASS_NAMES, make_dataset
 from qarep_det.device import cpu_info
+from qarep_det.errors import InputError
 from qarep_det.pipelines import benchmark
 from qarep_det.pipelines.benchmark import (
     ANCHORS,
@@ -236,8 +238,8 @@ def int8_bench(known_answer, tmp_path_factory: pytest.TempPathFactory) -> Int8Be
     weights.write_bytes(known_answer.clean.read_bytes())
     runner, clock = benchmark._runner, FakeClock()
 
-    def timed_runner(model: TimedModel, imgsz: int, threads: int):
-        run = runner(model, imgsz, threads)
+    def timed_runner(model: TimedModel, imgsz: int, threads: int, batch: int | None = None):
+        run = runner(model, imgsz, threads, batch)
         return lambda x: clock.advance(fake_ms(model)) or run(x)
 
     with pytest.MonkeyPatch.context() as patch:
@@ -252,6 +254,7 @@ def int8_bench(known_answer, tmp_path_factory: pytest.TempPathFactory) -> Int8Be
             runs=1,
             threads=1,
             anchors=ANCHORS,
+            openvino_activations=("signed", "asymmetric"),
             out_dir=out,
             progress=False,
         )
@@ -267,6 +270,7 @@ def test_int8_benchmark_times_each_int8_file_beside_its_fp32_twin(int8_bench: In
     assert [(m.runtime, m.label) for m in r.models] == [
         ("OpenVINO CPU", "FP32"),
         ("OpenVINO CPU", "INT8 ours (openvino)"),
+        ("OpenVINO CPU", "INT8 ours (openvino, asymmetric)"),
         ("OpenVINO CPU", "INT8 NNCF nncf.quantize defaults"),
         ("OpenVINO CPU", "INT8 Ultralytics export int8=True"),
         ("onnxruntime CPU", "FP32"),
@@ -275,46 +279,58 @@ def test_int8_benchmark_times_each_int8_file_beside_its_fp32_twin(int8_bench: In
     ]
     # the twins are ptq-eval's own files, named as its rows name them; every file is there
     assert [m.path.name for m in r.models if not m.int8] == ["clean_fp32.xml", "clean_fp32.onnx"]
-    assert r.models[1].path.name == "clean_int8.xml" and r.models[5].path.name == "clean_int8_ort.onnx"
+    assert r.models[1].path.name == "clean_int8.xml" and r.models[6].path.name == "clean_int8_ort.onnx"
+    assert r.models[2].path.name == "clean_int8.xml" and r.models[2].path.parent.name == "asymmetric"
     assert all(m.path.is_file() for m in r.models)
     assert all(m.ms == {2: pytest.approx(fake_ms(m))} for m in r.models)  # each median is its own model's
-    assert r.fp32("onnxruntime CPU") is r.models[4] and (r.threads, r.runs, r.calib_images) == (1, 1, 8)
+    assert r.fp32("onnxruntime CPU") is r.models[5] and (r.threads, r.runs, r.calib_images) == (1, 1, 8)
     # every file scored on the val split by one pipeline: the two FP32 runtimes agree, no INT8 file is broken
     assert r.val_images == 8
     fp32 = [m.map50_95 for m in r.models if not m.int8]
     assert fp32[0] > 30 and fp32[0] == pytest.approx(fp32[1], abs=0.1)
     scores = {m.label: m.map50_95 for m in r.models if m.int8}
-    assert all(fp32[0] - 15 < scores[f"INT8 ours ({b})"] < fp32[0] + 5 for b in ("openvino", "onnxruntime-int8")), (
-        scores
-    )
+    assert all(
+        fp32[0] - 15 < scores[f"INT8 ours ({b})"] < fp32[0] + 5
+        for b in ("openvino", "openvino, asymmetric", "onnxruntime-int8")
+    ), scores
     assert all(0 < score < fp32[0] + 5 for score in scores.values()), scores
     # ours run every conv the recipe quantizes on integer kernels; the FP32 twins none
     fused = load_fused(known_answer.clean).fused
     convs = sum(isinstance(m, torch.nn.Conv2d) for m in fused.modules())
     quantized = convs - len(float_conv_names(fused, QuantRecipe()))
-    assert [m.integer_convs for m in r.models[:2] + r.models[4:6]] == [0, quantized, 0, quantized]
+    assert [m.integer_convs for m in r.models[:3] + r.models[5:7]] == [0, quantized, quantized, 0, quantized]
+    assert r.models[7].integer_convs == convs  # quantize_static's U8S8: every conv, the DFL's too (no scope)
     assert r.cpu == cpu_info()
     if not torch.cuda.is_available():
         assert r.skipped == {"INT8 QDQ ONNX for TensorRT": "no CUDA device"}
 
 
+@pytest.mark.parametrize("cap", [None, "AVX2"])
 def test_int8_benchmark_prints_the_isa_every_pair_and_what_it_skipped(
-    int8_bench: Int8Benchmark, known_answer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    int8_bench: Int8Benchmark,
+    known_answer,
+    cap: str | None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setattr(cli_benchmark, "int8_benchmark", lambda *args, **kwargs: int8_bench)
+    bench = replace(int8_bench, onednn_cap=cap, overflow_fix=cap is not None)
+    monkeypatch.setattr(cli_benchmark, "int8_benchmark", lambda *args, **kwargs: bench)
     assert cli_benchmark.main(["int8", "--data", str(known_answer.data), "--imgsz", "96"]) == 0
     lines = capsys.readouterr().out.splitlines()
     isa = ", ".join(cpu_info().int8_isa)
     assert lines[0].startswith(f"CPU: {cpu_info().name}; ISA: {isa}")
-    assert "1 CPU threads" in lines[1] and "medians of 1 runs" in lines[1] and "on 8 val images" in lines[1]
-    assert lines[2].split()[-4:] == ["b2", "ms/img", "vs", "FP32"]
-    rows = lines[3:10]
-    for m, line in zip(int8_bench.models, rows, strict=True):
+    if cap:  # an ISA cap on OpenVINO's kernels is said, with what it does not reach
+        assert lines.pop(1) == "OpenVINO's kernels held to AVX2 by ONEDNN_MAX_CPU_ISA (onnxruntime's are not)"
+    assert lines[1].endswith("7-bit (overflow fix on)" if cap else "8-bit")
+    assert "1 CPU threads" in lines[2] and "medians of 1 runs" in lines[2] and "on 8 val images" in lines[2]
+    assert lines[3].split()[-4:] == ["b2", "ms/img", "vs", "FP32"]
+    rows = lines[4 : 4 + len(bench.models)]
+    for m, line in zip(bench.models, rows, strict=True):
         assert line.split()[:2] == m.runtime.split() and m.label in line and f"{m.map50_95:.2f}" in line
         assert f"{m.ms[2] / 2:.2f}" in line
-        fp32 = int8_bench.fp32(m.runtime)
+        fp32 = bench.fp32(m.runtime)
         assert line.endswith(f"{fp32.ms[2] / m.ms[2]:.2f}x") == m.int8  # the ratio to its own runtime's FP32
-    assert lines[10:] == [f"  {what}: skipped, {why}" for what, why in int8_bench.skipped.items()]
+    assert lines[4 + len(bench.models) :] == [f"  {what}: skipped, {why}" for what, why in bench.skipped.items()]
 
 
 def test_benchmark_cli_help_and_bad_input() -> None:
@@ -372,6 +388,7 @@ def test_int8_benchmark_bad_input_in_one_line_before_any_work(
     cases = [
         (["--anchors", "ultralytics"], "the ultralytics anchor exports a checkpoint"),
         (["--anchors", "tensorrt"], "invalid choice: 'tensorrt'"),
+        (["--openvino-activations", "u8"], "invalid choice: 'u8'"),
         (["--batches", "1", "0"], "--batches must be an integer >= 1"),
         (["--weights", str(tmp_path / "missing.pt")], "missing.pt"),
     ]
@@ -382,4 +399,7 @@ def test_int8_benchmark_bad_input_in_one_line_before_any_work(
             status = e.code
         err = capsys.readouterr().err.strip().splitlines()
         assert status == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], (args, err)
+    for grids in ((), ("u8",)):  # the library's own check (the CLI's choices catch these first)
+        with pytest.raises(InputError, match="openvino activations must be among signed, asymmetric"):
+            int8_benchmark(data, imgsz=64, openvino_activations=grids)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # nothing written

@@ -23,6 +23,7 @@ from qarep_det.pipelines.benchmark import (
     ANCHORS,
     CUDA_GRID,
     INT8_BATCHES,
+    OPENVINO_ACTIVATIONS,
     PLAIN_CONV_LIMIT,
     FusionTiming,
     fp32_consistency,
@@ -30,6 +31,7 @@ from qarep_det.pipelines.benchmark import (
     int8_benchmark,
     train_throughput,
 )
+from qarep_det.quant.backends.openvino import OVERFLOW_FIX
 from qarep_det.ultralytics.checkpoint import checkpoint_paths
 from qarep_det.ultralytics.registration import find_model_yaml
 
@@ -113,11 +115,16 @@ def int8(args: argparse.Namespace) -> None:
         runs=args.runs,
         threads=args.threads,
         anchors=args.anchors,
+        openvino_activations=args.openvino_activations,
+        overflow_fix=OVERFLOW_FIX[args.overflow_fix],
         out_dir=args.out,
     )
     isa = ", ".join(r.cpu.int8_isa) or "none of AVX2, AVX-512, VNNI, AMX"
     vnni = "" if r.cpu.vnni else " (no VNNI/AMX: INT8 convs sum u8 x s8 products in int16, often no faster than FP32)"
     print(f"CPU: {r.cpu.name}; ISA: {isa}{vnni}")
+    if r.onednn_cap:
+        print(f"OpenVINO's kernels held to {r.onednn_cap} by ONEDNN_MAX_CPU_ISA (onnxruntime's are not)")
+    print(f"our OpenVINO and onnxruntime-int8 weights: {'7-bit (overflow fix on)' if r.overflow_fix else '8-bit'}")
     scored = f"mAP50-95 on {r.val_images} val images (ptq-eval's scoring)" if r.val_images else "random weights: no mAP"
     print(
         f"INT8 against FP32, {r.model}, {r.imgsz}x{r.imgsz}, {r.calib_images} calibration images, {r.threads} CPU "
@@ -199,6 +206,19 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--runs", type=int, default=20, help="timed runs per model and batch size")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads of every runtime")
     p.add_argument("--anchors", nargs="*", default=[], choices=ANCHORS, help="what users quantize with instead")
+    p.add_argument(
+        "--openvino-activations",
+        nargs="+",
+        default=["signed"],
+        choices=OPENVINO_ACTIVATIONS,
+        help="our OpenVINO IR on each of these activation grids (ptq-eval's --openvino-activations)",
+    )
+    p.add_argument(
+        "--overflow-fix",
+        choices=OVERFLOW_FIX,
+        default="auto",
+        help="ptq-eval's --overflow-fix for our files (auto: as this CPU, or ONEDNN_MAX_CPU_ISA, needs)",
+    )
     p.add_argument("--out", help="folder for the files (default: a temporary folder, removed)")
     p.set_defaults(func=int8)
     p = sub.add_parser("consistency", help="FP32 mAP: Ultralytics val vs ours", formatter_class=parser.formatter_class)

@@ -36,6 +36,7 @@ from qarep_det.pipelines.ptq import (
     load_checked,
 )
 from qarep_det.quant.backends.base import BACKENDS
+from qarep_det.quant.backends.openvino import onednn_isa_cap, overflow_fix_on
 from qarep_det.quant.calibration import CalibrationSet
 from qarep_det.quant.recipe import QuantRecipe
 from qarep_det.quant.runner import Runner
@@ -301,6 +302,7 @@ def train_throughput(
 
 INT8_BATCHES = (1, 8)
 ANCHORS = ("quantize_static", "nncf", "ultralytics")
+OPENVINO_ACTIVATIONS = ("signed", "asymmetric")  # ptq-eval's --openvino-activations
 """What a user would quantize with instead, timed and scored beside our files: onnxruntime's ``quantize_static``
 (:func:`~qarep_det.quant.backends.onnx_int8.quantize_static_default`), NNCF's default ``nncf.quantize``
 (:func:`~qarep_det.quant.backends.openvino.nncf_default`) and Ultralytics' ``export format=openvino int8=True``."""
@@ -335,6 +337,8 @@ class Int8Benchmark:
     models: list[TimedModel]
     skipped: dict[str, str]  # an artefact not timed here, and why
     val_images: int | None  # the images every mAP was scored on (None: not scored, random weights)
+    overflow_fix: bool = False  # whether our OpenVINO and onnxruntime-int8 files have 7-bit weights (NNCF's fix)
+    onednn_cap: str | None = None  # ONEDNN_MAX_CPU_ISA: OpenVINO's kernels held to that ISA (onnxruntime's are not)
 
     def fp32(self, runtime: str) -> TimedModel:
         return next(m for m in self.models if m.runtime == runtime and not m.int8)
@@ -352,19 +356,25 @@ def tensorrt_missing() -> str | None:
     return None
 
 
-def _runner(model: TimedModel, imgsz: int, threads: int) -> Runner:
-    """A runner for ``model`` on its runtime with ``threads`` CPU threads, for any batch size (an IR exported with
-    a fixed batch, as Ultralytics exports, is reshaped to a dynamic one)."""
+def _runner(model: TimedModel, imgsz: int, threads: int, batch: int | None = None) -> Runner:
+    """A runner for ``model`` on its runtime with ``threads`` CPU threads, for ``batch`` images a call (None: any
+    number, to score a val split). An OpenVINO IR is reshaped to that static batch: a dynamic one slows its
+    FP32 convs more than its INT8 ones (82 against 48 ms at batch 1 on the 2-core VNNI Xeon of docs/int8.md, where
+    INT8 took 16.5 against 15.6), which would flatter every INT8 ratio. onnxruntime's threads do not spin-wait after
+    a run (``session.intra_op.allow_spinning`` 0): interleaved, a session's spinning threads take the cores from the
+    next model's run (on that Xeon they made the FP32 ONNX 87.5 ms and the INT8 file 48.5, against 54.2 and 22.0
+    without spinning), so every model but the first would be timed against them."""
     from qarep_det.quant.backends import openvino as qov
     from qarep_det.quant.backends.onnx_qdq import onnx_runner, require_onnx
 
     if model.runtime == _RUNTIMES["openvino"]:
         ov_model = qov.read_openvino(model.path)
-        ov_model.reshape({ov_model.input(0): [-1, 3, imgsz, imgsz]})
+        ov_model.reshape({ov_model.input(0): [batch or -1, 3, imgsz, imgsz]})
         return qov.openvino_runner(ov_model, threads)
     _, ort = require_onnx()
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if model.runtime == _RUNTIMES["onnxruntime"]:  # TensorRT builds an INT8 engine from the Q/DQ pairs
         tensorrt = (_TENSORRT[0], {"trt_int8_enable": model.int8})
         return onnx_runner(model.path, options, providers=(tensorrt, _TENSORRT[1]))
@@ -433,6 +443,8 @@ def int8_benchmark(
     runs: int = 20,
     threads: int | None = None,
     anchors: Sequence[str] = (),
+    openvino_activations: Sequence[str] = ("signed",),
+    overflow_fix: bool | None = None,
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> Int8Benchmark:
@@ -443,6 +455,9 @@ def int8_benchmark(
     beside the FP32 ONNX on onnxruntime, and, where a CUDA device and onnxruntime's TensorRT provider exist, the QDQ
     ONNX for TensorRT beside the FP32 ONNX there (else :attr:`Int8Benchmark.skipped` says why). ``anchors``
     (:data:`ANCHORS`) adds what a user would use instead, from the same FP32 model and calibration images.
+    ``openvino_activations``: the openvino backend's IR on each of these activation grids (ptq-eval's
+    ``--openvino-activations``: ``signed``, ``asymmetric``), calibrated alike. ``overflow_fix``: ptq-eval's, for our
+    OpenVINO and onnxruntime-int8 files (None: as this CPU, or ``ONEDNN_MAX_CPU_ISA``, needs).
 
     ``weights``: a trained checkpoint, whose models are all scored by ptq-eval's pipeline (its rows; the anchors by
     the same prediction and pycocotools code) on ``data``'s val split; without it ``cfg``'s random weights are
@@ -452,6 +467,11 @@ def int8_benchmark(
     """
     if unknown := [a for a in anchors if a not in ANCHORS]:
         raise InputError(f"unknown anchor {unknown[0]!r}; choose from {', '.join(ANCHORS)}", field="anchors")
+    if unknown := [a for a in openvino_activations if a not in OPENVINO_ACTIVATIONS] or not openvino_activations:
+        raise InputError(
+            f"openvino activations must be among {', '.join(OPENVINO_ACTIVATIONS)}, got {unknown or 'none'}",
+            field="openvino_activations",
+        )
     if "ultralytics" in anchors and weights is None:
         raise InputError("the ultralytics anchor exports a checkpoint: give weights", field="anchors")
     for name, value in (("runs", runs), ("threads", threads or 1), *(("batches", b) for b in batches)):
@@ -460,7 +480,8 @@ def int8_benchmark(
     skipped = {}
     if reason := tensorrt_missing():
         skipped["INT8 QDQ ONNX for TensorRT"] = reason
-    backends = ("openvino", "onnxruntime-int8") + (() if skipped else ("onnxruntime",))
+    backends = ("openvino",) * ("signed" in openvino_activations) + ("onnxruntime-int8",)
+    backends += () if skipped else ("onnxruntime",)
     settings = PTQSettings(
         Path(data),
         recipe=QuantRecipe(calib_images=calib_images),
@@ -468,6 +489,7 @@ def int8_benchmark(
         imgsz=imgsz,
         save_int8=True,
         overwrite=True,
+        overflow_fix=overflow_fix,
     )
     if weights is not None:
         checkpoint = load_checked(checkpoint_paths([weights])[0], settings)
@@ -480,20 +502,31 @@ def int8_benchmark(
         out = Path(out_dir) if out_dir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qarep_")))
         out.mkdir(parents=True, exist_ok=True)
         stem = out / checkpoint.name
-        if weights is not None:  # ptq-eval's rows: the files and their scores
-            rows = evaluate_checkpoint(
-                checkpoint, settings, out_dir=out, ground_truth=ground_truth, calib=calib, progress=progress
-            )
-            files = [(r.backend, r.fp32_file, r.int8_file, r.fp32_backend_map50_95, r.int8_map50_95) for r in rows]
-        else:  # random weights: the files only
-            jobs = backend_jobs(checkpoint, settings, calib, stem=stem, scratch=out, progress=progress)
-            quantized = [(backend, BACKENDS[backend].quantize(job)) for backend, job, _ in jobs]
-            files = [(backend, q.fp32_file, q.int8_file, None, None) for backend, q in quantized]
+        runs_of = [(settings, out, "")]
+        if "asymmetric" in openvino_activations:  # its own folder: its files are named as the signed run's
+            asymmetric = replace(settings, backends=("openvino",), asymmetric_activations=True)
+            runs_of.append((asymmetric, out / "asymmetric", ", asymmetric"))
+        files = []
+        for run_settings, run_out, grid in runs_of:
+            run_out.mkdir(exist_ok=True)
+            if weights is not None:  # ptq-eval's rows: the files and their scores
+                rows = evaluate_checkpoint(
+                    checkpoint, run_settings, out_dir=run_out, ground_truth=ground_truth, calib=calib, progress=progress
+                )
+                files += [(r.backend, grid, r.fp32_file, r.int8_file, r.fp32_backend_map50_95, r.int8_map50_95)
+                          for r in rows]  # fmt: skip
+            else:  # random weights: the files only
+                run_stem = run_out / checkpoint.name
+                jobs = backend_jobs(checkpoint, run_settings, calib, stem=run_stem, scratch=run_out, progress=progress)
+                quantized = [(backend, BACKENDS[backend].quantize(job)) for backend, job, _ in jobs]
+                files += [(backend, grid, q.fp32_file, q.int8_file, None, None) for backend, q in quantized]
         models, fp32 = [], {}
-        for backend, fp32_file, int8_file, fp32_map, int8_map in files:
-            runtime, fp32[backend] = _RUNTIMES[backend], Path(fp32_file)
-            models.append(TimedModel("FP32", runtime, fp32[backend], False, fp32_map))
-            models.append(TimedModel(f"INT8 ours ({backend})", runtime, Path(int8_file), True, int8_map))
+        for backend, grid, fp32_file, int8_file, fp32_map, int8_map in files:
+            runtime = _RUNTIMES[backend]
+            if backend not in fp32:  # one FP32 twin per runtime
+                fp32[backend] = Path(fp32_file)
+                models.append(TimedModel("FP32", runtime, fp32[backend], False, fp32_map))
+            models.append(TimedModel(f"INT8 ours ({backend}{grid})", runtime, Path(int8_file), True, int8_map))
         for anchor in anchors:
             model = _anchor(
                 anchor,
@@ -517,8 +550,8 @@ def int8_benchmark(
             models.append(model)
         models = [replace(m, integer_convs=_integer_convs(m)) for m in models]
         models.sort(key=lambda m: (list(_RUNTIMES.values()).index(m.runtime), m.int8))
-        runners = [_runner(m, imgsz, threads) for m in models]
         for batch in batches:
+            runners = [_runner(m, imgsz, threads, batch) for m in models]
             x = torch.rand(batch, 3, imgsz, imgsz)
             for model, ms in zip(models, interleaved_ms([lambda r=r, x=x: r(x) for r in runners], runs), strict=True):
                 model.ms[batch] = ms
@@ -532,6 +565,8 @@ def int8_benchmark(
         models=models,
         skipped=skipped,
         val_images=None if weights is None else len(ground_truth.image_files),
+        overflow_fix=overflow_fix_on(overflow_fix),
+        onednn_cap=onednn_isa_cap(),
     )
 
 
