@@ -417,7 +417,7 @@ def _ir_weights(ov_model) -> dict[str, np.ndarray]:
 
     weights = {}
     for name, (op, *_) in qov.conv_ops_by_module(ov_model).items():
-        if op.input_value(0).get_node().get_type_name() == "FakeQuantize":
+        if _quantizers_above(op.input_value(0).get_node()):
             graph = ov.Model([opset13.result(op.input_value(1))], [])
             weights[name] = ov.Core().compile_model(graph, "CPU")({})[0]
     return weights
