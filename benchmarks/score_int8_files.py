@@ -7,8 +7,8 @@ file's drop from the FP32 file of its runtime, with its paired standard error.
 INT8 files a tenth of a point apart are not resolved. A larger val split of the same distribution resolves them
 (2048 images: a standard error of about 0.04 on a drop), without calibrating, exporting or timing anything again.
 The scoring is ptq-eval's own (``evaluate_runner``: letterbox, NMS, pycocotools), at batch 8; the SE is the standard
-error of the per-image AP50-95 differences (``per_image_map50_95``). OpenVINO runs with the environment's
-``ONEDNN_MAX_CPU_ISA``, as the benchmark did. Writes ``scores.json`` and ``scores.md``.
+error of the per-image AP50-95 differences (``per_image_map50_95``, ``Resolution.paired``). OpenVINO runs with the
+environment's ``ONEDNN_MAX_CPU_ISA``, as the benchmark did. Writes ``scores.json`` and ``scores.md``.
 """
 
 from __future__ import annotations
@@ -18,14 +18,13 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
-
 from qarep_det.evaluation.coco import load_ground_truth, per_image_map50_95
 from qarep_det.evaluation.predict import evaluate_runner
 from qarep_det.evaluation.protocol import EvalProtocol
 from qarep_det.evaluation.table import markdown_table
 from qarep_det.quant.backends.onnx_qdq import onnx_runner
 from qarep_det.quant.backends.openvino import openvino_runner, read_openvino
+from qarep_det.sensitivity.resolution import Resolution
 
 
 def model_files(folder: Path) -> dict[str, Path]:
@@ -66,9 +65,8 @@ def main() -> None:
         print(f"{label}: {metrics['map50_95']:.2f}", flush=True)
     for label, score in scores.items():
         fp32 = next(k for k in scores if k.split()[0] == label.split()[0] and "_fp32." in k)
-        diff = np.array(scores[fp32]["per_image"]) - np.array(score["per_image"])
         score["drop"] = scores[fp32]["map50_95"] - score["map50_95"]
-        score["drop_se"] = float(diff.std(ddof=1) / np.sqrt(len(diff)))
+        score["drop_se"] = Resolution.paired(scores[fp32]["per_image"], score["per_image"]).standard_error
     rows = [[label, f"{s['map50_95']:.2f}", f"{s['drop']:.2f} ± {s['drop_se']:.2f}"] for label, s in scores.items()]
     table = markdown_table(["file", "mAP50-95", "drop ± SE"], rows, [False, True, True])
     meta = {"val_images": len(ground_truth.image_files), "onednn_cap": os.environ.get("ONEDNN_MAX_CPU_ISA")}

@@ -23,7 +23,6 @@ from qarep_det.pipelines.benchmark import (
     ANCHORS,
     CUDA_GRID,
     INT8_BATCHES,
-    OPENVINO_ACTIVATIONS,
     PLAIN_CONV_LIMIT,
     FusionTiming,
     fp32_consistency,
@@ -31,7 +30,7 @@ from qarep_det.pipelines.benchmark import (
     int8_benchmark,
     train_throughput,
 )
-from qarep_det.quant.backends.openvino import OVERFLOW_FIX
+from qarep_det.quant.backends.openvino import OPENVINO_ACTIVATIONS, OVERFLOW_FIX
 from qarep_det.ultralytics.checkpoint import checkpoint_paths
 from qarep_det.ultralytics.registration import find_model_yaml
 

@@ -32,7 +32,7 @@ from qarep_det.errors import InputError
 from qarep_det.evaluation.table import format_console
 from qarep_det.pipelines.ptq import RANK_IMAGES, TUNE_IMAGES, PTQSettings, run_ptq_eval
 from qarep_det.quant.backends.base import BACKENDS
-from qarep_det.quant.backends.openvino import OVERFLOW_FIX
+from qarep_det.quant.backends.openvino import OPENVINO_ACTIVATIONS, OVERFLOW_FIX
 from qarep_det.sensitivity.float_cost import DEFAULT_FLOAT_COST, FLOAT_COST_HELP
 from qarep_det.sensitivity.rankings import DEFAULT_RANKING, RANKING_HELP
 
@@ -98,7 +98,7 @@ def add_int8_args(parser: argparse.ArgumentParser, calib_images: int | None, cal
     )
     parser.add_argument(
         "--openvino-activations",
-        choices=("signed", "asymmetric"),
+        choices=OPENVINO_ACTIVATIONS,
         default="signed",
         help="openvino: the activations' grid. signed: TensorRT's (symmetric, step max/127), so the IR computes what "
         "the simulated and QDQ models do; asymmetric: NNCF's preset MIXED ([min, max] with a zero point: after a "

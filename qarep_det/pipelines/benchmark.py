@@ -36,7 +36,7 @@ from qarep_det.pipelines.ptq import (
     load_checked,
 )
 from qarep_det.quant.backends.base import BACKENDS
-from qarep_det.quant.backends.openvino import onednn_isa_cap, overflow_fix_on
+from qarep_det.quant.backends.openvino import OPENVINO_ACTIVATIONS, onednn_isa_cap, overflow_fix_on
 from qarep_det.quant.calibration import CalibrationSet
 from qarep_det.quant.recipe import QuantRecipe
 from qarep_det.quant.runner import Runner
@@ -302,7 +302,6 @@ def train_throughput(
 
 INT8_BATCHES = (1, 8)
 ANCHORS = ("quantize_static", "nncf", "ultralytics")
-OPENVINO_ACTIVATIONS = ("signed", "asymmetric")  # ptq-eval's --openvino-activations
 """What a user would quantize with instead, timed and scored beside our files: onnxruntime's ``quantize_static``
 (:func:`~qarep_det.quant.backends.onnx_int8.quantize_static_default`), NNCF's default ``nncf.quantize``
 (:func:`~qarep_det.quant.backends.openvino.nncf_default`) and Ultralytics' ``export format=openvino int8=True``."""

@@ -17,9 +17,9 @@ ported from torch's HistogramObserver, not TensorRT's MSE sweep); ``entropy`` ->
 A scheme gap NNCF cannot close through its API: it makes an activation quantizer unsigned (u8, step max/255)
 whenever calibration saw no negative value, e.g. after every ReLU, while TensorRT is always signed (s8, step
 max/127); ``QuantizationParameters(signedness_to_force=True)`` is rejected against its hardware config
-("Quantization parameter constraints specified in NNCF config are incompatible with HW capabilities"). With
-By default such quantizers are rewritten afterwards to the signed grid of the same range,
-so the IR computes what TensorRT would. ``asymmetric_activations=True`` (ptq_eval's and export's
+("Quantization parameter constraints specified in NNCF config are incompatible with HW capabilities"). By default
+such quantizers are rewritten afterwards to the signed grid of the same range, so the IR computes what TensorRT
+would. ``asymmetric_activations=True`` (ptq_eval's and export's
 ``--openvino-activations asymmetric``) gives NNCF its preset MIXED instead and keeps its grid: each activation on
 [min, max] with a zero point (after a ReLU [0, max], a step of max/255), the grid of Ultralytics' own INT8 export,
 which the CPU's u8 x s8 dot products take without a shift (docs/int8.md: as fast and as accurate as that export).
@@ -191,6 +191,7 @@ def cpu_has_vnni() -> bool:
 
 
 OVERFLOW_FIX: dict[str, bool | None] = {"auto": None, "on": True, "off": False}  # the CLI's --overflow-fix
+OPENVINO_ACTIVATIONS = ("signed", "asymmetric")  # the CLI's --openvino-activations (see module docstring)
 
 
 def overflow_fix_on(overflow_fix: bool | None = None) -> bool:
