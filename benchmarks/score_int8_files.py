@@ -47,11 +47,13 @@ def main() -> None:
     parser.add_argument("--imgsz", type=int, required=True)
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/score_int8_files"))
     args = parser.parse_args()
+    if not (files := model_files(args.files)):
+        parser.error(f"--files {args.files}: no .xml or .onnx model files (benchmark int8's --out folder)")
     ground_truth = load_ground_truth(args.data)
     args.out.mkdir(parents=True, exist_ok=True)
     protocol = EvalProtocol(imgsz=args.imgsz)
     scores: dict[str, dict] = {}
-    for label, path in model_files(args.files).items():
+    for label, path in files.items():
         if path.suffix == ".xml":
             model = read_openvino(path)
             model.reshape({model.input(0): [-1, 3, args.imgsz, args.imgsz]})  # Ultralytics' IR has batch 1

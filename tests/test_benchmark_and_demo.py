@@ -389,6 +389,7 @@ def test_int8_benchmark_bad_input_in_one_line_before_any_work(
         (["--anchors", "ultralytics"], "the ultralytics anchor exports a checkpoint"),
         (["--anchors", "tensorrt"], "invalid choice: 'tensorrt'"),
         (["--openvino-activations", "u8"], "invalid choice: 'u8'"),
+        (["--overflow-fix", "maybe"], "invalid choice: 'maybe'"),
         (["--batches", "1", "0"], "--batches must be an integer >= 1"),
         (["--weights", str(tmp_path / "missing.pt")], "missing.pt"),
     ]
